@@ -1,0 +1,7 @@
+"""`python -m wgates` (so that torchrun and friends can launch the CLI)."""
+
+import sys
+
+from wgates.cli import main
+
+sys.exit(main())

@@ -1,0 +1,330 @@
+"""The gated model: the user's network (copied, never modified) with one gate per channel group.
+
+Gates act through hooks, in two places per group:
+- at each *gate point* (a producer's BatchNorm output, or the producer's output when no
+  BatchNorm follows it), as in the paper, so training sees the channel vanish where it is made;
+- at the input of each *consumer* (every conv or linear that reads the channel). This second
+  multiplication changes nothing when the channel is already zero, but it makes the gated
+  network compute exactly what the extracted one does even where a non-zero-preserving op sits
+  between producer and consumer (DenseNet's BN-ReLU-Conv after a concatenation).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from wgates.errors import WgatesError
+from wgates.gates import binarize, make_gate
+from wgates.groups import ChannelGroup, Ignore, as_input_tuple, find_groups, resolve_ignore
+
+
+class GroupView:
+    """What `GatedModel.groups` shows of one group: name, size, current mask, kept count."""
+
+    def __init__(self, owner: GatedModel, index: int) -> None:
+        self._owner, self.index = owner, index
+        self.spec: ChannelGroup = owner.channel_groups[index]
+
+    name = property(lambda self: self.spec.name)
+    size = property(lambda self: self.spec.size)
+    min_channels = property(lambda self: self.spec.min_channels)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """Current keep-mask (bool), from the fixed mask or the gate's hard decision."""
+        return self._owner.gate_values(self.index)[0].detach() > 0.5
+
+    @property
+    def kept(self) -> torch.Tensor:
+        """Kept-channel count as a differentiable scalar (what the latency predictor reads)."""
+        return self._owner.gate_values(self.index)[0].sum()
+
+    def __repr__(self) -> str:
+        return f"Group({self.name!r}, size={self.size}, kept={int(self.mask.sum())})"
+
+
+class GatedModel(nn.Module):
+    """A copy of `model` with a gate per prunable channel group; see `wgates.gate`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor | Sequence[torch.Tensor],
+        ignore: Ignore = (),
+        min_channels: int = 1,
+        kind: str = "wgates",
+        drop: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.example_inputs = tuple(x.detach().clone() for x in as_input_tuple(example_inputs))
+        ignored = resolve_ignore(model, ignore)
+        self.model = copy.deepcopy(model)
+        self.channel_groups = [
+            g
+            for g in find_groups(self.model, self.example_inputs, ignored, min_channels)
+            if g.name not in drop
+        ]
+        if not self.channel_groups:
+            raise WgatesError(
+                f"{type(model).__name__} has no prunable channel group (every group is ignored, "
+                "reaches the output, or is at min_channels already)"
+            )
+        self.kind = kind
+        self.gates = nn.ModuleList(
+            make_gate(kind, g.size, self._row_dim(g)) for g in self.channel_groups
+        )
+        self.groups = [GroupView(self, i) for i in range(len(self.channel_groups))]
+        self._fixed: dict[int, torch.Tensor] = {}
+        self._flat: torch.Tensor | None = None
+        self._hook_ids: dict[str, list[int]] = {}
+        self._install_hooks()
+
+    # -- gates ---------------------------------------------------------------------------
+    def _row_dim(self, group: ChannelGroup) -> int:
+        return sum(self.model.get_submodule(p.module).weight[0].numel() for p in group.producers)
+
+    def _filter_rows(self, i: int) -> torch.Tensor:
+        """One row per group channel: all producers' filters for it, each block RMS-scaled."""
+        blocks = []
+        for k, place in enumerate(self.channel_groups[i].producers):
+            w = self.model.get_submodule(place.module).weight.flatten(1)
+            order = getattr(self, f"_order_{i}_{k}")
+            blocks.append(w[order] / (w.pow(2).mean().sqrt() + 1e-12))
+        return torch.cat(blocks, dim=1)
+
+    def scores(self, i: int) -> torch.Tensor:
+        """Real-valued gate score per unit of group i (>0 means keep); a unit is a channel,
+        or a tie class of channels that a grouped conv forces to be pruned together."""
+        gate = self.gates[i]
+        raw = gate(self._filter_rows(i)) if gate.needs_weights else gate()
+        units = self._units(i)
+        if self.channel_groups[i].ties is None:
+            return raw
+        n = self.channel_groups[i].n_units
+        return raw.new_zeros(n).index_reduce(0, units, raw, "mean", include_self=False)
+
+    def _units(self, i: int) -> torch.Tensor:
+        return getattr(self, f"_units_{i}")
+
+    def _min_units(self, i: int) -> int:
+        g = self.channel_groups[i]
+        return -(-g.min_channels * g.n_units // g.size)
+
+    def gate_values(self, *indices: int) -> list[torch.Tensor]:
+        """0/1 gate vectors per channel (differentiable through the straight-through estimator)."""
+        out = []
+        for i in indices or range(len(self.channel_groups)):
+            if i in self._fixed:
+                out.append(self._fixed[i])
+            else:
+                out.append(binarize(self.scores(i), self._min_units(i))[self._units(i)])
+        return out
+
+    def kept_counts(self) -> torch.Tensor:
+        """Kept channels per group as one differentiable vector, in `groups` order."""
+        return torch.stack([v.sum() for v in self.gate_values()])
+
+    def sizes(self) -> torch.Tensor:
+        return torch.tensor([g.size for g in self.channel_groups], dtype=torch.float32)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {g.name: v.detach() > 0.5 for g, v in zip(self.channel_groups, self.gate_values())}
+
+    def widths(self) -> dict[str, int]:
+        return {name: int(m.sum()) for name, m in self.masks().items()}
+
+    def set_masks(self, masks: Mapping[str, torch.Tensor | Sequence[bool]]) -> None:
+        """Fix the masks of the named groups (others follow their gates); validates each."""
+        index = {g.name: i for i, g in enumerate(self.channel_groups)}
+        fixed = {}
+        for name, mask in masks.items():
+            if name not in index:
+                raise WgatesError(f"set_masks: no group named {name!r}; groups: {list(index)}")
+            group = self.channel_groups[index[name]]
+            mask = torch.as_tensor(mask)
+            if mask.dtype != torch.bool or mask.shape != (group.size,):
+                raise WgatesError(
+                    f"set_masks: mask for {name!r} must be a bool tensor of shape "
+                    f"({group.size},), got {mask.dtype} {tuple(mask.shape)}"
+                )
+            if int(mask.sum()) < group.min_channels:
+                raise WgatesError(
+                    f"set_masks: mask for {name!r} keeps {int(mask.sum())} channels, below "
+                    f"min_channels={group.min_channels}"
+                )
+            units = self._units(index[name]).cpu()
+            if not torch.equal(mask, mask[_first_of_unit(units)][units]):
+                raise WgatesError(
+                    f"set_masks: group {name!r} feeds a grouped conv, so channels at the same "
+                    "offset in every conv-group must be kept or pruned together "
+                    "(use GatedModel.masks_for_widths to build a valid mask)"
+                )
+            fixed[index[name]] = mask.float()
+        device = next(self.model.parameters()).device
+        self._fixed.update({i: m.to(device) for i, m in fixed.items()})
+
+    def clear_masks(self) -> None:
+        self._fixed.clear()
+
+    def masks_for_widths(self, widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
+        """Masks keeping the `k` highest-scoring channels of each named group."""
+        out = {}
+        with torch.no_grad():
+            for i, g in enumerate(self.channel_groups):
+                if g.name not in widths:
+                    continue
+                k = int(widths[g.name])
+                if not g.min_channels <= k <= g.size:
+                    raise WgatesError(
+                        f"width {k} for {g.name!r} outside [{g.min_channels}, {g.size}]"
+                    )
+                units = max(self._min_units(i), round(k * g.n_units / g.size))
+                keep = torch.zeros(g.n_units, dtype=torch.bool)
+                keep[self.scores(i).cpu().topk(units).indices] = True
+                out[g.name] = keep[self._units(i).cpu()]
+        return out
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        values = self.gate_values()
+        self._flat = torch.cat([values[0].new_ones(1), *values])
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            self._flat = None
+
+    def _install_hooks(self) -> None:
+        """Gather indices into [1, gates of group 0, gates of group 1, ...] per hooked module."""
+        outputs: dict[str, torch.Tensor] = {}
+        inputs: dict[str, torch.Tensor] = {}
+        offset = 1
+        for i, group in enumerate(self.channel_groups):
+            units = torch.tensor(group.ties) if group.ties else torch.arange(group.size)
+            self.register_buffer(f"_units_{i}", units, persistent=False)
+            for k, place in enumerate(group.producers):
+                order = torch.zeros(group.size, dtype=torch.long)
+                order[list(place.root_idxs)] = torch.tensor(place.idxs)
+                self.register_buffer(f"_order_{i}_{k}", order, persistent=False)
+            for places, table, dim in (
+                (group.gate_points, outputs, _out_channels),
+                (group.consumers, inputs, _in_channels),
+            ):
+                for place in places:
+                    module = self.model.get_submodule(place.module)
+                    if place.module not in table:
+                        table[place.module] = torch.zeros(dim(module), dtype=torch.long)
+                    table[place.module][list(place.idxs)] = offset + torch.tensor(place.root_idxs)
+            offset += group.size
+        for kind, table in (("out", outputs), ("in", inputs)):
+            for n, (name, idx) in enumerate(table.items()):
+                buf = f"_gather_{kind}_{n}"
+                self.register_buffer(buf, idx, persistent=False)
+                module = self.model.get_submodule(name)
+                if kind == "out":
+                    handle = module.register_forward_hook(self._out_hook(buf))
+                else:
+                    handle = module.register_forward_pre_hook(self._in_hook(buf))
+                self._hook_ids.setdefault(name, []).append(handle.id)
+
+    def _scale(self, x: torch.Tensor, buf: str) -> torch.Tensor:
+        mask = self._flat[getattr(self, buf)].to(x.dtype)
+        return x * mask.view(1, -1, *([1] * (x.dim() - 2)))
+
+    def _out_hook(self, buf: str):
+        def hook(module, args, output):
+            return None if self._flat is None else self._scale(output, buf)
+
+        return hook
+
+    def _in_hook(self, buf: str):
+        def hook(module, args):
+            if self._flat is None:
+                return None
+            return (self._scale(args[0], buf), *args[1:])
+
+        return hook
+
+    def plain_copy(self) -> nn.Module:
+        """A deep copy of the wrapped model without this wrapper's hooks."""
+        clone = copy.deepcopy(self.model)
+        for name, ids in self._hook_ids.items():
+            module = clone.get_submodule(name)
+            for hid in ids:
+                module._forward_hooks.pop(hid, None)
+                module._forward_pre_hooks.pop(hid, None)
+        return clone
+
+    def extract(self, verify: bool = True) -> nn.Module:
+        """A plain, physically smaller model computing what this one computes under its masks."""
+        from wgates.extract import extract
+
+        return extract(self, verify=verify)
+
+
+def _first_of_unit(units: torch.Tensor) -> torch.Tensor:
+    """For each unit, the index of its first channel."""
+    first = torch.full((int(units.max()) + 1,), -1, dtype=torch.long)
+    for c in range(len(units) - 1, -1, -1):
+        first[units[c]] = c
+    return first
+
+
+def _out_channels(module: nn.Module) -> int:
+    for attr in ("out_channels", "num_features", "out_features"):
+        if hasattr(module, attr):
+            return getattr(module, attr)
+    raise WgatesError(f"cannot gate the output of {type(module).__name__}")
+
+
+def _in_channels(module: nn.Module) -> int:
+    for attr in ("in_channels", "in_features"):
+        if hasattr(module, attr):
+            return getattr(module, attr)
+    raise WgatesError(f"cannot gate the input of {type(module).__name__}")
+
+
+def gate(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    ignore: Ignore = (),
+    min_channels: int = 1,
+    kind: str = "wgates",
+    verify: bool = True,
+    strict: bool = False,
+) -> GatedModel:
+    """Wrap `model` (left untouched) with one gate per prunable group of coupled channels.
+
+    With `verify`, random masks are extracted and the smaller model is checked to compute the
+    same function. Groups that fail (a structure Torch-Pruning cannot follow, such as
+    ShuffleNet's channel shuffle) are left dense with a warning naming them, or, with `strict`,
+    refused with an error. The rest is never extracted wrongly.
+    """
+    from wgates.extract import verify_groups
+
+    gated = GatedModel(model, example_inputs, ignore, min_channels, kind)
+    bad = verify_groups(gated) if verify else []
+    if not bad:
+        return gated
+    described = "; ".join(
+        f"{g.name} (layers {', '.join(g.modules)})" for g in gated.channel_groups if g.name in bad
+    )
+    if strict or len(bad) == len(gated.channel_groups):
+        raise WgatesError(
+            f"{type(model).__name__} cannot be pruned exactly at: {described}. "
+            "Pass those layers in ignore=[...] (or strict=False) to prune the rest."
+        )
+    warnings.warn(
+        f"wgates: leaving {len(bad)} channel group(s) unpruned because extraction would not be "
+        f"exact there: {described}",
+        stacklevel=2,
+    )
+    gated = GatedModel(model, example_inputs, ignore, min_channels, kind, drop=bad)
+    if verify_groups(gated):
+        raise WgatesError(f"{type(model).__name__}: extraction is not exact even after "
+                          f"leaving out {described}; pass ignore=[...] for the layers at fault")
+    return gated

@@ -1,0 +1,262 @@
+"""Channel groups: which output channels of a network are coupled and must go together.
+
+Torch-Pruning's DependencyGraph does the hard part (residual adds, depthwise convs,
+concatenation, split, flatten -> linear). Here each of its groups becomes a `ChannelGroup`
+that records, for every module the group touches, which of that module's channel positions
+belong to which of the group's channels ("root" channels). Gating needs exactly that: the
+*producers* whose filters the W-Gate reads, the *gate points* whose outputs the gate
+multiplies, and the *consumers* whose inputs must not see a pruned channel.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from wgates.errors import WgatesError
+
+_OUT_FNS = {
+    tp.prune_conv_out_channels,
+    tp.prune_linear_out_channels,
+    tp.prune_depthwise_conv_out_channels,
+}
+_IN_FNS = {tp.prune_conv_in_channels, tp.prune_linear_in_channels}
+Ignore = Iterable[str | nn.Module | type]
+
+
+def _tolerant(mapping_fn):
+    """Torch-Pruning divides by zero on 5-D channel-shuffle reshapes (ShuffleNet); leave such a
+    reshape unmapped instead, and let `wgates.extract.verify_groups` drop the groups crossing it."""
+
+    def wrapped(graph, node):
+        try:
+            return mapping_fn(graph, node)
+        except ZeroDivisionError:
+            return None
+
+    return wrapped
+
+
+tp.dependency.index_mapping.update_reshape_index_mapping = _tolerant(
+    tp.dependency.index_mapping.update_reshape_index_mapping
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Positions `idxs` of a module's channel dim that carry group channels `root_idxs`."""
+
+    module: str
+    idxs: tuple[int, ...]
+    root_idxs: tuple[int, ...]
+
+
+@dataclass
+class ChannelGroup:
+    """One prunable set of coupled output channels, named after its root layer."""
+
+    name: str
+    size: int
+    min_channels: int
+    producers: list[Placement] = field(default_factory=list)
+    gate_points: list[Placement] = field(default_factory=list)
+    consumers: list[Placement] = field(default_factory=list)
+    channelwise: list[Placement] = field(default_factory=list)
+    ties: tuple[int, ...] | None = None
+
+    @property
+    def n_units(self) -> int:
+        """Independently prunable units: channels, or tie classes where a grouped conv binds."""
+        return self.size if self.ties is None else max(self.ties) + 1
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted({p.module for p in self.producers + self.consumers + self.channelwise})
+
+
+def as_input_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple:
+    """Normalise example inputs to a tuple of positional arguments."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, Sequence) and example_inputs:
+        return tuple(example_inputs)
+    raise WgatesError(
+        "example_inputs must be a tensor (e.g. torch.randn(1, 3, 32, 32)) or a tuple of "
+        f"the model's positional inputs, got {type(example_inputs).__name__}"
+    )
+
+
+def build_graph(model: nn.Module, example_inputs: tuple) -> tp.DependencyGraph:
+    """Trace `model` with Torch-Pruning (needs autograd on; keeps the model's train/eval mode)."""
+    was_training = model.training
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=example_inputs, verbose=False
+            )
+    except Exception as err:  # tracing failures come from arbitrary user code
+        raise WgatesError(
+            f"could not trace {type(model).__name__} with the given example inputs "
+            f"({err.__class__.__name__}: {err}); check that model(*example_inputs) runs"
+        ) from err
+    finally:
+        model.train(was_training)
+
+
+def resolve_ignore(model: nn.Module, ignore: Ignore) -> set[str]:
+    """Turn names, module instances or module types into the set of module names to exclude."""
+    names = {m: n for n, m in model.named_modules()}
+    known = set(names.values())
+    out: set[str] = set()
+    for item in ignore:
+        if isinstance(item, str):
+            if item not in known:
+                raise WgatesError(f"ignore: no module named {item!r} in the model")
+            out |= {n for n in known if n == item or n.startswith(item + ".")}
+        elif isinstance(item, nn.Module):
+            if item not in names:
+                raise WgatesError(f"ignore: module {type(item).__name__} is not part of the model")
+            out |= {n for n, m in item.named_modules(prefix=names[item])}
+        elif isinstance(item, type):
+            out |= {n for m, n in names.items() if isinstance(m, item)}
+        else:
+            raise WgatesError(f"ignore: expected module names, modules or types, got {item!r}")
+    return out
+
+
+def find_groups(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    ignore: Ignore = (),
+    min_channels: int = 1,
+    graph: tp.DependencyGraph | None = None,
+) -> list[ChannelGroup]:
+    """Every prunable group of coupled output channels, in the order the network runs them.
+
+    A group is left out when any of its layers is ignored, when its channels reach the model's
+    output (the classifier's outputs), or when `min_channels` leaves nothing to prune.
+    """
+    if min_channels < 1:
+        raise WgatesError(f"min_channels must be >= 1, got {min_channels}")
+    inputs = as_input_tuple(example_inputs)
+    graph = graph or build_graph(model, inputs)
+    ignored = resolve_ignore(model, ignore)
+    name_of = {m: n for n, m in model.named_modules()}
+    groups: list[ChannelGroup] = []
+    seen: set[nn.Module] = set()
+    for module in model.modules():  # definition order, so a group is named by its first layer
+        if module not in graph.module2node or module in seen:
+            continue
+        if not isinstance(module, (nn.Conv2d, nn.Conv1d, nn.Linear)):
+            continue
+        pruner = graph.get_pruner_of_module(module)
+        size = pruner.get_out_channels(module) if pruner else None
+        if not size:
+            continue
+        try:
+            tp_group = graph.get_pruning_group(module, pruner.prune_out_channels, range(size))
+        except (IndexError, ValueError) as err:  # Torch-Pruning cannot follow this structure
+            warnings.warn(
+                f"wgates: leaving {name_of[module]} unpruned: its channel coupling could not "
+                f"be traced ({err.__class__.__name__}: {err})",
+                stacklevel=3,
+            )
+            seen.add(module)
+            continue
+        group = _to_channel_group(graph, tp_group, name_of, name_of[module], size, min_channels)
+        seen |= {graph.model.get_submodule(p.module) for p in group.producers}
+        if _reaches_output(tp_group) or size <= min_channels:
+            continue
+        if ignored & set(group.modules):
+            continue
+        groups.append(group)
+    return groups
+
+
+def _reaches_output(tp_group: tp.dependency.Group) -> bool:
+    """True when a node carrying these channels (not merely reading them) ends the graph."""
+    return any(
+        not item.dep.target.outputs for item in tp_group if item.dep.handler not in _IN_FNS
+    )
+
+
+def _to_channel_group(
+    graph: tp.DependencyGraph,
+    tp_group: tp.dependency.Group,
+    name_of: dict[nn.Module, str],
+    name: str,
+    size: int,
+    min_channels: int,
+) -> ChannelGroup:
+    group = ChannelGroup(name=name, size=size, min_channels=min_channels)
+    by_module: dict[str, Placement] = {}
+    for item in tp_group:
+        module = item.dep.target.module
+        if not isinstance(module, nn.Module) or module not in name_of:
+            continue  # functional ops (add, cat, ...) and the output node carry no weights
+        place = Placement(name_of[module], tuple(item.idxs), tuple(item.root_idxs))
+        fn = item.dep.handler
+        if fn in _OUT_FNS:
+            group.producers.append(place)
+        elif fn in _IN_FNS:
+            group.consumers.append(place)
+        else:
+            group.channelwise.append(place)
+            by_module[place.module] = place
+    for prod in group.producers:
+        group.gate_points.append(_gate_point(graph, prod, by_module))
+    group.ties = _grouped_conv_ties(graph.model, group)
+    return group
+
+
+def _grouped_conv_ties(model: nn.Module, group: ChannelGroup) -> tuple[int, ...] | None:
+    """Tie classes of root channels imposed by grouped convs (1 < groups < channels).
+
+    A grouped conv stays valid only if every one of its conv-groups loses the same channel
+    offsets, so channels at the same offset in different conv-groups are pruned together.
+    """
+    parent = list(range(group.size))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    tied = False
+    for place, attr in [(p, "out_channels") for p in group.producers] + [
+        (p, "in_channels") for p in group.consumers
+    ]:
+        module = model.get_submodule(place.module)
+        groups = getattr(module, "groups", 1)
+        if groups <= 1 or groups == getattr(module, attr):
+            continue
+        period = getattr(module, attr) // groups
+        first: dict[int, int] = {}
+        for idx, root in zip(place.idxs, place.root_idxs):
+            other = first.setdefault(idx % period, root)
+            parent[find(root)] = find(other)
+            tied = True
+    if not tied:
+        return None
+    labels: dict[int, int] = {}
+    return tuple(labels.setdefault(find(r), len(labels)) for r in range(group.size))
+
+
+def _gate_point(
+    graph: tp.DependencyGraph, producer: Placement, channelwise: dict[str, Placement]
+) -> Placement:
+    """Where a producer's channels are gated: after its BatchNorm when one follows directly."""
+    node = graph.module2node[graph.model.get_submodule(producer.module)]
+    if len(node.outputs) == 1 and node.outputs[0].type == tp.ops.OPTYPE.BN:
+        bn = node.outputs[0].module
+        for name, m in graph.model.named_modules():
+            if m is bn and name in channelwise:
+                return channelwise[name]
+    return producer
