@@ -38,6 +38,63 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def add_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect",
+        help="list the prunable channel groups of a model, with its parameters and MACs",
+        description="Trace the model and print every group of coupled channels wgates would "
+        "gate: its size, how many layers produce and consume it, and grouped-conv ties.",
+    )
+    p.add_argument("--model", default="small_cnn",
+                   help="model spec, e.g. resnet20, torchvision:resnet18 or net.py:Net "
+                   "(default small_cnn)")
+    p.add_argument("--input-shape", type=_shape, help="N,C,H,W (default: 1 x the model's)")
+    p.add_argument("--min-channels", type=int, default=1,
+                   help="never prune a group below this many channels (default 1)")
+    p.add_argument("--ignore", nargs="+", default=[], metavar="NAME",
+                   help="module names to leave unpruned (with everything coupled to them)")
+
+    def run(args) -> int:
+        import warnings
+
+        import torch
+        import torch_pruning as tp
+
+        from wgates.gated import gate
+        from wgates.models import create_model, default_input_shape
+
+        shape = args.input_shape or (1, *default_input_shape(args.model))
+        model = create_model(args.model).eval()
+        example = torch.randn(shape)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            groups = gate(model, example, ignore=args.ignore,
+                          min_channels=args.min_channels).channel_groups
+        with torch.no_grad():
+            macs, params = tp.utils.count_ops_and_params(model, example)
+        width = max(len("group"), *(len(g.name) for g in groups))
+        print(f"{args.model}, input {'x'.join(map(str, shape))}")
+        print(f"{'group':<{width}}  {'size':>5}  {'producers':>9}  {'consumers':>9}  note")
+        for g in groups:
+            note = ""
+            if g.ties is not None:
+                note = (f"grouped conv ties: {g.n_units} units of "
+                        f"{g.size // g.n_units} channels")
+            print(f"{g.name:<{width}}  {g.size:>5}  {len(g.producers):>9}  "
+                  f"{len(g.consumers):>9}  {note}".rstrip())
+        print(f"{len(groups)} groups, {sum(g.size for g in groups)} prunable channels, "
+              f"{params / 1e6:.3f}M parameters, {macs / 1e6:.2f}M MACs")
+        for w in caught:
+            if str(w.message).startswith("wgates:"):
+                print(str(w.message), file=sys.stderr)
+        return 0
+
+    p.set_defaults(func=run)
+
+
+SUBCOMMANDS.append(add_inspect)
+
+
 def add_profile(sub) -> None:
     p = sub.add_parser(
         "profile",
@@ -124,6 +181,50 @@ def add_fit_latency(sub) -> None:
 SUBCOMMANDS.extend([add_profile, add_fit_latency])
 
 
+def add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a dense or pruned model to ONNX, checked against ONNX Runtime",
+        description="Export --model (with --weights) or a pruned model (--pruned DIR written "
+        "by the prune step, rebuilt on a fresh --model) to ONNX with a dynamic batch "
+        "dimension; ONNX Runtime must match PyTorch within 1e-4.",
+    )
+    p.add_argument("--model", required=True, help="model spec, e.g. resnet20 or net.py:Net")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--weights", help="weights of the dense model (.safetensors, .pt)")
+    source.add_argument("--pruned", metavar="DIR", help="directory written by save_pruned")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default 10)")
+    p.add_argument("--input-shape", type=_shape,
+                   help="N,C,H,W (default: 1 x the pruned model's or the model's input)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--out", default="model.onnx", help="ONNX file to write (default model.onnx)")
+
+    def run(args) -> int:
+        import torch
+
+        from wgates.export import export_onnx, onnx_max_difference
+        from wgates.extract import PLAN_ATTR, load_pruned
+        from wgates.models import create_model, default_input_shape
+
+        model = create_model(args.model, num_classes=args.num_classes, weights=args.weights)
+        shape = args.input_shape
+        if args.pruned:
+            model = load_pruned(model, args.pruned)
+            shape = shape or (1, *getattr(model, PLAN_ATTR).input_shapes[0][1:])
+        shape = shape or (1, *default_input_shape(args.model))
+        example = (torch.randn(shape),)
+        path = export_onnx(model.eval(), example, args.out, opset=args.opset)
+        error = onnx_max_difference(model, example, path)
+        print(f"wrote {path} (input {'x'.join(map(str, shape))}, batch dynamic); "
+              f"max |ONNX Runtime - PyTorch| = {error:.2e}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+SUBCOMMANDS.append(add_export)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -134,3 +235,101 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wgates: interrupted", file=sys.stderr)
         return 130
+
+
+def _add_model_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="small_cnn", help="registered name, torchvision:<name> "
+                   "or path/to/file.py:Class (default: small_cnn)")
+    p.add_argument("--weights", help="trained weights (.safetensors or .pt state dict)")
+    p.add_argument("--data", default="digits",
+                   help="digits | cifar10:<root> | imagefolder:<root> (default: digits)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--subset", type=int, help="use only this many samples per split")
+
+
+def _model_and_loaders(args):
+    from wgates.data import make_loaders
+    from wgates.models import create_model
+
+    train_loader, val_loader, info = make_loaders(
+        args.data, batch_size=args.batch_size, workers=args.workers, subset=args.subset
+    )
+    model = create_model(args.model, num_classes=info.num_classes, weights=args.weights)
+    return model, train_loader, val_loader, info
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a dense model (for users without a trained one)")
+    _add_model_data_args(p)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from safetensors.torch import save_file
+
+    from wgates.train import evaluate, train
+
+    model, train_loader, val_loader, _ = _model_and_loaders(args)
+    train(model, train_loader, args.epochs, lr=args.lr, val_loader=val_loader)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
+    print(f"wrote {args.out}: val accuracy {evaluate(model, val_loader):.4f}")
+    return 0
+
+
+def add_prune(sub) -> None:
+    p = sub.add_parser(
+        "prune", help="prune to a latency target, end to end (no arguments: the digits demo)"
+    )
+    _add_model_data_args(p)
+    p.add_argument("--target-latency", default="0.5",
+                   help="fraction of the dense measured latency (0.5) or a time (8ms)")
+    p.add_argument("--backend", default="torch-cpu",
+                   help="torch-cpu | onnxruntime-cpu | torch-cuda")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--latency-batch", type=int, default=1, help="batch size of the deployment")
+    p.add_argument("--dense-epochs", type=int, default=3,
+                   help="dense training first, when no --weights are given")
+    p.add_argument("--epochs", type=int, default=2, help="gate search epochs")
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--samples", type=int, default=40, help="latency samples for LPNet")
+    p.add_argument("--predictor", help="an LPNet file from `wgates fit-latency` (skips profiling)")
+    p.add_argument("--proxy", default="latency", choices=["latency", "flops", "params"])
+    p.add_argument("--gates", default="wgates", choices=["wgates", "plain"])
+    p.add_argument("--distill", action="store_true", help="fine-tune with distillation")
+    p.add_argument("--run-dir", default="runs/prune")
+    p.add_argument("--resume", action="store_true", help="continue a killed run in --run-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_prune)
+
+
+def _run_prune(args) -> int:
+    import torch
+
+    from wgates.pipeline import prune
+    from wgates.train import train
+
+    torch.manual_seed(args.seed)
+    model, train_loader, val_loader, info = _model_and_loaders(args)
+    if args.weights is None and args.dense_epochs > 0:
+        print(f"no --weights: training {args.model} on {info.name} for {args.dense_epochs} "
+              "epochs first")
+        train(model, train_loader, args.dense_epochs, lr=0.05, val_loader=val_loader)
+    example = torch.randn(args.latency_batch, *info.input_shape)
+    result = prune(
+        model, example, train_loader, val_loader, target_latency=args.target_latency,
+        backend=args.backend, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+        run_dir=args.run_dir, proxy=args.proxy, kind=args.gates, samples=args.samples,
+        predictor=args.predictor, threads=args.threads, distill=args.distill,
+        resume=args.resume, seed=args.seed,
+    )
+    print(f"\nmeasured on {args.backend}, batch {args.latency_batch}, target "
+          f"{result.target_ratio:.3f} of dense:\n{result.table()}")
+    print(f"\nrun directory: {result.run_dir} (report.md, model/, model.onnx)")
+    return 0
+
+
+SUBCOMMANDS.extend([add_train, add_prune])

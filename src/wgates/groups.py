@@ -97,13 +97,17 @@ def build_graph(model: nn.Module, example_inputs: tuple) -> tp.DependencyGraph:
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            # forward_fn: without it Torch-Pruning retries model(inputs) when model(*inputs)
+            # fails, and reports that second, misleading error instead of the real one.
             return tp.DependencyGraph().build_dependency(
-                model, example_inputs=example_inputs, verbose=False
+                model, example_inputs=example_inputs, verbose=False,
+                forward_fn=lambda m, x: m(*x),
             )
     except Exception as err:  # tracing failures come from arbitrary user code
+        first_line = (str(err).strip().splitlines() or [""])[0]  # the CLI prints one line
         raise WgatesError(
             f"could not trace {type(model).__name__} with the given example inputs "
-            f"({err.__class__.__name__}: {err}); check that model(*example_inputs) runs"
+            f"({err.__class__.__name__}: {first_line}); check that model(*example_inputs) runs"
         ) from err
     finally:
         model.train(was_training)

@@ -1,0 +1,109 @@
+"""Latency benchmark (issue #4): profiling speed, noise floor and predictor errors.
+
+For each model and backend (batch 1): profile `--samples` configurations into a latency file
+(resuming if it exists), fit LPNet, and score it and the FLOPs and lookup-table baselines on
+the held-out split. Writes a markdown table (default benchmarks/results/latency.md).
+
+    python benchmarks/latency.py --samples 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from wgates.latency import LatencyStore, profile
+from wgates.models import create_model, default_input_shape
+from wgates.predictor import fit_and_compare
+
+MODELS = ("resnet20", "mobilenetv2_cifar")
+BACKENDS = ("torch-cpu", "onnxruntime-cpu")
+
+
+def bench(model: str, backend: str, samples: int, workdir: Path, threads: int) -> dict:
+    path = workdir / f"{model}_{backend}.sqlite"
+    shape = (1, *default_input_shape(model))
+    start = time.perf_counter()
+    run = profile(
+        create_model(model), shape, path, samples=samples, backend=backend,
+        threads=threads, model_spec=model,
+    )
+    wall = time.perf_counter() - start
+    store = LatencyStore(path)
+    data = store.samples(run.id)
+    rows = store.db.execute(
+        "SELECT MIN(created), MAX(created) FROM samples WHERE run_id = ?", (run.id,)
+    ).fetchone()
+    result = fit_and_compare(run, data, store.repeats(run.id), store.lut(run.id))
+    store.close()
+    return {
+        "model": model,
+        "backend": backend,
+        "samples": len(data),
+        "wall_min": wall / 60,
+        "per_min": 60 * (len(data) - 1) / max(rows[1] - rows[0], 1e-9),
+        "dense_ms": result.metrics["dense_ms"],
+        **result.metrics,
+    }
+
+
+def table(results: list[dict]) -> str:
+    head = (
+        "| model | backend | samples | samples/min | wall (min) | dense ms | noise CV | "
+        "median spread | LPNet MAPE | LPNet max err | Spearman | FLOPs MAPE | LUT MAPE |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    return head + "".join(
+        f"| {r['model']} | {r['backend']} | {r['samples']} | {r['per_min']:.0f} | "
+        f"{r['wall_min']:.1f} | {r['dense_ms']:.2f} | {r['noise_cv']:.1%} | "
+        f"{r['median_spread']:.1%} | {r['mape']:.1%} | {r['max_error']:.1%} | "
+        f"{r['spearman']:.3f} | {r['flops_mape']:.1%} | {r['lut_mape']:.1%} |\n"
+        for r in results
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wgates-latency-bench"
+    )
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.md"))
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = [
+        bench(m, b, args.samples, args.workdir, args.threads)
+        for m in args.models
+        for b in args.backends
+    ]
+    from wgates.latency.backends import cpu_model
+
+    text = (
+        "# Latency benchmark\n\n"
+        f"Command: `python {shlex.join(sys.argv)}`  \n"
+        f"Date: {date.today()}; CPU: {cpu_model()} ({torch.get_num_threads()} visible threads, "
+        f"{args.threads} used); torch {torch.__version__}.\n\n"
+        "Latency is measured relative to the dense model timed interleaved with each candidate."
+        " Errors are on a held-out 20% split, as fractions of the measured ratio. Noise CV: "
+        "coefficient of variation of repeated measurements of fixed probe configurations (the "
+        "error floor of any predictor). FLOPs and LUT baselines: `ratio = a + b*x` fitted on "
+        "the training split. samples/min counts measurement only; wall time includes model "
+        "set-up and the per-layer table.\n\n" + table(results)
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""ONNX export of a plain (dense or extracted) model, checked against ONNX Runtime."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from wgates.errors import WgatesError
+from wgates.extract import TOLERANCE, _flat_outputs
+
+
+def export_onnx(
+    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path,
+    opset: int = 17, check: bool = True,
+) -> Path:
+    """Write `model` as ONNX (batch dimension dynamic) and, with `check`, compare ONNX Runtime's
+    outputs with PyTorch's on `example_inputs` (max |difference| <= 1e-4)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    names = [f"input{i}" for i in range(len(example_inputs))]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, tuple(example_inputs), str(path), input_names=names, opset_version=opset,
+            dynamic_axes={n: {0: "batch"} for n in names}, dynamo=False,
+        )
+    if check:
+        error = onnx_max_difference(model, example_inputs, path)
+        if error > TOLERANCE:
+            raise WgatesError(
+                f"{path}: ONNX Runtime's outputs differ from PyTorch's by {error:.3g}; "
+                "the exported file is not trustworthy (try another opset)"
+            )
+    return path
+
+
+def onnx_session(path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session with a fixed intra-op thread count (None: runtime default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_max_difference(model: nn.Module, example_inputs: tuple, path: str | Path) -> float:
+    session = onnx_session(path)
+    feeds = {i.name: x.numpy() for i, x in zip(session.get_inputs(), example_inputs)}
+    with torch.no_grad():
+        expected = [t.numpy() for t in _flat_outputs(model.eval()(*example_inputs))]
+    got = session.run(None, feeds)
+    return max(float(np.abs(a - b).max()) for a, b in zip(expected, got))

@@ -1,0 +1,32 @@
+"""Latency measured on the target hardware: backends, the interleaved protocol, the sampled
+width configurations and the SQLite dataset LPNet (`wgates.predictor`) is fitted on."""
+
+from wgates.latency.backends import (
+    BACKENDS,
+    Backend,
+    Measurement,
+    Meter,
+    Protocol,
+    export_onnx,
+    get_backend,
+)
+from wgates.latency.sampling import describe, probe_widths, profile, sample_widths
+from wgates.latency.store import LatencyStore, Run, Sample, fingerprint_key
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "LatencyStore",
+    "Measurement",
+    "Meter",
+    "Protocol",
+    "Run",
+    "Sample",
+    "describe",
+    "export_onnx",
+    "fingerprint_key",
+    "get_backend",
+    "probe_widths",
+    "profile",
+    "sample_widths",
+]

@@ -1,0 +1,212 @@
+"""The latency dataset: one SQLite file, one run per hardware/backend/model fingerprint.
+
+Every sample is committed on its own, so a killed `wgates profile` loses at most the sample in
+flight; the (run, index) primary key makes a sample impossible to store twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from wgates.errors import WgatesError
+from wgates.latency.backends import Measurement
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY,
+    key TEXT UNIQUE NOT NULL,
+    fingerprint TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS samples (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    idx INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    widths TEXT NOT NULL,
+    layers TEXT NOT NULL,
+    flops REAL NOT NULL,
+    ratio REAL NOT NULL,
+    ms REAL NOT NULL,
+    dense_ms REAL NOT NULL,
+    spread REAL NOT NULL,
+    attempts INTEGER NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE IF NOT EXISTS repeats (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    idx INTEGER NOT NULL,
+    probe INTEGER NOT NULL,
+    ratio REAL NOT NULL,
+    ms REAL NOT NULL,
+    dense_ms REAL NOT NULL,
+    spread REAL NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (run_id, idx)
+);
+CREATE TABLE IF NOT EXISTS lut (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    layer TEXT NOT NULL,
+    cin INTEGER NOT NULL,
+    cout INTEGER NOT NULL,
+    ratio REAL NOT NULL,
+    spread REAL NOT NULL,
+    PRIMARY KEY (run_id, layer, cin, cout)
+);
+"""
+
+
+def fingerprint_key(fingerprint: dict) -> str:
+    """Short stable id of a fingerprint (hash of its canonical JSON)."""
+    canonical = json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class Run:
+    id: int
+    key: str
+    fingerprint: dict
+    n_samples: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    idx: int
+    kind: str
+    widths: dict[str, int]
+    layers: list  # [[layer signature, cin, cout], ...] of the extracted variant's convs
+    flops: float
+    ratio: float
+    ms: float
+    dense_ms: float
+    spread: float
+    attempts: int = 1
+
+
+class LatencyStore:
+    """Read and append latency samples; safe to kill at any point."""
+
+    def __init__(self, path: str | Path, create: bool = True) -> None:
+        path = Path(path)
+        if not create and not path.is_file():
+            raise WgatesError(f"latency file {path} does not exist: run `wgates profile` first")
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path)
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as err:
+            raise WgatesError(
+                f"{path} is not a wgates latency file ({err}): give another --out"
+            ) from err
+
+    def close(self) -> None:
+        self.db.close()
+
+    def run_for(self, fingerprint: dict) -> int:
+        """The run id for `fingerprint`, created on first use."""
+        key = fingerprint_key(fingerprint)
+        with self.db:
+            self.db.execute(
+                "INSERT OR IGNORE INTO runs (key, fingerprint, created) VALUES (?, ?, ?)",
+                (key, json.dumps(fingerprint, sort_keys=True), time.time()),
+            )
+        return self.db.execute("SELECT id FROM runs WHERE key = ?", (key,)).fetchone()[0]
+
+    def runs(self) -> list[Run]:
+        rows = self.db.execute(
+            "SELECT r.id, r.key, r.fingerprint, COUNT(s.idx) FROM runs r "
+            "LEFT JOIN samples s ON s.run_id = r.id GROUP BY r.id ORDER BY r.id"
+        ).fetchall()
+        return [Run(i, k, json.loads(f), n) for i, k, f, n in rows]
+
+    def select_run(self, key: str | None = None) -> Run:
+        """The run whose key starts with `key`, or the only run with samples."""
+        runs = [r for r in self.runs() if r.n_samples > 0]
+        if key is not None:
+            runs = [r for r in runs if r.key.startswith(key)]
+        if len(runs) == 1:
+            return runs[0]
+        listing = "; ".join(
+            f"{r.key} ({r.fingerprint.get('model')}, {r.fingerprint.get('backend')}, "
+            f"{r.n_samples} samples)"
+            for r in runs
+        )
+        if not runs:
+            raise WgatesError(
+                f"{self.path} has no samples" + (f" for run {key!r}" if key else "")
+                + ": run `wgates profile` (or check --run)"
+            )
+        raise WgatesError(f"{self.path} holds several runs: pick one with --run KEY: {listing}")
+
+    def next_index(self, run_id: int) -> int:
+        row = self.db.execute("SELECT MAX(idx) FROM samples WHERE run_id = ?", (run_id,))
+        last = row.fetchone()[0]
+        return 0 if last is None else last + 1
+
+    def add_sample(
+        self,
+        run_id: int,
+        sample: Sample,
+        repeat: tuple[int, Measurement] | None = None,
+    ) -> None:
+        """Store a sample and, in the same transaction, the probe re-measured alongside it."""
+        now = time.time()
+        with self.db:
+            self.db.execute(
+                "INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id, sample.idx, sample.kind, json.dumps(sample.widths),
+                    json.dumps(sample.layers), sample.flops, sample.ratio, sample.ms,
+                    sample.dense_ms, sample.spread, sample.attempts, now,
+                ),
+            )
+            if repeat is not None:
+                probe, m = repeat
+                self.db.execute(
+                    "INSERT INTO repeats VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (run_id, sample.idx, probe, m.ratio, m.ms, m.dense_ms, m.spread, now),
+                )
+
+    def samples(self, run_id: int) -> list[Sample]:
+        rows = self.db.execute(
+            "SELECT idx, kind, widths, layers, flops, ratio, ms, dense_ms, spread, attempts "
+            "FROM samples "
+            "WHERE run_id = ? ORDER BY idx",
+            (run_id,),
+        )
+        return [
+            Sample(i, k, json.loads(w), json.loads(la), *rest) for i, k, w, la, *rest in rows
+        ]
+
+    def repeats(self, run_id: int) -> dict[int, list[float]]:
+        """Repeated ratios of each probe configuration: the measurement noise floor."""
+        out: dict[int, list[float]] = {}
+        for probe, ratio in self.db.execute(
+            "SELECT probe, ratio FROM repeats WHERE run_id = ? ORDER BY idx", (run_id,)
+        ):
+            out.setdefault(probe, []).append(ratio)
+        return out
+
+    def add_lut_entry(
+        self, run_id: int, layer: str, cin: int, cout: int, m: Measurement
+    ) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO lut VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, layer, cin, cout, m.ratio, m.spread),
+            )
+
+    def lut(self, run_id: int) -> dict[str, dict[tuple[int, int], float]]:
+        """Per-layer-signature latency (as a fraction of the dense model) by (cin, cout)."""
+        out: dict[str, dict[tuple[int, int], float]] = {}
+        for layer, cin, cout, ratio in self.db.execute(
+            "SELECT layer, cin, cout, ratio FROM lut WHERE run_id = ?", (run_id,)
+        ):
+            out.setdefault(layer, {})[(cin, cout)] = ratio
+        return out

@@ -1,0 +1,229 @@
+"""Model registry and `create_model`: one string names any model the pipeline can prune.
+
+A spec is a registered name (`resnet20`), a torchvision model (`torchvision:resnet18`) or a
+class in a user's file (`path/to/net.py:Net`), so the CLI can take models as plain strings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wgates.errors import WgatesError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_INPUT_SHAPES: dict[str, tuple[int, ...]] = {}
+
+# torchvision classification models that were trained at a size other than 224.
+_TORCHVISION_SIZES = {"inception_v3": 299}
+
+
+def register_model(
+    name: str, input_shape: tuple[int, ...] = (3, 32, 32)
+) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Register a constructor `(num_classes: int = 10, **kwargs) -> nn.Module` under `name`.
+
+    `input_shape` (C, H, W) is what latency is measured on when the user gives no shape.
+    """
+
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        _INPUT_SHAPES[name] = tuple(input_shape)
+        return fn
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _split_file_spec(spec: str) -> tuple[Path, str] | None:
+    """`path/to/file.py:ClassName` -> (path, class name); None if `spec` is not of that form."""
+    path, sep, cls = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        return None
+    if not cls:
+        raise WgatesError(f"model spec {spec!r} names no class: use 'path/to/file.py:ClassName'")
+    return Path(path).expanduser(), cls
+
+
+def _load_class(path: Path, cls_name: str) -> type:
+    """Import the file at `path` as a fresh module and return its attribute `cls_name`."""
+    if not path.is_file():
+        raise WgatesError(f"model file {path} does not exist: check the path in the model spec")
+    module_name = f"wgates_user_model_{abs(hash(str(path.resolve())))}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise WgatesError(f"cannot import {path} as Python: give a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[module_name]
+        raise WgatesError(
+            f"importing {path} failed ({type(err).__name__}: {err}): fix the file"
+        ) from err
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        found = ", ".join(sorted(n for n, v in vars(module).items() if isinstance(v, type)))
+        raise WgatesError(f"{path} has no class {cls_name!r}; classes there: {found or 'none'}")
+    return cls
+
+
+def _accepts_num_classes(cls: type) -> bool:
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+    return "num_classes" in params or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()
+    )
+
+
+def _unknown_model(spec: str) -> WgatesError:
+    return WgatesError(
+        f"unknown model {spec!r}: use one of {', '.join(list_models())}, "
+        "'torchvision:<name>' or 'path/to/file.py:ClassName'"
+    )
+
+
+def _build(spec: str, num_classes: int, tv_weights: str | None, kwargs: dict) -> nn.Module:
+    if spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.removeprefix("torchvision:")
+        if name not in torchvision.models.list_models():
+            raise WgatesError(
+                f"torchvision has no model {name!r}: see torchvision.models.list_models()"
+            )
+        try:
+            return torchvision.models.get_model(
+                name, weights=tv_weights, num_classes=num_classes, **kwargs
+            )
+        except (ValueError, TypeError, KeyError) as err:
+            raise WgatesError(
+                f"cannot build {spec} ({err}): check weights and num_classes"
+            ) from err
+    file_spec = _split_file_spec(spec)
+    if file_spec is not None:
+        cls = _load_class(*file_spec)
+        args = {"num_classes": num_classes} if _accepts_num_classes(cls) else {}
+        fn: Callable[..., nn.Module] = cls
+    elif spec in _REGISTRY:
+        args = {"num_classes": num_classes}
+        fn = _REGISTRY[spec]
+    else:
+        raise _unknown_model(spec)
+    try:
+        model = fn(**args, **kwargs)
+    except TypeError as err:
+        raise WgatesError(
+            f"cannot build {spec} with options {kwargs} ({err}): drop or fix them"
+        ) from err
+    if not isinstance(model, nn.Module):
+        raise WgatesError(f"{spec} built a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file or a .pt/.pth checkpoint (raw or under state_dict/model)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise WgatesError(
+            f"cannot read weights {path} ({type(err).__name__}: {err}): "
+            "give a .safetensors file or a .pt/.pth state_dict"
+        ) from err
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WgatesError(
+            f"weights {path} hold no state_dict: save model.state_dict() "
+            "(or a dict with it under 'state_dict' or 'model')"
+        )
+    if obj and all(k.startswith("module.") for k in obj):  # saved from DataParallel/DDP
+        obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return obj
+
+
+def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
+    """Strict load; a mismatch names the file and the first offending keys."""
+    state = _read_state_dict(path)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", resized)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{label}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise WgatesError(
+            f"weights {path} do not fit model {spec!r}: {'; '.join(problems)}. "
+            "Check the model spec, num_classes and width options match the checkpoint"
+        )
+    model.load_state_dict(state, strict=True)
+
+
+def create_model(
+    spec: str, num_classes: int = 10, weights: str | None = None, **kwargs
+) -> nn.Module:
+    """Build the model named by `spec` and optionally load `weights` (a file path).
+
+    For `torchvision:` specs, `weights` may also be a torchvision weights name
+    (e.g. `ResNet18_Weights.IMAGENET1K_V1`), which torchvision may download.
+    """
+    tv_weights = None
+    weight_path = None
+    if weights is not None:
+        weight_path = Path(weights).expanduser()
+        looks_like_file = weight_path.suffix in (".safetensors", ".pt", ".pth")
+        if spec.startswith("torchvision:") and not looks_like_file and not weight_path.exists():
+            tv_weights, weight_path = weights, None
+        elif not weight_path.is_file():
+            raise WgatesError(f"weights file {weight_path} does not exist: check the path")
+    model = _build(spec, num_classes, tv_weights, kwargs)
+    if weight_path is not None:
+        _load_weights(model, weight_path, spec)
+    return model
+
+
+def default_input_shape(spec: str) -> tuple[int, ...]:
+    """(C, H, W) a model is meant for: recorded at registration, 224 (or 299) for torchvision,
+    or the `default_input_shape` class attribute for file specs (else (3, 224, 224))."""
+    if spec in _INPUT_SHAPES:
+        return _INPUT_SHAPES[spec]
+    if spec.startswith("torchvision:"):
+        size = _TORCHVISION_SIZES.get(spec.removeprefix("torchvision:"), 224)
+        return (3, size, size)
+    file_spec = _split_file_spec(spec)
+    if file_spec is None:
+        raise _unknown_model(spec)
+    return tuple(getattr(_load_class(*file_spec), "default_input_shape", (3, 224, 224)))
+
+
+# Importing the families registers them; kept last since they import register_model.
+from wgates.models import cifar_mobilenetv2, cifar_resnet, small_cnn  # noqa: E402, F401

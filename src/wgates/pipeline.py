@@ -1,0 +1,255 @@
+"""`wgates.prune`: the whole job in one call, each stage checkpointed in a run directory.
+
+dense latency -> cost model (LPNet from measured samples, or a FLOPs / params proxy) ->
+gate search -> extract + closed loop on the hardware -> fine-tune -> measure, save, export.
+A stage whose output is already in the run directory is skipped, so `resume` continues a
+killed run from its last finished stage (and the search / fine-tune from their last epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from tqdm.auto import tqdm
+
+from wgates.errors import WgatesError
+from wgates.export import export_onnx
+from wgates.extract import load_pruned, save_pruned
+from wgates.gated import GatedModel, gate
+from wgates.groups import as_input_tuple
+from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, sample_widths
+from wgates.predictor import LatencyPredictor, fit_and_compare
+from wgates.search import closed_loop, parse_target, search
+from wgates.train import evaluate, train
+
+PROXIES = ("latency", "flops", "params")
+
+
+@dataclass
+class PruneResult:
+    """What `prune` delivers; every latency here was measured on the backend."""
+
+    model: nn.Module
+    latency_ms: float
+    dense_latency_ms: float
+    latency_ratio: float
+    target_ratio: float
+    accuracy: float
+    dense_accuracy: float
+    macs: int
+    dense_macs: int
+    params: int
+    dense_params: int
+    widths: dict[str, int]
+    sizes: dict[str, int]
+    run_dir: Path
+    loop: list[dict] = field(default_factory=list)
+
+    def table(self) -> str:
+        rows = [
+            ("", "dense", "pruned", "ratio"),
+            ("latency (ms)", f"{self.dense_latency_ms:.3f}", f"{self.latency_ms:.3f}",
+             f"{self.latency_ratio:.3f}"),
+            ("accuracy", f"{self.dense_accuracy:.4f}", f"{self.accuracy:.4f}",
+             f"{self.accuracy - self.dense_accuracy:+.4f}"),
+            ("MACs", f"{self.dense_macs:,}", f"{self.macs:,}",
+             f"{self.macs / self.dense_macs:.3f}"),
+            ("params", f"{self.dense_params:,}", f"{self.params:,}",
+             f"{self.params / self.dense_params:.3f}"),
+        ]
+        return "\n".join(f"{a:<14}{b:>14}{c:>14}{d:>10}" for a, b, c, d in rows)
+
+
+def count(model: nn.Module, example_inputs: tuple) -> tuple[int, int]:
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def fit_proxy(gated: GatedModel, kind: str, samples: int = 48, seed: int = 0) -> LatencyPredictor:
+    """The 'switchable efficiency' cost: the same MLP, fitted on counted FLOPs or parameters."""
+    dense = count(gated.plain_copy(), gated.example_inputs)[0 if kind == "flops" else 1]
+    kept, ratios = [], []
+    for idx in tqdm(range(samples), desc=f"{kind} proxy", leave=False):
+        _, widths = sample_widths(gated.groups, idx, seed)
+        gated.set_masks(gated.masks_for_widths(widths))
+        value = count(gated.extract(verify=False), gated.example_inputs)
+        kept.append([widths[g.name] for g in gated.groups])
+        ratios.append(value[0 if kind == "flops" else 1] / dense)
+    gated.clear_masks()
+    return LatencyPredictor.fit(
+        [g.name for g in gated.groups], [g.size for g in gated.groups],
+        np.array(kept, dtype=np.float64), np.array(ratios), steps=1500,
+    )
+
+
+class _Run:
+    """The run directory: JSON state plus one file per finished stage."""
+
+    def __init__(self, path: Path, resume: bool) -> None:
+        self.path = path
+        if path.exists() and any(path.iterdir()) and not resume:
+            raise WgatesError(f"run directory {path} is not empty: pass resume=True (--resume) "
+                              "to continue it, or choose another directory")
+        path.mkdir(parents=True, exist_ok=True)
+        self.state_file = path / "state.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+
+    def save(self, **values) -> None:
+        self.state.update(values)
+        self.state_file.write_text(json.dumps(self.state, indent=1, default=str))
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    train_loader,
+    val_loader,
+    target_latency: float | str = 0.5,
+    backend: str = "torch-cpu",
+    epochs: int = 3,
+    finetune_epochs: int = 3,
+    run_dir: str | Path = "runs/prune",
+    proxy: str = "latency",
+    kind: str = "wgates",
+    samples: int = 150,
+    predictor: str | Path | None = None,
+    threads: int = 1,
+    tolerance: float = 0.05,
+    lr: float = 0.01,
+    gate_lr: float = 0.05,
+    finetune_lr: float = 0.01,
+    distill: bool = False,
+    resume: bool = False,
+    export: bool = True,
+    progress: bool = True,
+    seed: int = 0,
+) -> PruneResult:
+    """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
+    `backend`, keeping as much accuracy as the given epochs allow. See the module docstring."""
+    if proxy not in PROXIES:
+        raise WgatesError(f"proxy must be one of {PROXIES}, got {proxy!r}")
+    torch.manual_seed(seed)
+    run = _Run(Path(run_dir), resume)
+    inputs = as_input_tuple(example_inputs)
+    dense = model.eval()
+    meter_backend = get_backend(backend, threads)
+    meter = Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
+
+    def measure(candidate: nn.Module) -> tuple[float, float]:
+        m = meter.measure(meter_backend.prepare(candidate.eval(), inputs))
+        return m.ratio, m.spread
+
+    if "dense_ms" not in run.state:
+        m = meter.measure(meter_backend.prepare(dense, inputs))
+        run.save(dense_ms=m.dense_ms, dense_accuracy=evaluate(dense, val_loader),
+                 backend=backend, threads=threads, input_shapes=[list(x.shape) for x in inputs])
+    target = parse_target(target_latency, run.state["dense_ms"])
+    run.save(target_ratio=target, target_latency=str(target_latency), proxy=proxy, kind=kind)
+
+    gated = gate(model, inputs, kind=kind)
+    cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress)
+
+    search_file = run.path / "search.pt"
+    start = 0
+    if search_file.exists():
+        blob = torch.load(search_file, weights_only=True)
+        gated.load_state_dict(blob["gated"])
+        start = int(blob["epoch"])
+    if start < epochs:
+        def checkpoint(epoch: int, record: dict) -> None:
+            torch.save({"gated": gated.state_dict(), "epoch": epoch + 1}, search_file)
+            run.save(search=run.state.get("search", [])[: epoch] + [record])
+
+        search(gated, cost, target, train_loader, epochs, lr=lr, gate_lr=gate_lr,
+               start_epoch=start, on_epoch_end=checkpoint, progress=progress)
+
+    pruned_dir = run.path / "pruned"
+    if not (pruned_dir / "pruning.json").exists():
+        small, steps = closed_loop(gated.eval(), cost, measure, target, tolerance)
+        run.save(loop=[asdict(s) for s in steps])
+        save_pruned(small, pruned_dir)
+    small = load_pruned(_fresh(gated), pruned_dir)
+
+    ft_file = run.path / "finetune.pt"
+    start = 0
+    if ft_file.exists():
+        blob = torch.load(ft_file, weights_only=True)
+        small.load_state_dict(blob["model"])
+        start = int(blob["epoch"])
+    if start < finetune_epochs:
+        def checkpoint_ft(epoch: int, record: dict) -> None:
+            torch.save({"model": small.state_dict(), "epoch": epoch + 1}, ft_file)
+            run.save(finetune=run.state.get("finetune", [])[: epoch] + [record])
+
+        train(small, train_loader, finetune_epochs, lr=finetune_lr, val_loader=val_loader,
+              teacher=dense if distill else None, start_epoch=start,
+              on_epoch_end=checkpoint_ft, desc="fine-tune", progress=progress)
+
+    final_ratio, spread = measure(small)
+    macs, params = count(small, inputs)
+    dense_macs, dense_params = count(dense, inputs)
+    widths = {n: len(k) for n, k in small.wgates_plan.kept.items()}
+    result = PruneResult(
+        model=small.eval(), latency_ms=final_ratio * run.state["dense_ms"],
+        dense_latency_ms=run.state["dense_ms"], latency_ratio=final_ratio, target_ratio=target,
+        accuracy=evaluate(small, val_loader), dense_accuracy=run.state["dense_accuracy"],
+        macs=macs, dense_macs=dense_macs, params=params, dense_params=dense_params,
+        widths=widths, sizes=dict(small.wgates_plan.sizes), run_dir=run.path,
+        loop=run.state.get("loop", []),
+    )
+    save_pruned(small, run.path / "model")
+    if export:
+        export_onnx(small, inputs, run.path / "model.onnx")
+    run.save(result={k: v for k, v in asdict(result).items() if k != "model"},
+             final_spread=spread, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    from wgates.report import write_report
+
+    write_report(run.path, result, run.state)
+    return result
+
+
+def _fresh(gated: GatedModel) -> nn.Module:
+    """The dense architecture with the gated model's current (searched) weights."""
+    return gated.plain_copy()
+
+
+def _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress):
+    """A callable kept-counts -> cost ratio, differentiable, for the search and the loop."""
+    names = [g.name for g in gated.groups]
+    lpnet_file = run.path / "lpnet.pt"
+    if predictor is not None:
+        net = LatencyPredictor.load(predictor)
+    elif proxy != "latency":
+        net = fit_proxy(gated, proxy)
+    elif lpnet_file.exists():
+        net = LatencyPredictor.load(lpnet_file)
+    else:
+        db = run.path / "latency.sqlite"
+        prof = profile(gated.plain_copy(), list(inputs[0].shape), db, samples=samples,
+                       backend=backend, threads=threads, progress=progress)
+        store = LatencyStore(db)
+        try:
+            comparison = fit_and_compare(
+                prof, store.samples(prof.id), store.repeats(prof.id), store.lut(prof.id)
+            )
+        finally:
+            store.close()
+        net = comparison.predictor
+        net.save(lpnet_file)
+        run.save(lpnet={k: v for k, v in comparison.metrics.items() if k != "predictors"})
+        from wgates.predictor import plot_comparison
+
+        plot_comparison(comparison, run.path / "lpnet_fit.png")
+    if net.group_names != names:
+        raise WgatesError("the latency predictor was fitted for other channel groups than this "
+                          "model has: profile this model (wgates profile) and fit again")
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net

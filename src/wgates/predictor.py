@@ -1,0 +1,265 @@
+"""LPNet: the latency predictor the pruning loss differentiates through, and the baselines it
+has to beat.
+
+The network maps kept channels per group (divided by the group's size) to latency relative to
+the dense model, the figure measurement gives reliably (absolute milliseconds drift between
+runs; the ratio to an interleaved dense reference does not). `predict_ms` scales by the dense
+latency recorded when profiling.
+
+Baselines, both fitted as `ratio = a + b * x` on the training split (weighted for relative
+error; the constant absorbs the per-inference overhead that dominates small CNNs at batch 1):
+- FLOPs: x = the variant's multiply-accumulates over the dense model's;
+- lookup table (NetAdapt / HALP): x = the sum over convs of each conv's isolated latency at
+  its (in, out) channels, interpolated bilinearly in a grid measured during profiling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from wgates.errors import WgatesError
+
+FORMAT = "wgates-lpnet-1"
+
+
+class LatencyPredictor(nn.Module):
+    """MLP from per-group kept-channel counts to latency / dense latency (positive)."""
+
+    def __init__(
+        self,
+        group_names: Sequence[str],
+        sizes: Sequence[int],
+        hidden: int = 64,
+        dense_ms: float = float("nan"),
+        fingerprint: Mapping | None = None,
+    ) -> None:
+        super().__init__()
+        self.group_names = list(group_names)
+        self.hidden = hidden
+        self.dense_ms = float(dense_ms)
+        self.fingerprint = dict(fingerprint or {})
+        self.register_buffer("sizes", torch.tensor(list(sizes), dtype=torch.float32))
+        n = len(self.group_names)
+        self.mlp = nn.Sequential(
+            nn.Linear(n, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def forward(self, kept: torch.Tensor) -> torch.Tensor:
+        """Predicted latency ratio for kept counts `kept` ([n_groups] or [batch, n_groups]);
+        differentiable in `kept`."""
+        x = kept.to(self.sizes.dtype) / self.sizes
+        return nn.functional.softplus(self.mlp(2 * x - 1)).squeeze(-1)
+
+    def predict_ms(self, kept: torch.Tensor) -> torch.Tensor:
+        """Predicted latency in milliseconds (dense latency at profiling time x ratio)."""
+        return self(kept) * self.dense_ms
+
+    def kept_vector(self, widths: Mapping[str, float | torch.Tensor]) -> torch.Tensor:
+        """Counts in this predictor's group order, from {group name: count (may be a tensor
+        carrying gradients, e.g. `{g.name: g.kept for g in gated.groups}`)}."""
+        missing = [n for n in self.group_names if n not in widths]
+        extra = [n for n in widths if n not in self.group_names]
+        if missing or extra:
+            raise WgatesError(
+                f"the latency predictor was fitted for other groups (missing {missing}, "
+                f"unknown {extra}): profile and fit it for this model"
+            )
+        return torch.stack([torch.as_tensor(widths[n], dtype=torch.float32).reshape(())
+                            for n in self.group_names])
+
+    @classmethod
+    def fit(
+        cls,
+        group_names: Sequence[str],
+        sizes: Sequence[int],
+        kept: np.ndarray,
+        ratios: np.ndarray,
+        *,
+        hidden: int = 64,
+        steps: int = 3000,
+        lr: float = 3e-3,
+        seed: int = 0,
+        **meta,
+    ) -> LatencyPredictor:
+        """Train on `kept` [N, n_groups] -> `ratios` [N] with a squared relative-error loss
+        (full batch, Adam, cosine schedule: a few seconds on a CPU)."""
+        torch.manual_seed(seed)
+        model = cls(group_names, sizes, hidden, **meta)
+        x = torch.as_tensor(kept, dtype=torch.float32)
+        y = torch.as_tensor(ratios, dtype=torch.float32)
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = ((model(x) - y) / y).pow(2).mean()
+            loss.backward()
+            opt.step()
+            sched.step()
+        return model.eval()
+
+    def save(self, path: str | Path) -> None:
+        """Plain tensors and strings only: loadable with `torch.load(weights_only=True)`."""
+        torch.save(
+            {
+                "format": FORMAT,
+                "group_names": self.group_names,
+                "sizes": self.sizes.tolist(),
+                "hidden": self.hidden,
+                "dense_ms": self.dense_ms,
+                "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+                "state_dict": self.state_dict(),
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyPredictor:
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise WgatesError(f"cannot read latency predictor {path} ({err}): "
+                              "give a file written by `wgates fit-latency`") from err
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise WgatesError(f"{path} is not a latency predictor: run `wgates fit-latency`")
+        model = cls(
+            blob["group_names"], blob["sizes"], blob["hidden"], blob["dense_ms"],
+            json.loads(blob["fingerprint"]),
+        )
+        model.load_state_dict(blob["state_dict"])
+        return model.eval()
+
+
+def lut_latency(table: Mapping[str, Mapping[tuple[int, int], float]], layers: Sequence) -> float:
+    """Sum over `layers` ([key, cin, cout]) of the table's latency, bilinear between grid
+    points (depthwise layers have a diagonal grid: linear in their channel count)."""
+    total = 0.0
+    for key, cin, cout in layers:
+        grid = table.get(key)
+        if grid is None:
+            raise WgatesError(f"layer table has no entry for {key}: re-run `wgates profile`")
+        cins = sorted({c for c, _ in grid})
+        couts = sorted({c for _, c in grid})
+        if all(c == o for c, o in grid):  # depthwise
+            total += float(np.interp(cin, cins, [grid[(c, c)] for c in cins]))
+            continue
+        rows = [np.interp(cout, couts, [grid[(c, o)] for o in couts]) for c in cins]
+        total += float(np.interp(cin, cins, rows))
+    return total
+
+
+def _affine(x_train, y_train, x_test) -> np.ndarray:
+    """`a + b x` fitted for relative error (weights 1/y)."""
+    b, a = np.polyfit(x_train, y_train, 1, w=1 / y_train)
+    return a + b * x_test
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
+    rel = np.abs(predicted - measured) / measured
+    return {
+        "mape": float(rel.mean()),
+        "max_error": float(rel.max()),
+        "spearman": _spearman(predicted, measured),
+    }
+
+
+def noise_cv(repeats: Mapping[int, Sequence[float]]) -> float:
+    """Pooled coefficient of variation of repeated measurements of fixed configurations (the
+    error even a perfect predictor would show); NaN without repeats."""
+    cvs = [np.std(r, ddof=1) / np.mean(r) for r in repeats.values() if len(r) > 1]
+    return float(np.sqrt(np.mean(np.square(cvs)))) if cvs else math.nan
+
+
+@dataclass
+class Comparison:
+    """Held-out errors of LPNet and the baselines, plus what is needed to plot them."""
+
+    predictor: LatencyPredictor
+    metrics: dict
+    measured: np.ndarray
+    predictions: dict[str, np.ndarray]
+
+
+def fit_and_compare(
+    run, samples: Sequence, repeats: Mapping, table: Mapping,
+    holdout: float = 0.2, seed: int = 0, **fit_kwargs,
+) -> Comparison:
+    """Fit LPNet and both baselines on a random (1 - holdout) split of `samples` and score all
+    three on the rest. `run` is the `store.Run` the samples belong to."""
+    if len(samples) < 10:
+        raise WgatesError(
+            f"only {len(samples)} latency samples: profile at least 10 (hundreds for a good fit)"
+        )
+    names, sizes, _ = zip(*run.fingerprint["groups"], strict=True)
+    kept = np.array([[s.widths[n] for n in names] for s in samples], dtype=np.float64)
+    ratios = np.array([s.ratio for s in samples])
+    flops = np.array([s.flops for s in samples])
+    lut = np.array([lut_latency(table, s.layers) for s in samples])
+    order = np.random.default_rng(seed).permutation(len(samples))
+    n_test = max(2, round(holdout * len(samples)))
+    test, train = order[:n_test], order[n_test:]
+    dense_ms = float(np.median([s.dense_ms for s in samples]))
+    predictor = LatencyPredictor.fit(
+        names, sizes, kept[train], ratios[train], seed=seed, dense_ms=dense_ms,
+        fingerprint={**run.fingerprint, "key": run.key}, **fit_kwargs,
+    )
+    with torch.no_grad():
+        lpnet = predictor(torch.as_tensor(kept[test], dtype=torch.float32)).numpy()
+    predictions = {
+        "lpnet": lpnet,
+        "flops": _affine(flops[train], ratios[train], flops[test]),
+        "lut": _affine(lut[train], ratios[train], lut[test]),
+    }
+    scores = {name: errors(p, ratios[test]) for name, p in predictions.items()}
+    metrics = {
+        **scores["lpnet"],
+        "noise_cv": noise_cv(repeats),
+        "median_spread": float(np.median([s.spread for s in samples])),
+        "flops_mape": scores["flops"]["mape"],
+        "lut_mape": scores["lut"]["mape"],
+        "predictors": scores,
+        "n_train": int(len(train)),
+        "n_test": int(len(test)),
+        "n_repeats": int(sum(len(r) for r in repeats.values())),
+        "dense_ms": dense_ms,
+        "run": run.key,
+        "baselines": "FLOPs and lookup table: ratio = a + b*x fitted on the training split",
+    }
+    return Comparison(predictor, metrics, ratios[test], predictions)
+
+
+def plot_comparison(comparison: Comparison, path: str | Path) -> None:
+    """Predicted vs measured latency ratio on the held-out split, one marker per predictor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    y = comparison.measured
+    for name, pred in comparison.predictions.items():
+        mape = comparison.metrics["predictors"][name]["mape"]
+        ax.scatter(y, pred, s=10, alpha=0.6, label=f"{name} (MAPE {mape:.1%})")
+    lo = 0.95 * min(y.min(), *(p.min() for p in comparison.predictions.values()))
+    hi = 1.05 * max(y.max(), *(p.max() for p in comparison.predictions.values()))
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set_xlabel("measured latency / dense")
+    ax.set_ylabel("predicted latency / dense")
+    ax.set_title(f"held-out split ({len(y)} configurations)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

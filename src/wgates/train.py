@@ -1,0 +1,127 @@
+"""The one training loop: dense training, the gate search and fine-tuning all run through it.
+
+`extra_loss` lets the search add its latency term; `teacher` turns on knowledge distillation
+(Hinton et al.: KL between temperature-softened outputs, mixed with the label loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+KD_TEMPERATURE = 4.0
+KD_ALPHA = 0.7
+
+
+@dataclass
+class History:
+    """Per-epoch records (loss, accuracy, and whatever `extra_loss` reports)."""
+
+    epochs: list[dict] = field(default_factory=list)
+
+
+def logits_of(output) -> torch.Tensor:
+    """The classification logits of a model output (GoogLeNet-style tuples: the first)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
+    t = KD_TEMPERATURE
+    soft = F.kl_div(
+        F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean"
+    ) * (t * t)
+    return KD_ALPHA * soft + (1 - KD_ALPHA) * F.cross_entropy(student, labels)
+
+
+def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> float:
+    """Top-1 accuracy (fraction) in eval mode."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
+            pred = logits_of(model(x.to(device))).argmax(1)
+            correct += int((pred == y.to(device)).sum())
+            total += len(y)
+    model.train(was)
+    return correct / max(total, 1)
+
+
+def make_optimizer(params, lr: float, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+
+
+def train(
+    model: nn.Module,
+    train_loader: Iterable,
+    epochs: int,
+    lr: float = 0.05,
+    val_loader: Iterable | None = None,
+    optimizers: list[torch.optim.Optimizer] | None = None,
+    extra_loss: Callable[[], tuple[torch.Tensor, dict]] | None = None,
+    teacher: nn.Module | None = None,
+    start_epoch: int = 0,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> History:
+    """Train `model` for `epochs` (cosine learning rate per step) and evaluate each epoch.
+
+    `optimizers` defaults to SGD on all parameters; `start_epoch` and `on_epoch_end` (called
+    with the epoch index and its record, e.g. to checkpoint) make runs resumable.
+    """
+    device = next(model.parameters()).device
+    optimizers = optimizers or [make_optimizer(model.parameters(), lr)]
+    steps = max(1, epochs * len(train_loader))
+    schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) for o in optimizers]
+    for _ in range(start_epoch * len(train_loader)):
+        for s in schedulers:
+            s.step()
+    if teacher is not None:
+        teacher.eval()
+    history = History()
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        totals: dict[str, float] = {"loss": 0.0}
+        bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
+                   disable=not progress)
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            logits = logits_of(model(x))
+            if teacher is not None:
+                with torch.no_grad():
+                    target = logits_of(teacher(x))
+                loss = distillation_loss(logits, target, y)
+            else:
+                loss = F.cross_entropy(logits, y)
+            stats = {}
+            if extra_loss is not None:
+                extra, stats = extra_loss()
+                loss = loss + extra
+            for o in optimizers:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in optimizers:
+                o.step()
+            for s in schedulers:
+                s.step()
+            totals["loss"] += loss.item() / len(train_loader)
+            for k, v in stats.items():
+                totals[k] = float(v)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in {"loss": loss.item(), **stats}.items()})
+        record = {"epoch": epoch + 1, **totals}
+        if val_loader is not None:
+            record["val_accuracy"] = evaluate(model, val_loader)
+        history.epochs.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+        if progress:
+            tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
+                f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
+    return history

@@ -1,0 +1,64 @@
+"""Shared helpers for the gating / extraction tests: warmed-up BatchNorm, random valid masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import wgates
+from wgates.models import create_model
+
+
+def warm_batchnorm(model: nn.Module, shape: tuple[int, ...], steps: int = 2, seed: int = 0):
+    """A few train-mode forward passes on shifted, scaled noise, so every BatchNorm's running
+    statistics move away from mean 0 / var 1 (an exactness test must see real statistics).
+    Returns the model in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.randn(shape, generator=gen) * 2.0 + 0.5)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for bn in bns:
+        assert bn.running_mean.abs().max() > 0, "BatchNorm statistics were not updated"
+        assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    return model.eval()
+
+
+def random_masks(gated: wgates.GatedModel, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random valid masks: scramble the gate scores, pick a random width in
+    [min_channels, 3/4 size] per group, and let masks_for_widths respect grouped-conv ties."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in gated.gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    widths = {}
+    for g in gated.groups:
+        high = max(g.min_channels, g.size * 3 // 4)
+        widths[g.name] = int(torch.randint(g.min_channels, high + 1, (1,), generator=gen))
+    return gated.masks_for_widths(widths)
+
+
+@pytest.fixture
+def resnet20():
+    """A project resnet20 with non-trivial BatchNorm statistics, in eval mode."""
+    torch.manual_seed(0)
+    return warm_batchnorm(create_model("resnet20"), (4, 3, 32, 32))
+
+
+@pytest.fixture
+def x32():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def warm():
+    """`warm(model, shape)`: see `warm_batchnorm`."""
+    return warm_batchnorm
+
+
+@pytest.fixture
+def make_masks():
+    """`make_masks(gated, seed)`: see `random_masks`."""
+    return random_masks

@@ -1,0 +1,191 @@
+"""Extraction is exact: the physically smaller model computes what the gated model computes
+under the same masks (eval mode, real BatchNorm statistics), and it is really smaller."""
+
+from __future__ import annotations
+
+import json
+import struct
+import warnings
+
+import pytest
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+
+import wgates
+from wgates.errors import WgatesError
+from wgates.models import create_model
+
+TOL = 1e-4
+
+
+def _tv(name, **kwargs):
+    return lambda: torchvision.models.get_model(name, weights=None, num_classes=10, **kwargs)
+
+
+MODELS = {  # name -> (constructor, input side)
+    "resnet20": (lambda: create_model("resnet20"), 32),
+    "resnet56": (lambda: create_model("resnet56"), 32),
+    "mobilenetv2_cifar": (lambda: create_model("mobilenetv2_cifar"), 32),
+    "resnet18": (_tv("resnet18"), 64),
+    "resnet50": (_tv("resnet50"), 64),
+    "mobilenet_v2": (_tv("mobilenet_v2"), 64),
+    "mobilenet_v3_small": (_tv("mobilenet_v3_small"), 64),
+    "shufflenet_v2_x0_5": (_tv("shufflenet_v2_x0_5"), 64),
+    "densenet121": (_tv("densenet121"), 64),
+    "efficientnet_b0": (_tv("efficientnet_b0"), 64),
+    "regnet_x_400mf": (_tv("regnet_x_400mf"), 64),
+    "googlenet": (_tv("googlenet", aux_logits=False, init_weights=True), 64),
+    "vgg11_bn": (_tv("vgg11_bn"), 64),
+}
+# Channel shuffle cannot be followed by Torch-Pruning: these groups must be found and left
+# dense by gate(verify=True), so this model is gated with verification on.
+VERIFY = {"shufflenet_v2_x0_5"}
+
+
+def check_exact(model, gated, masks, shape, seed=0):
+    """Set `masks`, extract, compare on random inputs; returns the extracted model."""
+    gated.clear_masks()
+    gated.set_masks(masks)
+    small = gated.extract(verify=False)
+    gated.eval(), small.eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(shape, generator=gen)
+            out_gated, out_small, out_dense = gated(x), small(x), model(x)
+            assert out_small.shape == out_gated.shape
+            assert (out_gated - out_small).abs().max().item() <= TOL
+            # the masks really change the function (the comparison is not vacuous)
+            assert (out_gated - out_dense).abs().max().item() > 10 * TOL * out_dense.abs().max()
+    ops_dense, params_dense = tp.utils.count_ops_and_params(model, torch.randn(shape))
+    ops_small, params_small = tp.utils.count_ops_and_params(small, torch.randn(shape))
+    assert params_small < params_dense
+    assert ops_small < ops_dense
+    return small
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_extracted_model_is_exact(name, warm, make_masks):
+    build, side = MODELS[name]
+    torch.manual_seed(0)
+    shape = (2, 3, side, side)
+    model = warm(build(), shape)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="wgates: leaving")
+        gated = wgates.gate(model, torch.randn(shape), verify=name in VERIFY)
+    if name in VERIFY:
+        assert any(".branch2.5" not in g.name for g in gated.groups)
+    for seed in (0, 1):
+        check_exact(model, gated, make_masks(gated, seed), shape, seed)
+
+
+class UnseenNet(nn.Module):
+    """A fresh architecture: residual add, two-branch concat, squeeze-excitation, depthwise
+    conv, grouped conv, a Linear after flatten."""
+
+    def __init__(self, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        self.res = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                 nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16))
+        self.left = nn.Sequential(nn.Conv2d(16, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.right = nn.Sequential(nn.Conv2d(16, 20, 3, padding=1), nn.BatchNorm2d(20),
+                                   nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False),
+                                nn.BatchNorm2d(32), nn.ReLU6())
+        self.se_reduce = nn.Conv2d(32, 8, 1)
+        self.se_expand = nn.Conv2d(8, 32, 1)
+        self.grouped = nn.Sequential(nn.Conv2d(32, 24, 3, stride=2, padding=1, groups=4),
+                                     nn.BatchNorm2d(24), nn.ReLU())
+        self.head = nn.Linear(24 * 4 * 4, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = torch.relu(x + self.res(x))
+        x = torch.cat([self.left(x), self.right(x)], dim=1)
+        x = self.dw(x)
+        scale = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3),
+                                                                               keepdim=True)))))
+        x = self.grouped(x * scale)
+        x = nn.functional.adaptive_avg_pool2d(x, 4)
+        return self.head(x.flatten(1))
+
+
+def test_unseen_user_model_is_exact(warm, make_masks):
+    torch.manual_seed(0)
+    shape = (2, 3, 16, 16)
+    model = warm(UnseenNet(), shape)
+    gated = wgates.gate(model, torch.randn(shape), verify=True, strict=True)
+    names = {g.name for g in gated.groups}
+    assert {"stem.0", "left.0", "right.0", "se_reduce", "grouped.0"} <= names
+    assert any(g.ties is not None for g in gated.channel_groups)  # the grouped conv binds
+    for seed in range(3):
+        check_exact(model, gated, make_masks(gated, seed), shape, seed)
+
+
+def test_extract_with_verification(resnet20, x32, make_masks):
+    gated = wgates.gate(resnet20, x32, verify=True, strict=True)
+    gated.set_masks(make_masks(gated))
+    small = gated.extract(verify=True)
+    widths = gated.widths()
+    for g in gated.channel_groups:
+        assert small.get_submodule(g.name).out_channels == widths[g.name]
+    gated.clear_masks()  # all gates open: the extracted model is the dense model
+    full = gated.extract()
+    assert sum(p.numel() for p in full.parameters()) == sum(
+        p.numel() for p in resnet20.parameters())
+
+
+# -- save / load -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pruned(resnet20, x32, make_masks):
+    gated = wgates.gate(resnet20, x32, verify=False)
+    gated.set_masks(make_masks(gated))
+    return gated.extract()
+
+
+def test_save_load_round_trip(pruned, x32, tmp_path):
+    out = wgates.save_pruned(pruned, tmp_path / "p")
+    assert sorted(f.name for f in out.iterdir()) == ["model.safetensors", "pruning.json"]
+    plan = json.loads((out / "pruning.json").read_text())
+    assert set(plan) == {"kept", "sizes", "input_shapes", "input_dtypes"}
+    raw = (out / "model.safetensors").read_bytes()
+    assert not raw.startswith((b"\x80", b"PK"))  # neither a pickle nor a torch zip archive
+    header_len = struct.unpack("<Q", raw[:8])[0]
+    json.loads(raw[8 : 8 + header_len])  # safetensors: length-prefixed JSON header
+    assert b"torch._utils" not in raw and b"_rebuild_tensor" not in raw
+
+    loaded = wgates.load_pruned(create_model("resnet20"), out).eval()
+    pruned.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x32), pruned(x32))
+    assert [p.shape for p in loaded.parameters()] == [p.shape for p in pruned.parameters()]
+    wgates.save_pruned(loaded, tmp_path / "again")  # a loaded model can be saved again
+
+
+@pytest.mark.parametrize("wrong", ["resnet56", "small_cnn", "mobilenetv2_cifar"])
+def test_load_into_wrong_architecture(pruned, tmp_path, wrong):
+    wgates.save_pruned(pruned, tmp_path)
+    with pytest.raises(WgatesError):
+        wgates.load_pruned(create_model(wrong), tmp_path)
+
+
+def test_load_into_already_pruned_model(pruned, tmp_path):
+    wgates.save_pruned(pruned, tmp_path)
+    with pytest.raises(WgatesError):
+        wgates.load_pruned(pruned, tmp_path)
+
+
+def test_save_dense_model_refused(resnet20, tmp_path):
+    with pytest.raises(WgatesError, match="extract"):
+        wgates.save_pruned(resnet20, tmp_path)
+
+
+def test_load_missing_directory(tmp_path):
+    with pytest.raises(WgatesError, match="not found"):
+        wgates.load_pruned(create_model("resnet20"), tmp_path / "nothing")

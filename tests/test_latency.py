@@ -1,0 +1,199 @@
+"""Latency measurement: sampling, store, protocol, profiling and resuming after a kill."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from wgates.errors import WgatesError
+from wgates.latency import (
+    LatencyStore,
+    Meter,
+    Protocol,
+    Sample,
+    describe,
+    get_backend,
+    probe_widths,
+    profile,
+    sample_widths,
+)
+
+TINY_NET = '''
+from torch import nn
+
+
+class Tiny(nn.Module):
+    default_input_shape = (3, 16, 16)
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU(),
+        )
+        self.head = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+'''
+
+FAST = Protocol(rounds=6, chunks=2, retries=0)
+GROUPS = [SimpleNamespace(name=f"g{i}", size=s, min_channels=2) for i, s in enumerate((8, 16, 64))]
+
+
+@pytest.fixture()
+def tiny_file(tmp_path):
+    path = tmp_path / "tiny.py"
+    path.write_text(TINY_NET)
+    return path
+
+
+def tiny_model(path) -> nn.Module:
+    from wgates.models import create_model
+
+    return create_model(f"{path}:Tiny")
+
+
+def test_sampling_is_deterministic_covers_extremes_and_respects_bounds():
+    assert sample_widths(GROUPS, 0)[1] == {"g0": 8, "g1": 16, "g2": 64}
+    assert sample_widths(GROUPS, 1)[1] == {"g0": 2, "g1": 2, "g2": 2}
+    draws = [sample_widths(GROUPS, i, seed=3) for i in range(2, 200)]
+    assert draws == [sample_widths(GROUPS, i, seed=3) for i in range(2, 200)]
+    assert draws != [sample_widths(GROUPS, i, seed=4) for i in range(2, 200)]
+    assert {kind for kind, _ in draws} == {"uniform", "near_uniform", "random"}
+    for _, widths in draws:
+        assert all(2 <= widths[g.name] <= g.size for g in GROUPS)
+    ratios = [w["g2"] / 64 for _, w in draws]
+    assert min(ratios) < 0.1 and max(ratios) > 0.9
+    assert probe_widths(GROUPS, 1) == {"g0": 4, "g1": 8, "g2": 32}
+
+
+def _sample(idx: int, ratio: float = 0.5) -> Sample:
+    return Sample(idx, "uniform", {"g0": 4}, [["k", 4, 4]], 0.3, ratio, 1.0, 2.0, 0.01)
+
+
+def test_store_keeps_fingerprints_apart_and_refuses_duplicates(tmp_path):
+    store = LatencyStore(tmp_path / "l.sqlite")
+    a = store.run_for({"backend": "torch-cpu", "model": "a"})
+    b = store.run_for({"backend": "onnxruntime-cpu", "model": "a"})
+    assert a != b and store.run_for({"model": "a", "backend": "torch-cpu"}) == a
+    store.add_sample(a, _sample(0))
+    store.add_sample(a, _sample(1), repeat=(0, get_measurement(0.4)))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.add_sample(a, _sample(1))
+    assert store.next_index(a) == 2 and store.next_index(b) == 0
+    assert store.repeats(a) == {0: [0.4]}
+    assert store.select_run().id == a
+    store.add_sample(b, _sample(0))
+    with pytest.raises(WgatesError, match="several runs"):
+        store.select_run()
+    assert store.select_run(store.runs()[1].key[:6]).id == b
+    store.close()
+    with pytest.raises(WgatesError, match="does not exist"):
+        LatencyStore(tmp_path / "missing.sqlite", create=False)
+
+
+def get_measurement(ratio: float):
+    from wgates.latency import Measurement
+
+    return Measurement(ratio, 1.0, 2.0, 0.01)
+
+
+def test_meter_measures_a_double_workload_at_about_twice_the_reference():
+    backend = get_backend("torch-cpu")
+    conv = nn.Conv2d(32, 32, 3, padding=1)
+    x = torch.randn(1, 32, 32, 32)
+    once = backend.prepare(conv, (x,))
+
+    def twice():
+        once()
+        once()
+
+    m = Meter(backend, once, Protocol(rounds=20, chunks=4)).measure(twice)
+    assert 1.6 < m.ratio < 2.5
+    assert m.ms > 0 and m.dense_ms > 0 and m.spread >= 0 and m.attempts >= 1
+
+
+def test_describe_counts_macs_and_flags_depthwise(tiny_file):
+    report = describe(tiny_model(tiny_file), (torch.randn(1, 3, 16, 16),))
+    assert report.flops == 256 * (16 * 27 + 16 * 9 + 24 * 16) + 24 * 10
+    dw = [s for s in report.convs.values() if s.depthwise]
+    assert len(dw) == 1 and all(c == o for c, o in dw[0].grid())
+    assert len(report.convs["body.6"].grid()) == 25
+
+
+def test_unknown_backend_and_missing_gpu_are_user_errors():
+    with pytest.raises(WgatesError, match="unknown backend"):
+        get_backend("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(WgatesError, match="CUDA"):
+            get_backend("torch-cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
+def test_cuda_backend_times_with_events():
+    backend = get_backend("torch-cuda")
+    run = backend.prepare(nn.Conv2d(8, 8, 3), (torch.randn(1, 8, 16, 16),))
+    assert backend.timer(run)(3) > 0
+
+
+@pytest.mark.parametrize("backend", ["torch-cpu", "onnxruntime-cpu"])
+def test_profile_resumes_and_extends(tiny_file, tmp_path, backend):
+    out = tmp_path / "lat.sqlite"
+    kwargs = dict(backend=backend, protocol=FAST, repeat_every=3, progress=False)
+    first = profile(tiny_model(tiny_file), (1, 3, 16, 16), out, samples=4, **kwargs)
+    assert first.n_samples == 4 and first.fingerprint["backend"] == backend
+    again = profile(tiny_model(tiny_file), (1, 3, 16, 16), out, samples=7, **kwargs)
+    assert again.key == first.key and again.n_samples == 7
+    store = LatencyStore(out)
+    samples = store.samples(again.id)
+    assert [s.idx for s in samples] == list(range(7))
+    assert samples[0].kind == "dense" and 0.7 < samples[0].ratio < 1.4
+    assert samples[1].flops < samples[0].flops == 1.0
+    assert sum(len(r) for r in store.repeats(again.id).values()) == 2
+    assert store.lut(again.id)
+
+
+def _count(path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+    except sqlite3.OperationalError:  # table not created yet, or locked by the writer
+        return 0
+    finally:
+        db.close()
+
+
+def test_killed_profile_resumes_without_losing_or_doubling_samples(tiny_file, tmp_path):
+    out = tmp_path / "lat.sqlite"
+    cmd = [
+        sys.executable, "-m", "wgates", "profile", "--model", f"{tiny_file}:Tiny",
+        "--input-shape", "1,3,16,16", "--samples", "30", "--repeat-every", "4",
+        "--out", str(out),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _count(out) < 5 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _count(out)
+    assert 5 <= killed_at < 30, "the run should have been killed mid-way"
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    store = LatencyStore(out)
+    (run,) = store.runs()
+    samples = store.samples(run.id)
+    assert [s.idx for s in samples] == list(range(30))
+    groups = [SimpleNamespace(name=n, size=k, min_channels=m)
+              for n, k, m in run.fingerprint["groups"]]
+    assert all(s.widths == sample_widths(groups, s.idx)[1] for s in samples)
+    assert sum(len(r) for r in store.repeats(run.id).values()) == 7  # idx 3, 7, ..., 27

@@ -1,0 +1,118 @@
+"""LPNet and its baselines, on synthetic latency data (fast, no timing involved)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from wgates.cli import main
+from wgates.errors import WgatesError
+from wgates.latency import LatencyStore, Measurement, Sample
+from wgates.predictor import LatencyPredictor, fit_and_compare, lut_latency, noise_cv
+
+NAMES, SIZES = ["a", "b", "c"], [16, 32, 64]
+KEYS = ["k16", "k32", "k64"]
+
+
+def true_ratio(kept: np.ndarray) -> np.ndarray:
+    """Overhead-bound and non-linear, like a small CNN at batch 1."""
+    x = kept / np.array(SIZES)
+    return 0.3 + 0.3 * x[..., 0] * x[..., 1] + 0.4 * x[..., 2] ** 2
+
+
+def synthetic_store(path, n: int = 120, noise: float = 0.01) -> LatencyStore:
+    rng = np.random.default_rng(0)
+    store = LatencyStore(path)
+    run = store.run_for({"model": "toy", "backend": "torch-cpu", "groups": [
+        [n_, s, 1] for n_, s in zip(NAMES, SIZES, strict=True)
+    ]})
+    for key, size in zip(KEYS, SIZES, strict=True):
+        for cin in (size // 4, size // 2, size):
+            for cout in (size // 4, size // 2, size):
+                m = Measurement(0.1 * cin * cout / size**2, 1.0, 1.0, 0.0)
+                store.add_lut_entry(run, key, cin, cout, m)
+    for idx in range(n):
+        kept = rng.integers(1, np.array(SIZES) + 1)
+        ratio = float(true_ratio(kept) * (1 + noise * rng.standard_normal()))
+        sample = Sample(
+            idx, "random", dict(zip(NAMES, map(int, kept), strict=True)),
+            [[k, int(c), int(c)] for k, c in zip(KEYS, kept, strict=True)],
+            float(np.mean((kept / np.array(SIZES)) ** 2)), ratio, 2 * ratio, 2.0, noise,
+        )
+        probe = (idx % 2, Measurement(0.5 * (1 + noise * rng.standard_normal()), 1, 2, noise))
+        store.add_sample(run, sample, probe if idx % 5 == 0 else None)
+    return store
+
+
+def test_lpnet_fits_is_differentiable_and_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    kept = rng.integers(1, np.array(SIZES) + 1, size=(300, 3)).astype(float)
+    model = LatencyPredictor.fit(NAMES, SIZES, kept, true_ratio(kept), steps=1500, dense_ms=2.0)
+    test = rng.integers(1, np.array(SIZES) + 1, size=(100, 3)).astype(float)
+    with torch.no_grad():
+        pred = model(torch.as_tensor(test, dtype=torch.float32)).numpy()
+    assert np.mean(np.abs(pred - true_ratio(test)) / true_ratio(test)) < 0.03
+
+    counts = {n: torch.tensor(float(s), requires_grad=True) for n, s in zip(NAMES, SIZES,
+                                                                             strict=True)}
+    model.predict_ms(model.kept_vector(counts)).backward()
+    assert all(c.grad is not None and c.grad > 0 for c in counts.values())  # fewer = faster
+
+    model.save(tmp_path / "lp.pt")
+    torch.load(tmp_path / "lp.pt", weights_only=True)  # no pickled classes
+    loaded = LatencyPredictor.load(tmp_path / "lp.pt")
+    x = torch.tensor([8.0, 16.0, 32.0])
+    assert torch.allclose(loaded(x), model(x)) and loaded.dense_ms == 2.0
+    with pytest.raises(WgatesError, match="other groups"):
+        loaded.kept_vector({"a": 1.0})
+    with pytest.raises(WgatesError, match="not a latency predictor"):
+        torch.save({"x": torch.zeros(1)}, tmp_path / "other.pt")
+        LatencyPredictor.load(tmp_path / "other.pt")
+
+
+def test_lut_interpolates_bilinearly_and_depthwise_linearly():
+    table = {
+        "conv": {(c, o): c * o + 1.0 for c in (4, 8) for o in (2, 6)},
+        "dw": {(c, c): 2.0 * c for c in (4, 8)},
+    }
+    assert lut_latency(table, [["conv", 6, 4]]) == pytest.approx(25.0)
+    assert lut_latency(table, [["dw", 6, 6], ["conv", 4, 2]]) == pytest.approx(12.0 + 9.0)
+    with pytest.raises(WgatesError, match="no entry"):
+        lut_latency(table, [["missing", 1, 1]])
+
+
+def test_noise_cv_pools_probes():
+    assert noise_cv({0: [1.0, 1.0], 1: [0.5, 0.5]}) == 0.0
+    assert noise_cv({0: [0.9, 1.1]}) == pytest.approx(np.std([0.9, 1.1], ddof=1))
+    assert np.isnan(noise_cv({0: [1.0]}))
+
+
+def test_fit_and_compare_beats_baselines_on_nonlinear_latency(tmp_path):
+    store = synthetic_store(tmp_path / "l.sqlite")
+    run = store.select_run()
+    result = fit_and_compare(
+        run, store.samples(run.id), store.repeats(run.id), store.lut(run.id), steps=1500
+    )
+    m = result.metrics
+    assert m["n_test"] == 24 and m["n_train"] == 96
+    assert m["mape"] < 0.05 and m["mape"] < m["flops_mape"] and m["spearman"] > 0.9
+    assert 0 < m["noise_cv"] < 0.05
+    with pytest.raises(WgatesError, match="at least 10"):
+        fit_and_compare(run, store.samples(run.id)[:5], {}, {})
+
+
+def test_cli_fit_latency_json_and_plot(tmp_path, capsys):
+    synthetic_store(tmp_path / "l.sqlite").close()
+    out = tmp_path / "lp.pt"
+    assert main(["fit-latency", str(tmp_path / "l.sqlite"), "--out", str(out), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for key in ("mape", "max_error", "spearman", "noise_cv", "flops_mape", "lut_mape"):
+        assert isinstance(metrics[key], float)
+    assert out.is_file() and out.with_suffix(".png").stat().st_size > 0
+    assert main(["fit-latency", str(tmp_path / "l.sqlite"), "--out", str(out)]) == 0
+    assert "lookup table" in capsys.readouterr().out
+    assert main(["fit-latency", str(tmp_path / "none.sqlite")]) == 2
+    assert "does not exist" in capsys.readouterr().err
