@@ -13,7 +13,6 @@ import argparse
 import shlex
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -30,25 +29,24 @@ BACKENDS = ("torch-cpu", "onnxruntime-cpu")
 def bench(model: str, backend: str, samples: int, workdir: Path, threads: int) -> dict:
     path = workdir / f"{model}_{backend}.sqlite"
     shape = (1, *default_input_shape(model))
-    start = time.perf_counter()
     run = profile(
         create_model(model), shape, path, samples=samples, backend=backend,
         threads=threads, model_spec=model,
     )
-    wall = time.perf_counter() - start
     store = LatencyStore(path)
-    data = store.samples(run.id)
-    rows = store.db.execute(
-        "SELECT MIN(created), MAX(created) FROM samples WHERE run_id = ?", (run.id,)
+    started, first, last = store.db.execute(
+        "SELECT r.created, MIN(s.created), MAX(s.created) FROM runs r "
+        "JOIN samples s ON s.run_id = r.id WHERE r.id = ?",
+        (run.id,),
     ).fetchone()
-    result = fit_and_compare(run, data, store.repeats(run.id), store.lut(run.id))
+    result = fit_and_compare(store, run)
     store.close()
     return {
         "model": model,
         "backend": backend,
-        "samples": len(data),
-        "wall_min": wall / 60,
-        "per_min": 60 * (len(data) - 1) / max(rows[1] - rows[0], 1e-9),
+        "samples": run.n_samples,
+        "wall_min": (last - started) / 60,
+        "per_min": 60 * (run.n_samples - 1) / max(last - first, 1e-9),
         "dense_ms": result.metrics["dense_ms"],
         **result.metrics,
     }
@@ -93,12 +91,16 @@ def main() -> None:
         f"Command: `python {shlex.join(sys.argv)}`  \n"
         f"Date: {date.today()}; CPU: {cpu_model()} ({torch.get_num_threads()} visible threads, "
         f"{args.threads} used); torch {torch.__version__}.\n\n"
-        "Latency is measured relative to the dense model timed interleaved with each candidate."
+        "Latency is measured relative to the dense model timed interleaved with each candidate,"
+        " by the inference thread's CPU time (one thread: robust to other processes on a "
+        "shared machine; `dense ms` is that CPU time, batch 1)."
         " Errors are on a held-out 20% split, as fractions of the measured ratio. Noise CV: "
         "coefficient of variation of repeated measurements of fixed probe configurations (the "
         "error floor of any predictor). FLOPs and LUT baselines: `ratio = a + b*x` fitted on "
-        "the training split. samples/min counts measurement only; wall time includes model "
-        "set-up and the per-layer table.\n\n" + table(results)
+        "the training split. samples/min: building and measuring variants; wall: from the "
+        "start of profiling (gating, per-layer table) to the last sample, from the latency "
+        "file's timestamps (a file that was already complete is reused as is).\n\n"
+        + table(results)
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -15,12 +15,20 @@ def warm_batchnorm(model: nn.Module, shape: tuple[int, ...], steps: int = 2, see
     statistics move away from mean 0 / var 1 (an exactness test must see real statistics).
     Returns the model in eval mode."""
     gen = torch.Generator().manual_seed(seed)
+    used = set()
+    handles = [
+        m.register_forward_hook(lambda mod, args, out: used.add(mod))
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     model.train()
     with torch.no_grad():
         for _ in range(steps):
             model(torch.randn(shape, generator=gen) * 2.0 + 0.5)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for bn in bns:
+    for h in handles:
+        h.remove()
+    assert used, "the model has no BatchNorm that runs"
+    for bn in used:
         assert bn.running_mean.abs().max() > 0, "BatchNorm statistics were not updated"
         assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     return model.eval()
@@ -62,3 +70,13 @@ def warm():
 def make_masks():
     """`make_masks(gated, seed)`: see `random_masks`."""
     return random_masks
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (restored after): these models are small, and two
+    OpenMP threads fighting other processes for two cores make tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -50,7 +50,7 @@ def synthetic_store(path, n: int = 120, noise: float = 0.01) -> LatencyStore:
 def test_lpnet_fits_is_differentiable_and_round_trips(tmp_path):
     rng = np.random.default_rng(1)
     kept = rng.integers(1, np.array(SIZES) + 1, size=(300, 3)).astype(float)
-    model = LatencyPredictor.fit(NAMES, SIZES, kept, true_ratio(kept), steps=1500, dense_ms=2.0)
+    model = LatencyPredictor.fit(NAMES, SIZES, kept, true_ratio(kept), steps=600, dense_ms=2.0)
     test = rng.integers(1, np.array(SIZES) + 1, size=(100, 3)).astype(float)
     with torch.no_grad():
         pred = model(torch.as_tensor(test, dtype=torch.float32)).numpy()
@@ -93,26 +93,26 @@ def test_noise_cv_pools_probes():
 def test_fit_and_compare_beats_baselines_on_nonlinear_latency(tmp_path):
     store = synthetic_store(tmp_path / "l.sqlite")
     run = store.select_run()
-    result = fit_and_compare(
-        run, store.samples(run.id), store.repeats(run.id), store.lut(run.id), steps=1500
-    )
+    result = fit_and_compare(store, run, steps=600)
     m = result.metrics
     assert m["n_test"] == 24 and m["n_train"] == 96
     assert m["mape"] < 0.05 and m["mape"] < m["flops_mape"] and m["spearman"] > 0.9
     assert 0 < m["noise_cv"] < 0.05
+    small = synthetic_store(tmp_path / "small.sqlite", n=5)
     with pytest.raises(WgatesError, match="at least 10"):
-        fit_and_compare(run, store.samples(run.id)[:5], {}, {})
+        fit_and_compare(small, small.select_run())
 
 
 def test_cli_fit_latency_json_and_plot(tmp_path, capsys):
     synthetic_store(tmp_path / "l.sqlite").close()
     out = tmp_path / "lp.pt"
-    assert main(["fit-latency", str(tmp_path / "l.sqlite"), "--out", str(out), "--json"]) == 0
+    args = ["fit-latency", str(tmp_path / "l.sqlite"), "--out", str(out), "--steps", "100"]
+    assert main([*args, "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     for key in ("mape", "max_error", "spearman", "noise_cv", "flops_mape", "lut_mape"):
         assert isinstance(metrics[key], float)
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 0
-    assert main(["fit-latency", str(tmp_path / "l.sqlite"), "--out", str(out)]) == 0
+    assert main(args) == 0
     assert "lookup table" in capsys.readouterr().out
     assert main(["fit-latency", str(tmp_path / "none.sqlite")]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -108,19 +108,26 @@ def add_profile(sub) -> None:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     p.add_argument("--samples", type=int, default=500, help="total samples wanted in the file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int,
+                   help="interleaved candidate/reference timings per measurement (default 60)")
+    p.add_argument("--max-wait", type=float,
+                   help="seconds to wait for a busy machine to calm down before keeping a "
+                   "contended measurement (default 300)")
     p.add_argument("--repeat-every", type=int, default=10,
                    help="re-measure a probe configuration every N samples (noise floor)")
     p.add_argument("--out", default="latency.sqlite", help="SQLite file (created or extended)")
 
     def run(args) -> int:
-        from wgates.latency import profile
+        from wgates.latency import Protocol, profile
         from wgates.models import create_model, default_input_shape
 
         shape = args.input_shape or (1, *default_input_shape(args.model))
+        overrides = {"rounds": args.rounds, "max_wait_s": args.max_wait}
         done = profile(
             create_model(args.model), shape, args.out, samples=args.samples,
             backend=args.backend, threads=args.threads, seed=args.seed,
             model_spec=args.model, repeat_every=args.repeat_every,
+            protocol=Protocol(**{k: v for k, v in overrides.items() if v is not None}),
         )
         print(f"{args.out}: run {done.key} has {done.n_samples} samples")
         return 0
@@ -139,21 +146,20 @@ def add_fit_latency(sub) -> None:
     p.add_argument("--plot", help="scatter plot PNG (default: --out with .png)")
     p.add_argument("--holdout", type=float, default=0.2, help="held-out fraction")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=3000, help="LPNet training steps")
     p.add_argument("--json", action="store_true", help="print one JSON object of metrics")
 
     def run(args) -> int:
-        import json
         from pathlib import Path
 
         from wgates.latency import LatencyStore
-        from wgates.predictor import fit_and_compare, plot_comparison
+        from wgates.predictor import fit_and_compare, metrics_json, plot_comparison
 
         store = LatencyStore(args.latency, create=False)
         try:
             chosen = store.select_run(args.run)
             result = fit_and_compare(
-                chosen, store.samples(chosen.id), store.repeats(chosen.id),
-                store.lut(chosen.id), holdout=args.holdout, seed=args.seed,
+                store, chosen, holdout=args.holdout, seed=args.seed, steps=args.steps
             )
         finally:
             store.close()
@@ -162,7 +168,7 @@ def add_fit_latency(sub) -> None:
         plot_comparison(result, plot)
         m = result.metrics
         if args.json:
-            print(json.dumps(m))
+            print(metrics_json(m))
             return 0
         print(f"run {chosen.key}: {chosen.fingerprint['model']} on {chosen.fingerprint['backend']}"
               f", {m['n_train']} train / {m['n_test']} held-out samples")
@@ -171,7 +177,8 @@ def add_fit_latency(sub) -> None:
         for name, s in m["predictors"].items():
             print(f"{labels[name]:<24}{s['mape']:>8.2%}{s['max_error']:>9.2%}{s['spearman']:>10.4f}")
         print(f"noise floor: CV {m['noise_cv']:.2%} over {m['n_repeats']} repeats, "
-              f"median per-sample spread {m['median_spread']:.2%}")
+              f"median per-sample spread {m['median_spread']:.2%}; "
+              f"{m['n_contended']} samples left out (measured on a contended machine)")
         print(f"saved {args.out}, plot {plot}")
         return 0
 

@@ -122,7 +122,8 @@ class GatedModel(nn.Module):
             if i in self._fixed:
                 out.append(self._fixed[i])
             else:
-                out.append(binarize(self.scores(i), self._min_units(i))[self._units(i)])
+                activate = getattr(self.gates[i], "activate", binarize)
+                out.append(activate(self.scores(i), self._min_units(i))[self._units(i)])
         return out
 
     def kept_counts(self) -> torch.Tensor:

@@ -9,6 +9,7 @@ gradient backward (straight-through), never fewer than `min_channels` open.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from wgates.errors import WgatesError
 
-INIT_SCORE = 1.0  # every gate starts open, a margin away from the step
+OPEN_OFFSET = 3.5  # scores start at z + 3.5 with z clamped to [-3, 3]: every gate open
 SURROGATE_TEMPERATURE = 1.0
 
 GATE_KINDS: dict[str, Callable[..., nn.Module]] = {}
@@ -30,15 +31,32 @@ def register_gate(name: str) -> Callable:
     return add
 
 
+class _RankedGate(nn.Module):
+    """Score = standardised ranking signal + one learnable offset per group.
+
+    The ranking (which filters go first) and the offset (how many go) are separate: the
+    latency term moves the offset, so the kept count sweeps smoothly through the ranking.
+    Without this split every filter's score shares the same bias, Adam moves them in
+    lockstep and whole layers close at once (measured: a 0.5 target ended at 0.16).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.tensor(OPEN_OFFSET))
+
+    def ranked(self, raw: torch.Tensor) -> torch.Tensor:
+        z = (raw - raw.mean()) / (raw.std() + 1e-6)
+        return z.clamp(-3.0, 3.0) + self.offset
+
+
 @register_gate("wgates")
-class WeightGate(nn.Module):
+class WeightGate(_RankedGate):
     """Scores filters from their own weights with an MLP shared across the group's filters.
 
     Input: one row per output channel, the concatenated filters of all the group's producers,
     each producer's block divided by its RMS so one gate net design fits every layer's scale.
-    The last layer starts with small weights and a positive bias: every gate is open at step 0
-    and the scores already differ a little from filter to filter, so the surrogate gradient
-    can tell filters apart from the first step.
+    Its outputs are standardised within the group (see `_RankedGate`): the net decides the
+    order, the offset the count.
     """
 
     needs_weights = True
@@ -46,25 +64,24 @@ class WeightGate(nn.Module):
     def __init__(self, size: int, in_dim: int, hidden: int = 16) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
-        nn.init.normal_(self.net[2].weight, std=0.01)
-        nn.init.constant_(self.net[2].bias, INIT_SCORE)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.net(rows).squeeze(-1)
+        return self.ranked(self.net(rows).squeeze(-1))
 
 
 @register_gate("plain")
-class PlainGate(nn.Module):
-    """One learnable score per channel, blind to the weights (the ablation of W-Gates)."""
+class PlainGate(_RankedGate):
+    """One learnable value per channel, blind to the weights (the ablation of W-Gates);
+    initialised at random, so its first ranking carries no information."""
 
     needs_weights = False
 
     def __init__(self, size: int, in_dim: int = 0) -> None:
         super().__init__()
-        self.score = nn.Parameter(torch.full((size,), INIT_SCORE))
+        self.value = nn.Parameter(torch.randn(size))
 
     def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        return self.score
+        return self.ranked(self.value)
 
 
 def binarize(scores: torch.Tensor, min_channels: int) -> torch.Tensor:
@@ -73,7 +90,36 @@ def binarize(scores: torch.Tensor, min_channels: int) -> torch.Tensor:
     if int(hard.sum()) < min_channels:
         hard = torch.zeros_like(hard).index_fill_(0, scores.topk(min_channels).indices, 1.0)
     soft = torch.sigmoid(scores / SURROGATE_TEMPERATURE)
-    return hard + soft - soft.detach()
+    return hard + (soft - soft.detach())  # exactly 0/1 forward: (s - s) is exactly 0
+
+
+@register_gate("gdp")
+class PolarGate(nn.Module):
+    """GDP's gate (Guo et al., 2021): g = x^2 / (x^2 + eps) per channel, a free parameter x.
+
+    Written as a score, log(x^2 / eps), so that g = sigmoid(score) exactly and the thresholding
+    and top-k code that reads scores works unchanged (score > 0 <=> g > 0.5 <=> x^2 > eps).
+    In training mode the gate is smooth (no straight-through step: GDP trains the smooth gate
+    and lets the polarisation regulariser in `wgates.baselines` drive it to 0 or 1); in eval
+    mode it is the hard step that extraction uses. Simplification: GDP folds the open gates'
+    values (close to 1 once polarised) into the weights; here open gates become exactly 1.
+    `eps` is annealed from outside (see `wgates.baselines.gdp`).
+    """
+
+    needs_weights = False
+
+    def __init__(self, size: int, in_dim: int = 0, eps: float = 1e-2) -> None:
+        super().__init__()
+        # g = 0.9 at the start: open, yet not so saturated that the gradient vanishes
+        self.x = nn.Parameter(torch.full((size,), 3 * math.sqrt(eps)))
+        self.eps = eps
+
+    def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.log(self.x.pow(2) + 1e-20) - math.log(self.eps)
+
+    def activate(self, scores: torch.Tensor, min_channels: int) -> torch.Tensor:
+        """Smooth gate while training, hard 0/1 (>= min_channels open) in eval mode."""
+        return torch.sigmoid(scores) if self.training else binarize(scores, min_channels)
 
 
 def make_gate(kind: str, size: int, in_dim: int) -> nn.Module:

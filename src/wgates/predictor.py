@@ -15,6 +15,7 @@ error; the constant absorbs the per-inference overhead that dominates small CNNs
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -87,23 +88,42 @@ class LatencyPredictor(nn.Module):
         hidden: int = 64,
         steps: int = 3000,
         lr: float = 3e-3,
+        val_fraction: float = 0.15,
         seed: int = 0,
         **meta,
     ) -> LatencyPredictor:
-        """Train on `kept` [N, n_groups] -> `ratios` [N] with a squared relative-error loss
-        (full batch, Adam, cosine schedule: a few seconds on a CPU)."""
+        """Train on `kept` [N, n_groups] -> `ratios` [N] with the mean absolute relative error
+        as loss (robust to the odd disturbed measurement), full batch, Adam, cosine schedule.
+        The weights kept are those that did best on a `val_fraction` of the data held out of
+        training (with a few hundred samples, the last step overfits). Runs on one thread: at
+        this size more threads only add synchronisation (7x slower on a busy 2-core machine)."""
         torch.manual_seed(seed)
         model = cls(group_names, sizes, hidden, **meta)
         x = torch.as_tensor(kept, dtype=torch.float32)
         y = torch.as_tensor(ratios, dtype=torch.float32)
+        order = torch.randperm(len(y))
+        n_val = round(val_fraction * len(y))
+        val, train = order[:n_val], order[n_val:]
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = ((model(x) - y) / y).pow(2).mean()
-            loss.backward()
-            opt.step()
-            sched.step()
+        best, best_state = math.inf, None
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for step in range(steps):
+                opt.zero_grad()
+                _relative_error(model(x[train]), y[train]).backward()
+                opt.step()
+                sched.step()
+                if n_val and (step % 25 == 24 or step == steps - 1):
+                    with torch.no_grad():
+                        err = _relative_error(model(x[val]), y[val]).item()
+                    if err < best:
+                        best, best_state = err, copy.deepcopy(model.state_dict())
+        finally:
+            torch.set_num_threads(threads)
+        if best_state is not None:
+            model.load_state_dict(best_state)
         return model.eval()
 
     def save(self, path: str | Path) -> None:
@@ -136,6 +156,10 @@ class LatencyPredictor(nn.Module):
         )
         model.load_state_dict(blob["state_dict"])
         return model.eval()
+
+
+def _relative_error(predicted: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
+    return ((predicted - measured) / measured).abs().mean()
 
 
 def lut_latency(table: Mapping[str, Mapping[tuple[int, int], float]], layers: Sequence) -> float:
@@ -194,11 +218,23 @@ class Comparison:
 
 
 def fit_and_compare(
-    run, samples: Sequence, repeats: Mapping, table: Mapping,
-    holdout: float = 0.2, seed: int = 0, **fit_kwargs,
+    store, run, holdout: float = 0.2, seed: int = 0, **fit_kwargs
 ) -> Comparison:
-    """Fit LPNet and both baselines on a random (1 - holdout) split of `samples` and score all
-    three on the rest. `run` is the `store.Run` the samples belong to."""
+    """Fit LPNet and both baselines on a random (1 - holdout) split of the samples of `run`
+    (a `store.Run` of the `LatencyStore` `store`) and score all three on the rest.
+
+    Samples measured while the machine was contended (dense reference slower than
+    `Protocol.max_slowdown` x its 5th percentile, kept by profiling after `max_wait_s`) are
+    left out of everything, and counted in `n_contended`."""
+    from wgates.latency.backends import Protocol
+
+    everything = store.samples(run.id)
+    limit = Protocol.max_slowdown * float(
+        np.quantile([s.dense_ms for s in everything], 0.05) if everything else 0
+    )
+    samples = [s for s in everything if s.dense_ms <= limit]
+    repeats = store.repeats(run.id, max_dense_ms=limit)
+    table = store.lut(run.id)
     if len(samples) < 10:
         raise WgatesError(
             f"only {len(samples)} latency samples: profile at least 10 (hundreds for a good fit)"
@@ -224,9 +260,11 @@ def fit_and_compare(
         "lut": _affine(lut[train], ratios[train], lut[test]),
     }
     scores = {name: errors(p, ratios[test]) for name, p in predictions.items()}
+    cv = noise_cv(repeats)
     metrics = {
         **scores["lpnet"],
-        "noise_cv": noise_cv(repeats),
+        "noise_cv": cv,
+        "mape_over_noise": scores["lpnet"]["mape"] / cv if cv else math.inf,
         "median_spread": float(np.median([s.spread for s in samples])),
         "flops_mape": scores["flops"]["mape"],
         "lut_mape": scores["lut"]["mape"],
@@ -234,11 +272,23 @@ def fit_and_compare(
         "n_train": int(len(train)),
         "n_test": int(len(test)),
         "n_repeats": int(sum(len(r) for r in repeats.values())),
+        "n_contended": len(everything) - len(samples),
         "dense_ms": dense_ms,
         "run": run.key,
         "baselines": "FLOPs and lookup table: ratio = a + b*x fitted on the training split",
     }
     return Comparison(predictor, metrics, ratios[test], predictions)
+
+
+def metrics_json(metrics: Mapping) -> str:
+    """One line of strict JSON: NaN and infinity (no repeats to compare with) become null."""
+
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+
+    return json.dumps(clean(metrics), allow_nan=False)
 
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> None:

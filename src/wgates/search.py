@@ -1,13 +1,15 @@
 """Learning where to prune under a latency target, then closing the loop on the hardware.
 
 1. `search`: joint training of the gated model on task loss + latency loss. The latency loss
-   is `lam * max(0, predicted_ratio / target - 1)`, differentiable in the gates' kept counts
+   is `lam * (predicted_ratio / target - 1) ** 2`, differentiable in the gates' kept counts
    through the cost model (LPNet, or a FLOPs / parameter-count net for the proxy ablation).
-   `lam` adapts every step, multiplicatively: `lam *= exp(rate * (predicted / target - 1))`.
-   It grows while the prediction is above the target and relaxes below it; below the target
-   the term is zero, so the task loss alone reopens useful gates and the run settles at the
-   target instead of overshooting it (measured: a linear term with the same schedule drove
-   the default model to 0.05 of the dense latency for a 0.5 target within two epochs).
+   `lam` adapts every step, multiplicatively: `lam *= exp(rate * (predicted / target - 1))`:
+   it grows while the prediction is above the target and relaxes below it. The term is
+   two-sided so that an overshoot is pulled back. The gates' per-group offsets (how many
+   channels a group keeps) get their own Adam group with a learning rate that lets them cross
+   their range within the search and low momentum (beta1 0.5). Measured on the digits default
+   with a 0.5 target (2 epochs): a one-sided hinge with ordinary Adam ended at 0.27; this
+   settles at 0.49-0.52.
 2. `closed_loop`: the extracted model is measured for real. While it misses the band
    [(1 - tolerance) * target, target], the gate scores are thresholded globally (closing the
    lowest-scoring open units, or reopening the highest-scoring closed ones) at the threshold
@@ -31,6 +33,7 @@ Cost = Callable[[torch.Tensor], torch.Tensor]  # kept counts -> cost relative to
 LAMBDA_INIT = 1.0
 LAMBDA_RATE = 0.05
 LAMBDA_RANGE = (1e-3, 1e3)
+OFFSET_RANGE = 10.0
 
 
 def parse_target(target: float | str, dense_ms: float) -> float:
@@ -68,7 +71,7 @@ class LatencyLoss:
         self.lam = min(max(self.lam * math.exp(self.rate * excess), LAMBDA_RANGE[0]),
                        LAMBDA_RANGE[1])
         self.trace.append(predicted.item())
-        loss = self.lam * torch.relu(predicted / self.target - 1)
+        loss = self.lam * (predicted / self.target - 1).pow(2)
         return loss, {"pred": predicted.item(), "lam": self.lam}
 
 
@@ -85,9 +88,18 @@ def search(
     **train_kwargs,
 ) -> tuple[History, LatencyLoss]:
     """Train weights and gates jointly so that the predicted cost settles at `target`."""
-    gate_params = list(gated.gates.parameters())
-    weights = list(gated.model.parameters())
-    optimizers = [make_optimizer(weights, lr), torch.optim.Adam(gate_params, lr=gate_lr)]
+    offsets = [p for n, p in gated.gates.named_parameters() if n.endswith("offset")]
+    rankers = [p for n, p in gated.gates.named_parameters() if not n.endswith("offset")]
+    # The offsets set how many channels each group keeps: let them cross their whole range
+    # (about 7 units) within the search however few steps it has; Adam steps are ~lr each.
+    offset_lr = max(gate_lr, OFFSET_RANGE / max(1, epochs * len(train_loader)))
+    optimizers = [
+        make_optimizer(list(gated.model.parameters()), lr),
+        torch.optim.Adam(
+            [{"params": rankers}, {"params": offsets, "lr": offset_lr, "betas": (0.5, 0.99)}],
+            lr=gate_lr,
+        ),
+    ]
     loss = LatencyLoss(gated, cost, target)
     gated.clear_masks()
     history = train(

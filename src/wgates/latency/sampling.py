@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from wgates.latency.backends import Meter, Protocol, Runner, get_backend
+from wgates.latency.backends import Backend, Meter, Protocol, Runner, get_backend
 from wgates.latency.store import LatencyStore, Run, Sample
 
 # Share of random configurations drawn from each family (indices 0 and 1 are dense and min).
@@ -147,7 +147,12 @@ def describe(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> LayerR
 
 
 def _measure_lut(
-    store: LatencyStore, run_id: int, dense: LayerReport, meter: Meter, batch: int, backend
+    store: LatencyStore,
+    run_id: int,
+    dense: LayerReport,
+    meter: Meter,
+    batch: int,
+    backend: Backend,
 ) -> None:
     """Time every missing (layer, cin, cout) grid point in isolation, relative to the dense
     model (so the table is drift-free too)."""

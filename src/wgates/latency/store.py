@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -184,11 +185,13 @@ class LatencyStore:
             Sample(i, k, json.loads(w), json.loads(la), *rest) for i, k, w, la, *rest in rows
         ]
 
-    def repeats(self, run_id: int) -> dict[int, list[float]]:
-        """Repeated ratios of each probe configuration: the measurement noise floor."""
+    def repeats(self, run_id: int, max_dense_ms: float = math.inf) -> dict[int, list[float]]:
+        """Repeated ratios of each probe configuration (the measurement noise floor), leaving
+        out those taken while the dense reference ran slower than `max_dense_ms`."""
         out: dict[int, list[float]] = {}
         for probe, ratio in self.db.execute(
-            "SELECT probe, ratio FROM repeats WHERE run_id = ? ORDER BY idx", (run_id,)
+            "SELECT probe, ratio FROM repeats WHERE run_id = ? AND dense_ms <= ? ORDER BY idx",
+            (run_id, max_dense_ms),
         ):
             out.setdefault(probe, []).append(ratio)
         return out

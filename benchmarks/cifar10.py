@@ -1,0 +1,329 @@
+"""Issue #6: accuracy against *measured* latency, W-Gates side by side with the alternatives.
+
+Every method in `wgates.baselines.METHODS` prunes the same dense model to the same fraction of
+its measured latency (batch 1), then gets the same fine-tune; accuracy, the re-measured latency
+ratio, MACs, parameters and the method's own wall time (without the shared fine-tune and the
+shared LPNet profiling) are tabulated and plotted. Dense models and latency profiles are cached
+under benchmarks/cache/ (not for git).
+
+    python benchmarks/cifar10.py --quick          # ResNet-20, target 0.5, 1 seed, ~10 min
+    python benchmarks/cifar10.py --full           # 3 models x 3 targets x 3 seeds
+    python benchmarks/cifar10.py --quick --dense-weights resnet20=dense.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from wgates.baselines import METHODS, Context
+from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile
+from wgates.models import create_model
+from wgates.pipeline import count
+from wgates.predictor import fit_and_compare
+from wgates.train import evaluate, train
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Settings:
+    """One benchmark configuration; `MODES` holds the two CIFAR ones, imagenet.py its own."""
+
+    models: dict[str, dict]  # label -> {"spec": ..., "weights": ..., "kwargs": {...}}
+    targets: list[float]
+    methods: list[str]
+    seeds: list[int]
+    backends: dict[str, list[str]]  # model label -> latency backends
+    data: str = "cifar10:/root/.cache/cifar10"
+    subset: int | None = None
+    batch_size: int = 128
+    workers: int = 0
+    image_size: int | None = None
+    device: str = "cpu"
+    dense_epochs: int = 0  # > 0: train (and cache) a dense model when no weights are given
+    dense_lr: float = 0.1
+    search_epochs: int = 1
+    finetune_epochs: int = 1
+    lr: float = 0.01
+    gate_lr: float = 0.05
+    finetune_lr: float = 0.01
+    tolerance: float = 0.05
+    lpnet_samples: int = 150
+    protocol_rounds: int = 60
+    max_wait_s: float = 300.0  # how long a measurement may wait out a contended machine
+    num_classes: int | None = None
+
+    def protocol(self) -> Protocol:
+        return Protocol(rounds=self.protocol_rounds, max_wait_s=self.max_wait_s)
+
+
+CIFAR_MODELS = {m: {"spec": m} for m in ("resnet20", "resnet56", "mobilenetv2_cifar")}
+MODES = {
+    "quick": Settings(
+        models={"resnet20": CIFAR_MODELS["resnet20"]}, targets=[0.5], methods=list(METHODS),
+        seeds=[0], backends={"resnet20": ["torch-cpu"]}, subset=512, dense_epochs=2,
+        search_epochs=1, finetune_epochs=1, lpnet_samples=24, protocol_rounds=20,
+        max_wait_s=30.0, tolerance=0.08,
+    ),
+    "full": Settings(
+        models=CIFAR_MODELS, targets=[0.7, 0.5, 0.35], methods=list(METHODS), seeds=[0, 1, 2],
+        backends={"resnet20": ["torch-cpu", "onnxruntime-cpu"], "resnet56": ["torch-cpu"],
+                  "mobilenetv2_cifar": ["torch-cpu"]},
+        dense_epochs=160, search_epochs=10, finetune_epochs=30, lpnet_samples=300,
+    ),
+}
+
+
+def fingerprint(settings: Settings) -> dict:
+    """The machine and software the numbers come from (latency is only valid there)."""
+    import torch_pruning
+
+    backends = sorted({b for bs in settings.backends.values() for b in bs})
+    return {
+        **get_backend(backends[0]).fingerprint(),
+        "backends": backends,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch_pruning": torch_pruning.__version__,
+        "load_avg_at_start": os.getloadavg(),
+        "date": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def dense_model(label: str, entry: dict, settings: Settings, loaders, num_classes: int,
+                cache: Path, weights: str | None) -> nn.Module:
+    """The given weights, else a cached dense training, else train now (and cache)."""
+    spec, kwargs = entry["spec"], entry.get("kwargs", {})
+    weights = weights or entry.get("weights")
+    if weights is None and settings.dense_epochs > 0:
+        name = f"{label}_e{settings.dense_epochs}_n{settings.subset or 'all'}.safetensors"
+        path = cache / name
+        if not path.exists():
+            model = create_model(spec, num_classes, **kwargs).to(settings.device)
+            torch.manual_seed(0)
+            train(model, loaders[0], settings.dense_epochs, lr=settings.dense_lr, desc="dense")
+            cache.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous().cpu() for k, v in model.state_dict().items()}, path)
+        weights = str(path)
+    return create_model(spec, num_classes, weights, **kwargs).to(settings.device).eval()
+
+
+def latency_predictor(dense: nn.Module, shape: list[int], backend: str, settings: Settings,
+                      path: Path) -> nn.Module:
+    """LPNet for this model and backend, from a (resumable, cached) latency profile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run = profile(copy.deepcopy(dense).cpu(), shape, path, samples=settings.lpnet_samples,
+                  backend=backend, protocol=settings.protocol())
+    store = LatencyStore(path)
+    try:
+        net = fit_and_compare(store, run).predictor
+    finally:
+        store.close()
+    return net.requires_grad_(False)
+
+
+def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: Protocol):
+    """ratio of a model's latency to the dense one's, timed interleaved on `backend_name`."""
+    backend = get_backend(backend_name)
+    device = "cuda" if backend_name == "torch-cuda" else "cpu"
+    on = tuple(x.to(device) for x in inputs)
+
+    def runner(model: nn.Module):
+        model = model if next(model.parameters()).device.type == device else (
+            copy.deepcopy(model).to(device))
+        return backend.prepare(model.eval(), on)
+
+    meter = Meter(backend, runner(dense), protocol)
+
+    def measure(model: nn.Module) -> tuple[float, float]:
+        m = meter.measure(runner(model))
+        return m.ratio, m.spread
+
+    return measure
+
+
+def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: Path,
+              shape: list[int], log=print) -> list[dict]:
+    """Every (backend, target, method, seed) of one dense model: one row each."""
+    train_loader, val_loader = loaders
+    inputs = (torch.randn(shape).to(settings.device),)
+    dense_macs, dense_params = count(dense, inputs)
+    rows = [{"model": label, "backend": b, "target": 1.0, "method": "dense", "seed": 0,
+             "accuracy": evaluate(dense, val_loader), "ratio": 1.0, "macs": dense_macs,
+             "params": dense_params, "wall_s": 0.0} for b in settings.backends[label]]
+    for backend in settings.backends[label]:
+        start = time.perf_counter()
+        cost = latency_predictor(dense, shape, backend, settings,
+                                 cache / f"{label}_{backend}_{tuple(shape)}.sqlite")
+        log(f"{label} {backend}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
+        measure = make_measure(dense, inputs, backend, settings.protocol())
+        for target in settings.targets:
+            for method in settings.methods:
+                for seed in settings.seeds:
+                    ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
+                                  lr=settings.lr, gate_lr=settings.gate_lr,
+                                  tolerance=settings.tolerance, seed=seed)
+                    torch.manual_seed(seed)
+                    start = time.perf_counter()
+                    small = METHODS[method](dense, inputs, train_loader, target, ctx)
+                    wall = time.perf_counter() - start
+                    torch.manual_seed(seed)
+                    train(small, train_loader, settings.finetune_epochs,
+                          lr=settings.finetune_lr, desc=f"fine-tune {method}", progress=False)
+                    macs, params = count(small, inputs)
+                    row = {"model": label, "backend": backend, "target": target,
+                           "method": method, "seed": seed,
+                           "accuracy": evaluate(small, val_loader), "ratio": measure(small)[0],
+                           "macs": macs, "params": params, "wall_s": wall}
+                    rows.append(row)
+                    log(json.dumps(row))
+    return rows
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Mean (and std of accuracy) over seeds per (model, backend, target, method)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["backend"], r["target"], r["method"])].append(r)
+    out = []
+    for (model, backend, target, method), rs in groups.items():
+        accs = [r["accuracy"] for r in rs]
+        out.append({
+            "model": model, "backend": backend, "target": target, "method": method,
+            "n": len(rs), "acc": statistics.mean(accs),
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            **{k: statistics.mean(r[k] for r in rs) for k in ("ratio", "macs", "params",
+                                                              "wall_s")},
+        })
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    head = ("| model | backend | target | method | seeds | accuracy (%) | measured latency "
+            "ratio | MMACs | params (K) | method wall (s) |\n|---|---|---|---|---|---|---|---|"
+            "---|---|\n")
+    return head + "".join(
+        f"| {s['model']} | {s['backend']} | {s['target']:.2f} | {s['method']} | {s['n']} | "
+        f"{100 * s['acc']:.2f} ± {100 * s['acc_std']:.2f} | {s['ratio']:.3f} | "
+        f"{s['macs'] / 1e6:.2f} | {s['params'] / 1e3:.1f} | {s['wall_s']:.0f} |\n"
+        for s in summary
+    )
+
+
+def plot(summary: list[dict], path: Path, title: str) -> None:
+    """Accuracy against measured latency ratio, one line per method across targets."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    by_method: dict[str, list[dict]] = defaultdict(list)
+    for s in summary:
+        by_method[s["method"]].append(s)
+    for method, points in sorted(by_method.items()):
+        points.sort(key=lambda s: s["ratio"])
+        ax.errorbar([p["ratio"] for p in points], [100 * p["acc"] for p in points],
+                    yerr=[100 * p["acc_std"] for p in points], marker="*" if method == "dense"
+                    else "o", capsize=3, label=method, lw=2.5 if method == "wgates" else 1)
+    ax.set_xlabel("measured latency / dense latency (batch 1)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
+                  command: str, dataset: str) -> Path:
+    """<name>.md (table, fingerprint, command, settings), <name>.json (raw rows) and one
+    plot per (model, backend)."""
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarise(rows)
+    plots = []
+    for model, backend in sorted({(s["model"], s["backend"]) for s in summary}):
+        png = out / f"{name}_{model}_{backend}.png"
+        plot([s for s in summary if (s["model"], s["backend"]) == (model, backend)], png,
+             f"{model} on {dataset}, {backend}")
+        plots.append(png)
+    settings_json = json.dumps(settings.__dict__, indent=1, default=str)
+    text = (
+        f"# {dataset}: accuracy vs measured latency ({name})\n\n"
+        f"Command: `{command}`\n\n{table(summary)}\n"
+        "Accuracy after the same fine-tune for every method; mean ± std over seeds. Latency "
+        "ratio: re-measured after fine-tuning, interleaved with the dense model. Method wall "
+        "time excludes the shared fine-tune and the shared LPNet profiling.\n\n"
+        + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+        + f"\n## Machine\n\n```json\n{json.dumps(fingerprint(settings), indent=1)}\n```\n"
+        f"\n## Settings\n\n```json\n{settings_json}\n```\n"
+    )
+    md = out / f"{name}.md"
+    md.write_text(text)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    return md
+
+
+def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache: Path,
+        dataset: str) -> Path:
+    from wgates.data import make_loaders
+
+    train_loader, val_loader, info = make_loaders(
+        settings.data, settings.batch_size, settings.workers, settings.subset,
+        settings.image_size)
+    rows = []
+    for label, entry in settings.models.items():
+        dense = dense_model(label, entry, settings, (train_loader, val_loader),
+                            settings.num_classes or info.num_classes, cache, weights.get(label))
+        rows += run_model(label, dense, (train_loader, val_loader), settings, cache,
+                          [1, *info.input_shape])
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    return write_results(rows, settings, out, name, command, dataset)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="smoke: ResNet-20, 0.5, 1 seed")
+    mode.add_argument("--full", action="store_true", help="3 models x 3 targets x 3 seeds")
+    parser.add_argument("--data", default=None, help="data spec (default the CIFAR-10 copy)")
+    parser.add_argument("--dense-weights", action="append", default=[], metavar="MODEL=PATH",
+                        help="reuse a trained dense model (repeatable)")
+    parser.add_argument("--methods", default=None, help="comma-separated subset of "
+                        + ",".join(METHODS))
+    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    args = parser.parse_args(argv)
+    name = "full" if args.full else "quick"
+    settings = copy.deepcopy(MODES[name])
+    if args.data:
+        settings.data = args.data
+    if args.methods:
+        settings.methods = args.methods.split(",")
+        unknown = set(settings.methods) - set(METHODS)
+        if unknown:
+            parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    weights = dict(w.split("=", 1) for w in args.dense_weights)
+    md = run(settings, weights, args.out, f"cifar10_{name}", args.cache, "CIFAR-10")
+    print(md.read_text())
+
+
+if __name__ == "__main__":
+    main()

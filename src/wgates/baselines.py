@@ -1,0 +1,287 @@
+"""The methods W-Gates is compared with, behind one signature, so a benchmark treats them alike.
+
+Every method in `METHODS` is `(model, example_inputs, train_loader, target, ctx) -> nn.Module`
+and returns a plain, physically smaller model whose latency ratio to `model`, measured by
+`ctx.measure`, lies in [(1 - ctx.tolerance) * target, target] when some setting of the method
+reaches it. Fine-tuning is not part of a method: the benchmark gives every method the same.
+
+- `uniform`: every group keeps the same fraction of its channels, the highest L1 norms.
+- `l1` (Li et al., 2017): per-group L1 ranking; per-group ratios by *sensitivity-ranked
+  allocation*: each group is pruned alone to half width and the loss rise on a calibration
+  batch ranks the groups; the least sensitive group is then pruned 3x as much as the most
+  sensitive one (pruned fraction = (1 - x) * w, w from 1.5 down to 0.5 by rank), and the one
+  scalar x is searched for the target.
+- `tp-l1`, `tp-l2`, `tp-taylor`: Torch-Pruning's `BasePruner` with global ranking by
+  `GroupMagnitudeImportance(p=1|2)` or `TaylorImportance` (gradients of one calibration
+  batch); its `pruning_ratio` is searched for the target.
+- `wgates` (ours), `plain` (weight-independent gates), `wgates-flops` (W-Gates with a fitted
+  FLOPs proxy instead of LPNet), `gdp` (GDP-style polarised gates, Guo et al. 2021, under the
+  same latency term): gate search (`wgates.search.search`) for `ctx.epochs`, then the measured
+  closed loop (`wgates.search.closed_loop`).
+
+The scalar knobs of the first five share one routine, `match_latency`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from torch import nn
+
+from wgates.errors import WgatesError
+from wgates.gated import GatedModel, gate
+from wgates.groups import Ignore, as_input_tuple, resolve_ignore
+from wgates.pipeline import fit_proxy
+from wgates.search import Cost, LatencyLoss, closed_loop, search
+from wgates.train import History, logits_of, make_optimizer, train
+
+Measure = Callable[[nn.Module], tuple[float, float]]  # model -> (latency / dense, spread)
+Method = Callable[..., nn.Module]
+
+L1_WEIGHTS = (1.5, 0.5)  # pruned-fraction multiplier of the least / most sensitive group
+SENSITIVITY_KEEP = 0.5  # each group is pruned alone to this fraction to rank sensitivity
+TP_MAX_RATIO = 0.95  # Torch-Pruning's per-layer cap, so no layer is removed entirely
+GDP_EPS = (1e-2, 1e-4)  # eps of g = x^2 / (x^2 + eps), annealed geometrically over the search
+GDP_T = 0.1  # t of the polariser R = t * g - |g - mean(g)|: a mild pull towards 0
+GDP_WEIGHT = 1.0  # weight of R (averaged over channels) next to the task and latency terms
+
+
+@dataclass
+class Context:
+    """What the methods share: how latency is measured, the latency predictor, the budgets."""
+
+    measure: Measure
+    cost: Cost | None = None  # kept counts -> latency ratio (LPNet), for the gate methods
+    epochs: int = 1  # gate-search epochs
+    lr: float = 0.01
+    gate_lr: float = 0.05
+    tolerance: float = 0.05
+    seed: int = 0
+    ignore: Ignore = ()
+    calib_batches: int = 1  # batches for the L1 sensitivities and Taylor gradients
+    proxy_samples: int = 48  # configurations the FLOPs proxy is fitted on
+    bisect_steps: int = 12
+    progress: bool = False
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, fn: Method | None = None):
+    """Add `fn` (or the decorated function) to `METHODS` under `name`."""
+    def add(f: Method) -> Method:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = f
+        return f
+
+    return add if fn is None else add(fn)
+
+
+# -- the shared knob search ----------------------------------------------------------------
+def match_latency(
+    build: Callable[[float], nn.Module],
+    measure: Measure,
+    target: float,
+    lo: float = 0.0,
+    hi: float = 1.0,
+    tolerance: float = 0.05,
+    steps: int = 12,
+) -> tuple[nn.Module, float, float]:
+    """Bisect a knob in [lo, hi] on which latency grows, for a model whose *measured* ratio
+    lies in [(1 - tolerance) * target, target]. Returns (model, knob, ratio): the first model
+    in the band, else the slowest one under the target, else (unreachable) the fastest seen."""
+    under: tuple[nn.Module, float, float] | None = None
+    over: tuple[nn.Module, float, float] | None = None
+    for _ in range(steps):
+        knob = (lo + hi) / 2
+        model = build(knob)
+        ratio = measure(model)[0]
+        if ratio <= target:
+            if under is None or ratio > under[2]:
+                under = (model, knob, ratio)
+            if ratio >= (1 - tolerance) * target:
+                break
+            lo = knob
+        else:
+            if over is None or ratio < over[2]:
+                over = (model, knob, ratio)
+            hi = knob
+    return under or over
+
+
+# -- channel-ranking methods ---------------------------------------------------------------
+def _calibration(loader: Iterable, ctx: Context) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return list(itertools.islice(loader, ctx.calib_batches))
+
+
+def _loss(model: nn.Module, batches: list) -> torch.Tensor:
+    device = next(model.parameters()).device
+    return sum(F.cross_entropy(logits_of(model(x.to(device))), y.to(device)) for x, y in batches)
+
+
+def _l1_ranked(model: nn.Module, inputs: tuple, ctx: Context) -> GatedModel:
+    """A gated copy whose per-channel scores are the group's L1 norms (each coupled layer's
+    filters RMS-normalised, so one layer's scale does not dominate), for `masks_for_widths`."""
+    gated = gate(model, inputs, ignore=ctx.ignore, kind="plain")
+    with torch.no_grad():
+        for i, g in enumerate(gated.gates):
+            g.score.copy_(gated._filter_rows(i).abs().sum(1))
+    return gated.eval()
+
+
+def _extract_at(gated: GatedModel, fractions: dict[str, float]) -> nn.Module:
+    """Extract keeping `fractions[name]` of each group (clipped to its valid widths)."""
+    widths = {
+        g.name: min(g.size, max(g.min_channels, round(fractions[g.name] * g.size)))
+        for g in gated.groups
+    }
+    gated.set_masks(gated.masks_for_widths(widths))
+    return gated.extract(verify=False)
+
+
+def _bisect(build: Callable[[float], nn.Module], target: float, ctx: Context,
+            lo: float = 0.0, hi: float = 1.0) -> nn.Module:
+    return match_latency(build, ctx.measure, target, lo, hi, ctx.tolerance, ctx.bisect_steps)[0]
+
+
+@register_method("uniform")
+def uniform(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
+    """The same kept fraction in every group, searched for the target."""
+    gated = _l1_ranked(model, as_input_tuple(example_inputs), ctx)
+    return _bisect(lambda x: _extract_at(gated, dict.fromkeys(gated.widths(), x)), target, ctx)
+
+
+def sensitivity_weights(gated: GatedModel, batches: list) -> dict[str, float]:
+    """Pruned-fraction multipliers by sensitivity rank (least sensitive: `L1_WEIGHTS[0]`)."""
+    rise = {}
+    with torch.no_grad():
+        for g in gated.groups:
+            gated.clear_masks()
+            gated.set_masks(gated.masks_for_widths(
+                {g.name: max(g.min_channels, round(SENSITIVITY_KEEP * g.size))}))
+            rise[g.name] = float(_loss(gated, batches))
+    gated.clear_masks()
+    order = sorted(rise, key=rise.get)
+    steps = torch.linspace(*L1_WEIGHTS, len(order)).tolist()
+    return dict(zip(order, steps))
+
+
+@register_method("l1")
+def l1(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
+    """Li et al. (2017): L1 filter ranking, per-group ratios by sensitivity rank (see top)."""
+    gated = _l1_ranked(model, as_input_tuple(example_inputs), ctx)
+    weights = sensitivity_weights(gated, _calibration(train_loader, ctx))
+    # x = -1 takes every group to its minimum (every weight is >= 0.5), x = 1 prunes none.
+    return _bisect(
+        lambda x: _extract_at(gated, {n: 1 - (1 - x) * w for n, w in weights.items()}),
+        target, ctx, lo=-1.0,
+    )
+
+
+def _classifier(model: nn.Module) -> str:
+    """The last linear layer (else conv), whose outputs are the classes: never pruned."""
+    last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    last = last or [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    if not last:
+        raise WgatesError(f"{type(model).__name__} has no linear or conv layer to keep")
+    return last[-1]
+
+
+def torch_pruning(model, example_inputs, train_loader, target: float, ctx: Context,
+                  importance: Callable[[], tp.importance.Importance],
+                  gradients: bool = False) -> nn.Module:
+    """Torch-Pruning's BasePruner, global ranking; its pruning ratio searched for the target."""
+    inputs = as_input_tuple(example_inputs)
+    keep = sorted({_classifier(model)} | resolve_ignore(model, ctx.ignore))
+    batches = _calibration(train_loader, ctx) if gradients else []
+
+    def build(kept_fraction: float) -> nn.Module:
+        clone = copy.deepcopy(model).eval()
+        if gradients:
+            clone.zero_grad(set_to_none=True)
+            _loss(clone, batches).backward()
+        pruner = tp.pruner.BasePruner(
+            clone, inputs, importance=importance(), global_pruning=True,
+            pruning_ratio=1 - kept_fraction, max_pruning_ratio=TP_MAX_RATIO,
+            ignored_layers=[clone.get_submodule(n) for n in keep],
+        )
+        pruner.step()
+        clone.zero_grad(set_to_none=True)
+        return clone
+
+    return _bisect(build, target, ctx)
+
+
+register_method("tp-l1", partial(
+    torch_pruning, importance=partial(tp.importance.GroupMagnitudeImportance, p=1)))
+register_method("tp-l2", partial(
+    torch_pruning, importance=partial(tp.importance.GroupMagnitudeImportance, p=2)))
+register_method("tp-taylor", partial(
+    torch_pruning, importance=tp.importance.TaylorImportance, gradients=True))
+
+
+# -- gate methods --------------------------------------------------------------------------
+def polarisation(gated: GatedModel) -> torch.Tensor:
+    """GDP's regulariser, averaged over channels: sum over groups of t*g - |g - mean(g)|."""
+    values = gated.gate_values()
+    total = sum((GDP_T * v - (v - v.mean()).abs()).sum() for v in values)
+    return total / sum(len(v) for v in values)
+
+
+def polarised_search(gated: GatedModel, cost: Cost, target: float, train_loader, epochs: int,
+                     lr: float, gate_lr: float, progress: bool = False
+                     ) -> tuple[History, LatencyLoss]:
+    """`wgates.search.search` with GDP's polariser added to the loss and its eps annealed
+    every step (same optimisers, same adaptive latency term)."""
+    latency = LatencyLoss(gated, cost, target)
+    total = max(1, epochs * len(train_loader))
+    step = itertools.count(1)
+
+    def loss() -> tuple[torch.Tensor, dict]:
+        eps = GDP_EPS[0] * (GDP_EPS[1] / GDP_EPS[0]) ** min(1.0, next(step) / total)
+        for g in gated.gates:
+            g.eps = eps
+        value, stats = latency()
+        polar = polarisation(gated)
+        return value + GDP_WEIGHT * polar, {**stats, "polar": polar.item(), "eps": eps}
+
+    optimizers = [make_optimizer(gated.model.parameters(), lr),
+                  torch.optim.Adam(gated.gates.parameters(), lr=gate_lr)]
+    gated.clear_masks()
+    history = train(gated, train_loader, epochs, optimizers=optimizers, extra_loss=loss,
+                    desc="gdp search", progress=progress)
+    return history, latency
+
+
+def gate_method(model, example_inputs, train_loader, target: float, ctx: Context,
+                kind: str = "wgates", proxy: str | None = None,
+                trainer: Callable = search) -> nn.Module:
+    """Gate search of `kind` under `ctx.cost` (or a fitted `proxy`), then the closed loop."""
+    torch.manual_seed(ctx.seed)
+    gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind=kind)
+    cost = fit_proxy(gated, proxy, ctx.proxy_samples, ctx.seed) if proxy else ctx.cost
+    if cost is None:
+        raise WgatesError(f"gate method {kind!r} needs a latency predictor: set Context.cost")
+    names = getattr(cost, "group_names", None)
+    if names is not None and names != [g.name for g in gated.groups]:
+        raise WgatesError("Context.cost was fitted for other channel groups than this model has")
+    if isinstance(cost, nn.Module):
+        cost.requires_grad_(False)
+    trainer(gated, cost, target, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,
+            progress=ctx.progress)
+    small, _ = closed_loop(gated.eval(), cost, ctx.measure, target, ctx.tolerance)
+    return small
+
+
+register_method("wgates", partial(gate_method, kind="wgates"))
+register_method("plain", partial(gate_method, kind="plain"))
+register_method("gdp", partial(gate_method, kind="gdp", trainer=polarised_search))
+register_method("wgates-flops", partial(gate_method, kind="wgates", proxy="flops"))

@@ -1,0 +1,114 @@
+"""Every comparison method lands on the latency target under a deterministic stand-in meter
+(MACs relative to the dense model), and returns a smaller model that runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from wgates import gate
+from wgates.baselines import METHODS, Context, match_latency, polarisation, polarised_search
+from wgates.models import create_model
+from wgates.pipeline import count
+
+TARGET, TOLERANCE = 0.5, 0.1
+SHAPE = (1, 1, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = create_model("small_cnn", width_mult=0.5).eval()
+    inputs = (torch.randn(SHAPE),)
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, *SHAPE[1:], generator=gen),
+                         torch.randint(0, 10, (64,), generator=gen))
+    loader = DataLoader(data, batch_size=16, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    dense_macs = count(model, inputs)[0]
+
+    def measure(candidate):
+        return count(candidate, inputs)[0] / dense_macs, 0.0
+
+    ctx = Context(measure=measure, cost=macs_ratio, epochs=1, tolerance=TOLERANCE,
+                  proxy_samples=48)
+    return model, inputs, loader, ctx
+
+
+DENSE = torch.tensor([1.0, 32, 64, 128, 128])  # input channels, then small_cnn(0.5)'s widths
+PIXELS = torch.tensor([256.0, 64, 16, 16])  # output pixels of its four 3x3 convs at 16x16
+
+
+def macs_ratio(kept: torch.Tensor) -> torch.Tensor:
+    """small_cnn's conv MACs relative to dense, differentiable in the kept counts: a stand-in
+    for LPNet that is exact, so the closed loop converges in a step or two."""
+    widths = torch.cat([DENSE[:1], kept])
+    return (widths[:-1] * widths[1:] * PIXELS).sum() / (DENSE[:-1] * DENSE[1:] * PIXELS).sum()
+
+
+def test_stand_in_cost_is_the_measured_macs(setup):
+    model, inputs, _, ctx = setup
+    gated = gate(model, inputs)
+    widths = dict(zip([g.name for g in gated.groups], (8, 40, 100, 16)))
+    gated.set_masks(gated.masks_for_widths(widths))
+    measured = ctx.measure(gated.extract())[0]
+    assert float(macs_ratio(torch.tensor([8.0, 40, 100, 16]))) == pytest.approx(measured, 0.02)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_meets_target(setup, name):
+    model, inputs, loader, ctx = setup
+    small = METHODS[name](model, inputs, loader, TARGET, ctx)
+    ratio = ctx.measure(small)[0]
+    assert (1 - TOLERANCE) * TARGET <= ratio <= TARGET, f"{name}: ratio {ratio:.3f}"
+    assert small(inputs[0]).shape == (1, 10)
+    assert count(model, inputs)[0] > 0  # the dense model was not pruned in place
+    assert model.classifier.in_features == 128
+
+
+def test_match_latency_bisects_to_band():
+    calls = []
+
+    def build(x):
+        calls.append(x)
+        return torch.nn.Linear(1, 1)
+
+    # latency = knob^2: the band [0.45, 0.5] is knob in [0.671, 0.707]
+    lookup = {}
+
+    def build_and_remember(x):
+        model = build(x)
+        lookup[id(model)] = x
+        return model
+
+    model, knob, ratio = match_latency(
+        build_and_remember, lambda m: (lookup[id(m)] ** 2, 0.0), 0.5, tolerance=0.1)
+    assert 0.45 <= ratio <= 0.5 and ratio == pytest.approx(knob**2)
+    assert len(calls) <= 6
+
+
+def test_match_latency_unreachable_returns_fastest():
+    lookup = {}
+
+    def build(x):
+        model = torch.nn.Linear(1, 1)
+        lookup[id(model)] = x
+        return model
+
+    _, knob, ratio = match_latency(build, lambda m: (0.6 + 0.4 * lookup[id(m)], 0.0), 0.5,
+                                   steps=8)
+    assert ratio > 0.5 and knob < 0.01  # nothing meets 0.5: the fastest setting is returned
+
+
+def test_gdp_gates_polarise(setup):
+    model, inputs, loader, ctx = setup
+    gated = gate(model, inputs, kind="gdp")
+    polarised_search(gated, ctx.cost, TARGET, loader, epochs=4, lr=0.01, gate_lr=0.1)
+    values = torch.cat([v.detach() for v in gated.train().gate_values()])
+    assert ((values < 0.1) | (values > 0.9)).float().mean() > 0.8
+    assert 0 < (values < 0.5).float().mean() < 1  # some closed, some open
+    assert float(polarisation(gated)) < 0
+    gated.eval()
+    hard = torch.cat(gated.gate_values())
+    assert torch.allclose(hard, hard.round(), atol=1e-6)  # hard 0/1 in eval mode

@@ -1,0 +1,66 @@
+"""The benchmark scripts parse their arguments, and the ImageNet recipe runs end to end on a
+tiny generated ImageFolder (tiny model, one step per epoch, CPU)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.parametrize("script", ["cifar10.py", "imagenet.py"])
+def test_help(script):
+    result = run(script, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage" in result.stdout
+
+
+def test_imagenet_config_is_valid():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from imagenet import load_settings
+    finally:
+        sys.path.remove(str(BENCH))
+    settings = load_settings(BENCH / "configs" / "imagenet.json", ["seeds=[0, 1]"], "/x")
+    assert settings.data == "imagefolder:/x" and settings.seeds == [0, 1]
+    assert set(settings.models) == {"resnet34", "resnet50", "mobilenet_v2"}
+
+
+def test_imagenet_smoke(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    tiny = {"tiny": {"spec": "small_cnn", "kwargs": {"in_channels": 3, "width_mult": 0.25}}}
+    overrides = {
+        "models": tiny, "backends": {"tiny": ["torch-cpu"]}, "device": "cpu",
+        "methods": ["uniform", "tp-l2", "wgates"], "targets": [0.5], "image_size": 64,
+        "batch_size": 8, "workers": 0, "search_epochs": 1, "finetune_epochs": 1,
+        "lpnet_samples": 10, "protocol_rounds": 6, "max_wait_s": 2.0, "tolerance": 0.5,
+    }
+    args = [f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]
+    result = run("imagenet.py", "--data", str(tmp_path / "data"), "--name", "smoke",
+                 "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache"), *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = (tmp_path / "out" / "smoke.md").read_text()
+    for method in ("dense", "uniform", "tp-l2", "wgates"):
+        assert f"| {method} |" in text
+    assert (tmp_path / "out" / "smoke_tiny_torch-cpu.png").is_file()
+    rows = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    assert all(r["ratio"] < 1.0 for r in rows if r["method"] != "dense")

@@ -1,0 +1,110 @@
+"""The inspect and export subcommands, called in-process through wgates.cli.main."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import wgates
+from wgates.cli import main
+from wgates.models import create_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_inspect_default_model(capsys):
+    assert main(["inspect"]) == 0
+    out = capsys.readouterr().out
+    assert "small_cnn, input 1x1x32x32" in out
+    for name in ("features.0.0", "features.2.0", "features.4.0", "features.5.0"):
+        assert name in out
+    assert "4 groups, 704 prunable channels" in out
+    assert "parameters" in out and "MACs" in out
+
+
+def test_inspect_options(capsys):
+    args = ["inspect", "--model", "resnet20", "--input-shape", "1,3,32,32",
+            "--min-channels", "16", "--ignore", "layer3.1.conv1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    lines = [line.split() for line in out.splitlines()]
+    rows = {r[0]: r for r in lines if r and r[0].startswith("layer")}
+    assert "layer1.0.conv1" not in rows  # at min_channels already
+    assert "layer3.1.conv1" not in rows and "layer3.0.conv2" not in rows  # ignored, and read
+    assert rows["layer2.0.conv2"][1:4] == ["32", "4", "4"]  # size, producers, consumers
+    assert "6 groups, 256 prunable channels" in out
+
+
+def test_inspect_shows_grouped_conv_ties(tmp_path, capsys):
+    net = tmp_path / "net.py"
+    net.write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "class Net(nn.Module):\n"
+        "    default_input_shape = (3, 16, 16)\n"
+        "    def __init__(self, num_classes=10):\n"
+        "        super().__init__()\n"
+        "        self.a = nn.Conv2d(3, 16, 3, padding=1)\n"
+        "        self.b = nn.Conv2d(16, 8, 3, padding=1, groups=4)\n"
+        "        self.fc = nn.Linear(8, num_classes)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.b(torch.relu(self.a(x))).mean((2, 3)))\n"
+    )
+    assert main(["inspect", "--model", f"{net}:Net"]) == 0
+    out = capsys.readouterr().out
+    assert "grouped conv ties: 4 units of 4 channels" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "--model", "no_such_model"], "unknown model"),
+        (["inspect", "--input-shape", "1,3,32,32"], "could not trace"),
+        (["inspect", "--ignore", "nope"], "no module named"),
+        (["export", "--model", "resnet20", "--weights", "missing.safetensors"], "does not exist"),
+        (["export", "--model", "resnet20", "--pruned", "no_dir"], "not found"),
+    ],
+)
+def test_user_errors_are_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wgates: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_export_dense_with_weights(tmp_path, capsys):
+    model = create_model("small_cnn")
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    out = tmp_path / "cnn.onnx"
+    assert main(["export", "--model", "small_cnn", "--weights", str(tmp_path / "w.safetensors"),
+                 "--out", str(out)]) == 0
+    assert out.is_file() and out.stat().st_size > 100_000
+    printed = capsys.readouterr().out
+    assert str(out) in printed and "max |ONNX Runtime - PyTorch|" in printed
+
+
+def test_export_pruned(resnet20, x32, make_masks, tmp_path, capsys):
+    gated = wgates.gate(resnet20, x32, verify=False)
+    gated.set_masks(make_masks(gated))
+    small = gated.extract()
+    wgates.save_pruned(small, tmp_path / "pruned")
+    out = tmp_path / "pruned.onnx"
+    assert main(["export", "--model", "resnet20", "--pruned", str(tmp_path / "pruned"),
+                 "--out", str(out)]) == 0
+    assert out.is_file()
+    assert "input 1x3x32x32" in capsys.readouterr().out
+    dense_size = torch.nn.utils.parameters_to_vector(resnet20.parameters()).numel() * 4
+    assert out.stat().st_size < dense_size
+
+
+@pytest.mark.parametrize("args", [
+    ["inspect", "--input-shape", "banana"],
+    ["export", "--model", "resnet20", "--weights", "a.pt", "--pruned", "dir"],
+    ["export"],
+])
+def test_usage_errors_exit_2(args, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err

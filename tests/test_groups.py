@@ -1,0 +1,136 @@
+"""Channel groups: coupled channels land together, the classifier's outputs are never a group,
+ignore / min_channels exclude what they should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import wgates
+from wgates.errors import WgatesError
+from wgates.groups import find_groups
+from wgates.models import create_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+X32 = torch.randn(1, 3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def r20_groups():
+    return find_groups(create_model("resnet20"), X32)
+
+
+def _by_name(groups):
+    return {g.name: g for g in groups}
+
+
+def test_residual_coupled_convs_form_one_group(r20_groups):
+    stem = _by_name(r20_groups)["conv1"]
+    assert {p.module for p in stem.producers} == {
+        "conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"}
+    assert {p.module for p in stem.gate_points} == {  # gated after their BatchNorms
+        "bn1", "layer1.0.bn2", "layer1.1.bn2", "layer1.2.bn2"}
+    assert {p.module for p in stem.consumers} == {
+        "layer1.0.conv1", "layer1.1.conv1", "layer1.2.conv1", "layer2.0.conv1",
+        "layer2.0.shortcut.0"}
+    assert stem.size == 16 and stem.ties is None
+    # a residual stage's convs are in exactly one group; every conv1 is its own group
+    producers = [p.module for g in r20_groups for p in g.producers]
+    assert len(producers) == len(set(producers))
+    assert {"layer1.0.conv1", "layer2.1.conv1", "layer3.2.conv1"} <= {g.name for g in r20_groups}
+    assert len(r20_groups) == 12  # stem+stage1, 2 stage projections, 9 block conv1s
+
+
+@pytest.mark.parametrize("spec", ["resnet20", "small_cnn", "mobilenetv2_cifar"])
+def test_classifier_output_is_never_a_group(spec):
+    model = create_model(spec)
+    x = torch.randn(1, *wgates.models.default_input_shape(spec))
+    groups = find_groups(model, x)
+    assert groups
+    last_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    for g in groups:
+        assert last_linear not in {p.module for p in g.producers}
+        assert last_linear not in {p.module for p in g.channelwise}
+
+
+def test_ignore_by_name_excludes_the_whole_coupled_group(r20_groups):
+    model = create_model("resnet20")
+    names = {g.name for g in r20_groups}
+    # an ignored layer keeps its outputs and its inputs: the group it reads goes too
+    kept = {g.name for g in find_groups(model, X32, ignore=["layer1.0.conv1"])}
+    assert kept == names - {"layer1.0.conv1", "conv1"}
+    # ignoring a residual member leaves its whole group (the stem group) dense
+    kept = {g.name for g in find_groups(model, X32, ignore=["layer1.1.conv2"])}
+    assert kept == names - {"conv1", "layer1.1.conv1"}
+    # a container name covers everything inside it
+    kept = find_groups(model, X32, ignore=["layer3"])
+    assert kept and not any(m.startswith("layer3") for g in kept for m in g.modules)
+
+
+def test_ignore_by_module_and_type():
+    model = create_model("resnet20")
+    kept = find_groups(model, X32, ignore=[model.layer2])
+    assert kept and not any(m.startswith("layer2") for g in kept for m in g.modules)
+    every = find_groups(model, X32)
+    kept = find_groups(model, X32, ignore=[nn.Linear])  # the group the classifier reads goes
+    assert [g.name for g in kept] == [g.name for g in every if "fc" not in g.modules]
+    assert len(kept) == len(every) - 1
+    with pytest.raises(WgatesError):  # nothing left to gate
+        wgates.gate(model, X32, ignore=[nn.Conv2d], verify=False)
+
+
+@pytest.mark.parametrize("bad", ["no_such_layer", nn.Conv2d(3, 3, 1), 42])
+def test_bad_ignore_entries(bad):
+    with pytest.raises(WgatesError, match="ignore"):
+        find_groups(create_model("resnet20"), X32, ignore=[bad])
+
+
+def test_min_channels_excludes_small_groups():
+    model = create_model("resnet20")
+    groups = find_groups(model, X32, min_channels=16)
+    assert groups and all(g.size > 16 and g.min_channels == 16 for g in groups)
+    with pytest.raises(WgatesError, match="min_channels"):
+        find_groups(model, X32, min_channels=0)
+
+
+def test_depthwise_conv_joins_its_input_group():
+    model = create_model("mobilenetv2_cifar")
+    groups = _by_name(find_groups(model, X32))
+    expand = groups["features.4.conv.0"]
+    dw = model.get_submodule("features.4.conv.3")
+    assert dw.groups == dw.in_channels == dw.out_channels == expand.size
+    assert {p.module for p in expand.producers} == {"features.4.conv.0", "features.4.conv.3"}
+    assert {p.module for p in expand.consumers} == {"features.4.conv.6"}
+    assert expand.ties is None  # depthwise is channelwise: no tie
+    assert not any("features.4.conv.3" == g.name for g in groups.values())
+
+
+class GroupedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 8, 3, padding=1, groups=4)  # 4 conv-groups of 4 inputs
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+def test_grouped_conv_ties_channels_at_same_offset():
+    groups = _by_name(find_groups(GroupedNet(), X32))
+    a = groups["a"]
+    assert a.n_units == 4
+    # channel c is tied with c+4, c+8, c+12 (same offset in every conv-group)
+    assert all(a.ties[c] == a.ties[c % 4] for c in range(16))
+    assert len(set(a.ties[:4])) == 4
+    b = groups["b"]  # 8 outputs in 4 conv-groups of 2
+    assert b.n_units == 2
+
+
+def test_bad_example_inputs():
+    with pytest.raises(WgatesError, match="example_inputs"):
+        find_groups(create_model("resnet20"), [1, 2, 3][:0])
+    with pytest.raises(WgatesError, match="channels"):  # the real error, on one line
+        find_groups(create_model("resnet20"), torch.randn(1, 1, 32, 32))

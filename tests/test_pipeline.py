@@ -1,0 +1,144 @@
+"""`wgates.prune` end to end on tiny digits, its run directory, resume, and the CLI.
+
+The measurement protocol and the proxy's sample count are shrunk (monkeypatched) so that the
+whole pipeline runs in tens of seconds; everything else is the real code path."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import wgates.pipeline as pipeline
+from wgates.cli import main
+from wgates.data import make_loaders
+from wgates.errors import WgatesError
+from wgates.extract import load_pruned
+from wgates.latency import Protocol
+from wgates.models import create_model
+from wgates.train import train
+
+FAST = Protocol(rounds=10, min_block_s=0.0005, retries=0, busy_sleep_s=0.2, max_wait_s=5.0)
+_FIT_PROXY = pipeline.fit_proxy
+RUN_FILES = ["model/model.safetensors", "model/pruning.json", "model.onnx", "report.md",
+             "widths.png", "curves.png"]
+
+
+def _fast(mp: pytest.MonkeyPatch) -> None:
+    mp.setattr(pipeline, "Protocol", lambda: FAST)
+    mp.setattr(pipeline, "profile", functools.partial(pipeline.profile, protocol=FAST))
+    mp.setattr(pipeline, "fit_proxy", functools.partial(_FIT_PROXY, samples=12))
+
+
+@pytest.fixture(scope="module")
+def data():
+    train_loader, val_loader, _ = make_loaders("digits", batch_size=32, subset=128)
+    return train_loader, val_loader
+
+
+@pytest.fixture(scope="module")
+def dense(data):
+    torch.manual_seed(0)
+    model = create_model("small_cnn")
+    train(model, data[0], 1, lr=0.05, progress=False)
+    return model.eval()
+
+
+def _prune(dense, data, run_dir, **kwargs):
+    args = dict(target_latency=0.6, epochs=1, finetune_epochs=1, run_dir=run_dir,
+                proxy="flops", tolerance=0.1, progress=False)
+    args.update(kwargs)
+    return pipeline.prune(dense, torch.randn(1, 1, 32, 32), data[0], data[1], **args)
+
+
+@pytest.fixture(scope="module")
+def flops_run(dense, data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("prune") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        _fast(mp)
+        result = _prune(dense, data, run_dir)
+    return result, run_dir
+
+
+def test_prune_flops_result(flops_run, dense):
+    result, run_dir = flops_run
+    assert result.run_dir == run_dir
+    assert result.latency_ratio > 0 and result.latency_ms > 0 and result.dense_latency_ms > 0
+    assert result.latency_ms == pytest.approx(result.latency_ratio * result.dense_latency_ms)
+    assert result.target_ratio == pytest.approx(0.6)
+    assert 0.0 <= result.accuracy <= 1.0 and 0.0 <= result.dense_accuracy <= 1.0
+    assert 0 < result.macs < result.dense_macs
+    assert 0 < result.params < result.dense_params
+    assert set(result.widths) == set(result.sizes)
+    assert all(1 <= result.widths[n] <= result.sizes[n] for n in result.sizes)
+    assert any(result.widths[n] < result.sizes[n] for n in result.sizes)
+    assert 1 <= len(result.loop) <= 8
+    assert {"predicted", "measured", "spread"} <= set(result.loop[0])
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    report = (run_dir / "report.md").read_text()
+    assert "latency (ms)" in report and "flops proxy" in report
+    assert result.table().splitlines()[0].split() == ["dense", "pruned", "ratio"]
+    # the dense model handed in is left untouched
+    assert sum(p.numel() for p in dense.parameters()) == result.dense_params
+
+
+def test_saved_model_reloads(flops_run):
+    result, run_dir = flops_run
+    loaded = load_pruned(create_model("small_cnn"), run_dir / "model").eval()
+    x = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model.eval()(x))
+
+
+def test_resume_finished_run_skips_search(flops_run, dense, data, monkeypatch):
+    result, run_dir = flops_run
+    _fast(monkeypatch)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("search ran again on a finished run")
+
+    def no_loop(*args, **kwargs):
+        raise AssertionError("closed loop ran again on a finished run")
+
+    monkeypatch.setattr(pipeline, "search", no_search)
+    monkeypatch.setattr(pipeline, "closed_loop", no_loop)
+    again = _prune(dense, data, run_dir, resume=True, export=False)
+    assert again.widths == result.widths
+    assert again.dense_latency_ms == result.dense_latency_ms
+    assert again.accuracy == pytest.approx(result.accuracy)
+
+
+def test_non_empty_run_dir_needs_resume(flops_run, dense, data):
+    _, run_dir = flops_run
+    with pytest.raises(WgatesError, match="not empty"):
+        _prune(dense, data, run_dir)
+
+
+def test_bad_proxy(dense, data, tmp_path):
+    with pytest.raises(WgatesError, match="proxy"):
+        _prune(dense, data, tmp_path / "r", proxy="energy")
+
+
+@pytest.mark.slow  # 18-76 s here depending on machine load (profiling 12 samples)
+def test_prune_latency_proxy(dense, data, tmp_path, monkeypatch):
+    _fast(monkeypatch)
+    run_dir = tmp_path / "run"
+    result = _prune(dense, data, run_dir, proxy="latency", samples=12, export=False)
+    assert result.latency_ratio > 0 and 0.0 <= result.accuracy <= 1.0
+    assert result.macs < result.dense_macs
+    assert (run_dir / "lpnet.pt").is_file() and (run_dir / "latency.sqlite").is_file()
+    assert (run_dir / "lpnet_fit.png").is_file()
+    assert "LPNet held-out MAPE" in (run_dir / "report.md").read_text()
+
+
+def test_cli_prune(tmp_path, monkeypatch, capsys):
+    _fast(monkeypatch)
+    run_dir = tmp_path / "cli"
+    code = main(["prune", "--subset", "96", "--dense-epochs", "1", "--epochs", "1",
+                 "--finetune-epochs", "1", "--proxy", "flops", "--run-dir", str(run_dir)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "latency (ms)" in out and "accuracy" in out and "MACs" in out
+    assert (run_dir / "report.md").is_file() and (run_dir / "model.onnx").is_file()
