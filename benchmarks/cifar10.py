@@ -298,6 +298,16 @@ def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache
     return write_results(rows, settings, out, name, command, dataset)
 
 
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """`--set key=JSON` items applied to a dict of Settings fields."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in Settings.__dataclass_fields__:
+            raise SystemExit(f"--set {item!r}: give key=JSON with a key of Settings")
+        config[key] = json.loads(value)
+    return config
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
@@ -310,9 +320,12 @@ def main(argv: list[str] | None = None) -> None:
                         + ",".join(METHODS))
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="override a setting of the mode, e.g. --set finetune_epochs=3")
+    parser.add_argument("--name", help="results file name (default cifar10_<mode>)")
     args = parser.parse_args(argv)
     name = "full" if args.full else "quick"
-    settings = copy.deepcopy(MODES[name])
+    settings = Settings(**apply_overrides(dict(vars(copy.deepcopy(MODES[name]))), args.set))
     if args.data:
         settings.data = args.data
     if args.methods:
@@ -321,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     weights = dict(w.split("=", 1) for w in args.dense_weights)
-    md = run(settings, weights, args.out, f"cifar10_{name}", args.cache, "CIFAR-10")
+    md = run(settings, weights, args.out, args.name or f"cifar10_{name}", args.cache, "CIFAR-10")
     print(md.read_text())
 
 

@@ -13,16 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-from cifar10 import HERE, Settings, run
+from cifar10 import HERE, Settings, apply_overrides, run
 
 
 def load_settings(path: Path, overrides: list[str], data: str | None) -> Settings:
     config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or key not in Settings.__dataclass_fields__:
-            raise SystemExit(f"--set {item!r}: give key=JSON with a key of {path.name}")
-        config[key] = json.loads(value)
+    config = apply_overrides(config, overrides)
     if data:
         config["data"] = f"imagefolder:{data}"
     return Settings(**config)

@@ -10,6 +10,7 @@ the held-out split. Writes a markdown table (default benchmarks/results/latency.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import tempfile
@@ -89,7 +90,7 @@ def main() -> None:
     text = (
         "# Latency benchmark\n\n"
         f"Command: `python {shlex.join(sys.argv)}`  \n"
-        f"Date: {date.today()}; CPU: {cpu_model()} ({torch.get_num_threads()} visible threads, "
+        f"Date: {date.today()}; CPU: {cpu_model()} ({os.cpu_count()} logical CPUs, shared; "
         f"{args.threads} used); torch {torch.__version__}.\n\n"
         "Latency is measured relative to the dense model timed interleaved with each candidate,"
         " by the inference thread's CPU time (one thread: robust to other processes on a "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,24 @@ from wgates.errors import WgatesError
 from wgates.extract import TOLERANCE, _flat_outputs
 
 
+def onnx_bytes(
+    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], opset: int = 17,
+    dynamic_batch: bool = True,
+) -> bytes:
+    """The model as an ONNX ModelProto. TorchScript exporter: ~0.3 s for ResNet-20, several
+    times faster than the dynamo one, which matters at one export per latency sample."""
+    names = [f"input{i}" for i in range(len(example_inputs))]
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(), tuple(example_inputs), buffer, input_names=names, opset_version=opset,
+            dynamic_axes={n: {0: "batch"} for n in names} if dynamic_batch else None,
+            dynamo=False,
+        )
+    return buffer.getvalue()
+
+
 def export_onnx(
     model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path,
     opset: int = 17, check: bool = True,
@@ -21,14 +40,7 @@ def export_onnx(
     outputs with PyTorch's on `example_inputs` (max |difference| <= 1e-4)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    names = [f"input{i}" for i in range(len(example_inputs))]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, tuple(example_inputs), str(path), input_names=names, opset_version=opset,
-            dynamic_axes={n: {0: "batch"} for n in names}, dynamo=False,
-        )
+    path.write_bytes(onnx_bytes(model, example_inputs, opset))
     if check:
         error = onnx_max_difference(model, example_inputs, path)
         if error > TOLERANCE:
@@ -39,15 +51,18 @@ def export_onnx(
     return path
 
 
-def onnx_session(path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session with a fixed intra-op thread count (None: runtime default)."""
+def onnx_session(model: str | Path | bytes, threads: int | None = None):
+    """An ONNX Runtime CPU session (from a file or ONNX bytes) with a fixed intra-op thread
+    count (None: the runtime's default)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def onnx_max_difference(model: nn.Module, example_inputs: tuple, path: str | Path) -> float:

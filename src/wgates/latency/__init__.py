@@ -7,7 +7,6 @@ from wgates.latency.backends import (
     Measurement,
     Meter,
     Protocol,
-    export_onnx,
     get_backend,
 )
 from wgates.latency.sampling import describe, probe_widths, profile, sample_widths
@@ -23,7 +22,6 @@ __all__ = [
     "Run",
     "Sample",
     "describe",
-    "export_onnx",
     "fingerprint_key",
     "get_backend",
     "probe_widths",

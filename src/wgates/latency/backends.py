@@ -9,13 +9,11 @@ the primary figure is the ratio of the two; milliseconds are kept too. See `Prot
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import platform
 import time
 import timeit
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +23,7 @@ import torch
 from torch import nn
 
 from wgates.errors import WgatesError
+from wgates.export import onnx_bytes, onnx_session
 
 Runner = Callable[[], object]
 
@@ -110,14 +109,8 @@ class OnnxRuntimeCPU(Backend):
     name = "onnxruntime-cpu"
 
     def prepare(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Runner:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(
-            export_onnx(model, example_inputs), options, providers=["CPUExecutionProvider"]
+        session = onnx_session(
+            onnx_bytes(model, tuple(example_inputs), dynamic_batch=False), self.threads
         )
         names = [i.name for i in session.get_inputs()]
         feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, example_inputs, strict=True)}
@@ -171,18 +164,6 @@ def get_backend(name: str, threads: int = 1) -> Backend:
     if name not in BACKENDS:
         raise WgatesError(f"unknown backend {name!r}: use one of {', '.join(BACKENDS)}")
     return BACKENDS[name](threads)
-
-
-def export_onnx(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> bytes:
-    """The model as an ONNX ModelProto (bytes). TorchScript exporter: ~0.3 s for ResNet-20,
-    several times faster than the dynamo one, which matters at one export per sample."""
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model.eval(), tuple(example_inputs), buffer, dynamo=False, opset_version=17
-        )
-    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
