@@ -159,8 +159,9 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
 
 
 def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: Path,
-              shape: list[int], log=print) -> list[dict]:
-    """Every (backend, target, method, seed) of one dense model: one row each."""
+              shape: list[int], log=print, on_row=None) -> list[dict]:
+    """Every (backend, target, method, seed) of one dense model: one row each; `on_row(rows)`
+    after each, so that a long run's results are on disk as they come."""
     train_loader, val_loader = loaders
     inputs = (torch.randn(shape).to(settings.device),)
     dense_macs, dense_params = count(dense, inputs)
@@ -193,6 +194,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                            "macs": macs, "params": params, "wall_s": wall}
                     rows.append(row)
                     log(json.dumps(row))
+                    if on_row is not None:
+                        on_row(rows)
     return rows
 
 
@@ -288,13 +291,16 @@ def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache
     train_loader, val_loader, info = make_loaders(
         settings.data, settings.batch_size, settings.workers, settings.subset,
         settings.image_size)
-    rows = []
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    rows: list[dict] = []
     for label, entry in settings.models.items():
         dense = dense_model(label, entry, settings, (train_loader, val_loader),
                             settings.num_classes or info.num_classes, cache, weights.get(label))
-        rows += run_model(label, dense, (train_loader, val_loader), settings, cache,
-                          [1, *info.input_shape])
-    command = shlex.join([Path(sys.executable).name, *sys.argv])
+        done = list(rows)
+        rows = done + run_model(
+            label, dense, (train_loader, val_loader), settings, cache, [1, *info.input_shape],
+            on_row=lambda new, done=done: write_results(done + new, settings, out, name,
+                                                        command, dataset))
     return write_results(rows, settings, out, name, command, dataset)
 
 
