@@ -32,6 +32,11 @@ def test_gradients_reach_gate_nets_and_conv_weights(resnet20, x32):
     # the width term alone: its only path to the conv weights is through the W-Gate
     gated.kept_counts().sum().backward()
     assert producer.weight.grad is not None and producer.weight.grad.abs().sum() > 0
+    # the gate net's last layer starts at zero (first ranking = L1 prior), so its first layer
+    # sees gradient from the second step on: take one step, then check every parameter
+    torch.optim.SGD(gated.gates.parameters(), lr=0.1).step()
+    gated.zero_grad()
+    gated.kept_counts().sum().backward()
     for gate in gated.gates:
         grads = [p.grad for p in gate.parameters()]
         assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0

@@ -133,7 +133,7 @@ def _l1_ranked(model: nn.Module, inputs: tuple, ctx: Context) -> GatedModel:
     gated = gate(model, inputs, ignore=ctx.ignore, kind="plain")
     with torch.no_grad():
         for i, g in enumerate(gated.gates):
-            g.score.copy_(gated._filter_rows(i).abs().sum(1))
+            g.value.copy_(gated._filter_rows(i).abs().sum(1))
     return gated.eval()
 
 

@@ -51,12 +51,17 @@ class _RankedGate(nn.Module):
 
 @register_gate("wgates")
 class WeightGate(_RankedGate):
-    """Scores filters from their own weights with an MLP shared across the group's filters.
+    """Scores filters from their own weights: an L1-magnitude prior plus an MLP shared across
+    the group's filters that learns a correction.
 
     Input: one row per output channel, the concatenated filters of all the group's producers,
     each producer's block divided by its RMS so one gate net design fits every layer's scale.
-    Its outputs are standardised within the group (see `_RankedGate`): the net decides the
-    order, the offset the count.
+    The MLP's last layer starts at zero, so the first ranking is the rows' L1 norm (the
+    classic criterion, Li et al. 2017) rather than a random projection of the weights. Why:
+    on CIFAR ResNet-20 with a one-epoch search, a randomly initialised gate net ended 12 points
+    below L1-ranked uniform pruning at the same latency and fine-tune (57.8% vs 70.2%).
+    Its outputs are standardised within the group (see `_RankedGate`): the prior and the net
+    decide the order, the offset the count.
     """
 
     needs_weights = True
@@ -64,9 +69,13 @@ class WeightGate(_RankedGate):
     def __init__(self, size: int, in_dim: int, hidden: int = 16) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        nn.init.zeros_(self.net[2].weight)
+        nn.init.zeros_(self.net[2].bias)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.ranked(self.net(rows).squeeze(-1))
+        l1 = rows.abs().mean(1)
+        prior = (l1 - l1.mean()) / (l1.std() + 1e-6)
+        return self.ranked(prior + self.net(rows).squeeze(-1))
 
 
 @register_gate("plain")

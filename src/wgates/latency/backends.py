@@ -69,7 +69,17 @@ class Backend(ABC):
         `timeit` runs at least two hidden warm-up calls per timing, which triples the cost of
         the short interleaved timings this protocol is made of."""
         timer = timeit.Timer(fn, timer=self.clock)
-        return lambda number: timer.timeit(number) / number
+
+        def per_call(number: int) -> float:
+            # the thread count applies while timing only: the caller's training keeps its own
+            previous = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+            try:
+                return timer.timeit(number) / number
+            finally:
+                torch.set_num_threads(previous)
+
+        return per_call
 
     def fingerprint(self) -> dict:
         """Everything about the software and hardware that changes latency."""
@@ -92,7 +102,6 @@ class TorchCPU(Backend):
     name = "torch-cpu"
 
     def prepare(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Runner:
-        torch.set_num_threads(self.threads)
         model = model.eval()
         inputs = tuple(x.cpu() for x in example_inputs)
 
