@@ -142,3 +142,10 @@ def test_cli_prune(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "latency (ms)" in out and "accuracy" in out and "MACs" in out
     assert (run_dir / "report.md").is_file() and (run_dir / "model.onnx").is_file()
+
+
+def test_prune_is_public_api():
+    import wgates
+    from wgates.pipeline import prune
+
+    assert wgates.prune is prune and "prune" in wgates.__all__
