@@ -102,11 +102,10 @@ class GatedModel(nn.Module):
         or a tie class of channels that a grouped conv forces to be pruned together."""
         gate = self.gates[i]
         raw = gate(self._filter_rows(i)) if gate.needs_weights else gate()
-        units = self._units(i)
         if self.channel_groups[i].ties is None:
             return raw
         n = self.channel_groups[i].n_units
-        return raw.new_zeros(n).index_reduce(0, units, raw, "mean", include_self=False)
+        return raw.new_zeros(n).index_reduce(0, self._units(i), raw, "mean", include_self=False)
 
     def _units(self, i: int) -> torch.Tensor:
         return getattr(self, f"_units_{i}")

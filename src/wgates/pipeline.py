@@ -165,7 +165,7 @@ def prune(
         small, steps = closed_loop(gated.eval(), cost, measure, target, tolerance)
         run.save(loop=[asdict(s) for s in steps])
         save_pruned(small, pruned_dir)
-    small = load_pruned(_fresh(gated), pruned_dir)
+    small = load_pruned(gated.plain_copy(), pruned_dir)  # the dense architecture, re-pruned
 
     _resumable_stage(run, "finetune", small, finetune_epochs, lambda **resume: train(
         small, train_loader, finetune_epochs, lr=finetune_lr, val_loader=val_loader,
@@ -212,11 +212,6 @@ def _resumable_stage(run: _Run, name: str, module: nn.Module, epochs: int, fit) 
         run.save(**{name: run.state.get(name, [])[:epoch] + [record]})
 
     fit(start_epoch=start, on_epoch_end=checkpoint)
-
-
-def _fresh(gated: GatedModel) -> nn.Module:
-    """The dense architecture with the gated model's current (searched) weights."""
-    return gated.plain_copy()
 
 
 def _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress):
