@@ -40,7 +40,7 @@ from wgates.gated import GatedModel, gate
 from wgates.groups import Ignore, as_input_tuple, resolve_ignore
 from wgates.pipeline import fit_proxy
 from wgates.search import Cost, LatencyLoss, closed_loop, search
-from wgates.train import History, logits_of, make_optimizer, train
+from wgates.train import History, logits_of
 
 Measure = Callable[[nn.Module], tuple[float, float]]  # model -> (latency / dense, spread)
 Method = Callable[..., nn.Module]
@@ -241,24 +241,18 @@ def polarised_search(gated: GatedModel, cost: Cost, target: float, train_loader,
                      ) -> tuple[History, LatencyLoss]:
     """`wgates.search.search` with GDP's polariser added to the loss and its eps annealed
     every step (same optimisers, same adaptive latency term)."""
-    latency = LatencyLoss(gated, cost, target)
     total = max(1, epochs * len(train_loader))
     step = itertools.count(1)
 
-    def loss() -> tuple[torch.Tensor, dict]:
+    def polariser() -> tuple[torch.Tensor, dict]:
         eps = GDP_EPS[0] * (GDP_EPS[1] / GDP_EPS[0]) ** min(1.0, next(step) / total)
         for g in gated.gates:
             g.eps = eps
-        value, stats = latency()
         polar = polarisation(gated)
-        return value + GDP_WEIGHT * polar, {**stats, "polar": polar.item(), "eps": eps}
+        return GDP_WEIGHT * polar, {"polar": polar.item(), "eps": eps}
 
-    optimizers = [make_optimizer(gated.model.parameters(), lr),
-                  torch.optim.Adam(gated.gates.parameters(), lr=gate_lr)]
-    gated.clear_masks()
-    history = train(gated, train_loader, epochs, optimizers=optimizers, extra_loss=loss,
-                    desc="gdp search", progress=progress)
-    return history, latency
+    return search(gated, cost, target, train_loader, epochs, lr=lr, gate_lr=gate_lr,
+                  progress=progress, regulariser=polariser)
 
 
 def gate_method(model, example_inputs, train_loader, target: float, ctx: Context,

@@ -85,13 +85,16 @@ def search(
     gate_lr: float = 0.01,
     val_loader=None,
     progress: bool = True,
+    regulariser: Callable[[], tuple[torch.Tensor, dict]] | None = None,
     **train_kwargs,
 ) -> tuple[History, LatencyLoss]:
-    """Train weights and gates jointly so that the predicted cost settles at `target`."""
+    """Train weights and gates jointly so that the predicted cost settles at `target`.
+
+    `regulariser`, called once per step, adds a term of its own (GDP's polariser)."""
     offsets = [p for n, p in gated.gates.named_parameters() if n.endswith("offset")]
     rankers = [p for n, p in gated.gates.named_parameters() if not n.endswith("offset")]
     # The offsets set how many channels each group keeps: let them cross their whole range
-    # (about 7 units) within the search however few steps it has; Adam steps are ~lr each.
+    # (OFFSET_RANGE units) within the search however few steps it has; Adam steps are ~lr.
     offset_lr = max(gate_lr, OFFSET_RANGE / max(1, epochs * len(train_loader)))
     optimizers = [
         make_optimizer(list(gated.model.parameters()), lr),
@@ -101,9 +104,17 @@ def search(
         ),
     ]
     loss = LatencyLoss(gated, cost, target)
+
+    def extra() -> tuple[torch.Tensor, dict]:
+        value, stats = loss()
+        if regulariser is None:
+            return value, stats
+        term, more = regulariser()
+        return value + term, {**stats, **more}
+
     gated.clear_masks()
     history = train(
-        gated, train_loader, epochs, optimizers=optimizers, extra_loss=loss,
+        gated, train_loader, epochs, optimizers=optimizers, extra_loss=extra,
         val_loader=val_loader, desc="search", progress=progress, **train_kwargs,
     )
     return history, loss
