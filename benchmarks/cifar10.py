@@ -9,6 +9,10 @@ under benchmarks/cache/ (not for git).
     python benchmarks/cifar10.py --quick          # ResNet-20, target 0.5, 1 seed, ~10 min
     python benchmarks/cifar10.py --full           # 3 models x 3 targets x 3 seeds
     python benchmarks/cifar10.py --quick --dense-weights resnet20=dense.safetensors
+    python benchmarks/cifar10.py --full --resume     # skip the rows already in results/
+
+Each row also records the accuracy right after pruning (before the fine-tune) and the kept
+width of every conv layer, which is where a method's loss shows up first.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torch.utils.data import DataLoader
 
 from wgates.baselines import METHODS, Context
+from wgates.data import make_loaders, subset_of
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile
 from wgates.models import create_model
 from wgates.pipeline import count
@@ -51,7 +57,8 @@ class Settings:
     seeds: list[int]
     backends: dict[str, list[str]]  # model label -> latency backends
     data: str = "cifar10:/root/.cache/cifar10"
-    subset: int | None = None
+    subset: int | None = None  # training samples used (None: all)
+    val_subset: int | None = None  # validation samples used (None: all)
     batch_size: int = 128
     workers: int = 0
     image_size: int | None = None
@@ -77,7 +84,8 @@ CIFAR_MODELS = {m: {"spec": m} for m in ("resnet20", "resnet56", "mobilenetv2_ci
 MODES = {
     "quick": Settings(
         models={"resnet20": CIFAR_MODELS["resnet20"]}, targets=[0.5], methods=list(METHODS),
-        seeds=[0], backends={"resnet20": ["torch-cpu"]}, subset=512, dense_epochs=2,
+        seeds=[0], backends={"resnet20": ["torch-cpu"]}, subset=512, val_subset=512,
+        dense_epochs=2,
         search_epochs=1, finetune_epochs=1, lpnet_samples=24, protocol_rounds=20,
         max_wait_s=30.0, tolerance=0.08,
     ),
@@ -158,44 +166,62 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
     return measure
 
 
+def row_key(row: dict) -> tuple:
+    return row["model"], row["backend"], row["target"], row["method"], row["seed"]
+
+
+def conv_widths(model: nn.Module) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
 def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: Path,
-              shape: list[int], log=print, on_row=None) -> list[dict]:
+              shape: list[int], log=print, on_row=None, done: list[dict] = ()) -> list[dict]:
     """Every (backend, target, method, seed) of one dense model: one row each; `on_row(rows)`
-    after each, so that a long run's results are on disk as they come."""
+    after each, so that a long run's results are on disk as they come. Rows in `done` (a
+    resumed run's) are kept and not run again."""
     train_loader, val_loader = loaders
     inputs = (torch.randn(shape).to(settings.device),)
-    dense_macs, dense_params = count(dense, inputs)
-    rows = [{"model": label, "backend": b, "target": 1.0, "method": "dense", "seed": 0,
-             "accuracy": evaluate(dense, val_loader), "ratio": 1.0, "macs": dense_macs,
-             "params": dense_params, "wall_s": 0.0} for b in settings.backends[label]]
+    rows = [r for r in done if r["model"] == label]
+    have = {row_key(r) for r in rows}
+    if any((label, b, 1.0, "dense", 0) not in have for b in settings.backends[label]):
+        dense_macs, dense_params = count(dense, inputs)
+        accuracy = evaluate(dense, val_loader)
+        rows += [{"model": label, "backend": b, "target": 1.0, "method": "dense", "seed": 0,
+                  "accuracy": accuracy, "accuracy_pruned": accuracy, "ratio": 1.0,
+                  "macs": dense_macs, "params": dense_params, "wall_s": 0.0,
+                  "widths": conv_widths(dense)}
+                 for b in settings.backends[label] if (label, b, 1.0, "dense", 0) not in have]
     for backend in settings.backends[label]:
+        todo = [(t, m, s) for t in settings.targets for m in settings.methods
+                for s in settings.seeds if (label, backend, t, m, s) not in have]
+        if not todo:
+            continue
         start = time.perf_counter()
         cost = latency_predictor(dense, shape, backend, settings,
                                  cache / f"{label}_{backend}_{tuple(shape)}.sqlite")
         log(f"{label} {backend}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
         measure = make_measure(dense, inputs, backend, settings.protocol())
-        for target in settings.targets:
-            for method in settings.methods:
-                for seed in settings.seeds:
-                    ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
-                                  lr=settings.lr, gate_lr=settings.gate_lr,
-                                  tolerance=settings.tolerance, seed=seed)
-                    torch.manual_seed(seed)
-                    start = time.perf_counter()
-                    small = METHODS[method](dense, inputs, train_loader, target, ctx)
-                    wall = time.perf_counter() - start
-                    torch.manual_seed(seed)
-                    train(small, train_loader, settings.finetune_epochs,
-                          lr=settings.finetune_lr, desc=f"fine-tune {method}", progress=False)
-                    macs, params = count(small, inputs)
-                    row = {"model": label, "backend": backend, "target": target,
-                           "method": method, "seed": seed,
-                           "accuracy": evaluate(small, val_loader), "ratio": measure(small)[0],
-                           "macs": macs, "params": params, "wall_s": wall}
-                    rows.append(row)
-                    log(json.dumps(row))
-                    if on_row is not None:
-                        on_row(rows)
+        for target, method, seed in todo:
+            ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
+                          lr=settings.lr, gate_lr=settings.gate_lr,
+                          tolerance=settings.tolerance, seed=seed)
+            torch.manual_seed(seed)
+            start = time.perf_counter()
+            small = METHODS[method](dense, inputs, train_loader, target, ctx)
+            wall = time.perf_counter() - start
+            before = evaluate(small, val_loader)
+            torch.manual_seed(seed)
+            train(small, train_loader, settings.finetune_epochs, lr=settings.finetune_lr,
+                  desc=f"fine-tune {method}", progress=False)
+            macs, params = count(small, inputs)
+            row = {"model": label, "backend": backend, "target": target, "method": method,
+                   "seed": seed, "accuracy": evaluate(small, val_loader),
+                   "accuracy_pruned": before, "ratio": measure(small)[0], "macs": macs,
+                   "params": params, "wall_s": wall, "widths": conv_widths(small)}
+            rows.append(row)
+            log(json.dumps(row))
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 
@@ -211,6 +237,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "model": model, "backend": backend, "target": target, "method": method,
             "n": len(rs), "acc": statistics.mean(accs),
             "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "acc_pruned": statistics.mean(r.get("accuracy_pruned", float("nan")) for r in rs),
             **{k: statistics.mean(r[k] for r in rs) for k in ("ratio", "macs", "params",
                                                               "wall_s")},
         })
@@ -218,12 +245,13 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def table(summary: list[dict]) -> str:
-    head = ("| model | backend | target | method | seeds | accuracy (%) | measured latency "
-            "ratio | MMACs | params (K) | method wall (s) |\n|---|---|---|---|---|---|---|---|"
-            "---|---|\n")
+    head = ("| model | backend | target | method | seeds | accuracy (%) | before fine-tune (%) "
+            "| measured latency ratio | MMACs | params (K) | method wall (s) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {s['model']} | {s['backend']} | {s['target']:.2f} | {s['method']} | {s['n']} | "
-        f"{100 * s['acc']:.2f} ± {100 * s['acc_std']:.2f} | {s['ratio']:.3f} | "
+        f"{100 * s['acc']:.2f} ± {100 * s['acc_std']:.2f} | {100 * s['acc_pruned']:.2f} | "
+        f"{s['ratio']:.3f} | "
         f"{s['macs'] / 1e6:.2f} | {s['params'] / 1e3:.1f} | {s['wall_s']:.0f} |\n"
         for s in summary
     )
@@ -271,7 +299,8 @@ def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
     text = (
         f"# {dataset}: accuracy vs measured latency ({name})\n\n"
         f"Command: `{command}`\n\n{table(summary)}\n"
-        "Accuracy after the same fine-tune for every method; mean ± std over seeds. Latency "
+        "Accuracy after the same fine-tune for every method; mean ± std over seeds; 'before "
+        "fine-tune': right after the method (for the gate methods, after their search). Latency "
         "ratio: re-measured after fine-tuning, interleaved with the dense model. Method wall "
         "time excludes the shared fine-tune and the shared LPNet profiling.\n\n"
         + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
@@ -284,23 +313,35 @@ def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
     return md
 
 
-def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache: Path,
-        dataset: str) -> Path:
-    from wgates.data import make_loaders
+def limited(loader: DataLoader, n: int | None, shuffle: bool) -> DataLoader:
+    """`loader` over `n` of its samples, spread evenly (so every class shows up)."""
+    if n is None:
+        return loader
+    return DataLoader(subset_of(loader.dataset, n), batch_size=loader.batch_size,
+                      shuffle=shuffle, num_workers=loader.num_workers,
+                      generator=torch.Generator().manual_seed(0) if shuffle else None)
 
+
+def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache: Path,
+        dataset: str, resume: bool = False) -> Path:
+    """Every model of `settings`; with `resume`, the rows already in <out>/<name>.json are
+    kept and not run again (the results files are rewritten after every row)."""
     train_loader, val_loader, info = make_loaders(
-        settings.data, settings.batch_size, settings.workers, settings.subset,
-        settings.image_size)
+        settings.data, settings.batch_size, settings.workers, None, settings.image_size)
+    train_loader = limited(train_loader, settings.subset, shuffle=True)
+    val_loader = limited(val_loader, settings.val_subset, shuffle=False)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
-    rows: list[dict] = []
+    previous = out / f"{name}.json"
+    done = json.loads(previous.read_text()) if resume and previous.exists() else []
+    rows: list[dict] = [r for r in done if r["model"] not in settings.models]
     for label, entry in settings.models.items():
         dense = dense_model(label, entry, settings, (train_loader, val_loader),
                             settings.num_classes or info.num_classes, cache, weights.get(label))
-        done = list(rows)
-        rows = done + run_model(
+        before = list(rows)
+        rows = before + run_model(
             label, dense, (train_loader, val_loader), settings, cache, [1, *info.input_shape],
-            on_row=lambda new, done=done: write_results(done + new, settings, out, name,
-                                                        command, dataset))
+            done=done, on_row=lambda new, before=before: write_results(
+                before + new, settings, out, name, command, dataset))
     return write_results(rows, settings, out, name, command, dataset)
 
 
@@ -329,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override a setting of the mode, e.g. --set finetune_epochs=3")
     parser.add_argument("--name", help="results file name (default cifar10_<mode>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in <out>/<name>.json and run only the rest")
     args = parser.parse_args(argv)
     name = "full" if args.full else "quick"
     settings = Settings(**apply_overrides(dict(vars(copy.deepcopy(MODES[name]))), args.set))
@@ -340,7 +383,8 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     weights = dict(w.split("=", 1) for w in args.dense_weights)
-    md = run(settings, weights, args.out, args.name or f"cifar10_{name}", args.cache, "CIFAR-10")
+    md = run(settings, weights, args.out, args.name or f"cifar10_{name}", args.cache, "CIFAR-10",
+             args.resume)
     print(md.read_text())
 
 

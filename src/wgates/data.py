@@ -243,7 +243,7 @@ def image_folder(
         ) from err
 
 
-def _subset(ds: Dataset, n: int | None) -> Dataset:
+def subset_of(ds: Dataset, n: int | None) -> Dataset:
     """`n` samples spread evenly over `ds` (so every class of a sorted folder shows up)."""
     if n is None or n >= len(ds):
         return ds
@@ -288,10 +288,10 @@ def make_loaders(
         )
     common = {"batch_size": batch_size, "num_workers": workers, "persistent_workers": workers > 0}
     train_loader = DataLoader(
-        _subset(train, subset),
+        subset_of(train, subset),
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
         **common,
     )
-    val_loader = DataLoader(_subset(val, subset), shuffle=False, **common)
+    val_loader = DataLoader(subset_of(val, subset), shuffle=False, **common)
     return train_loader, val_loader, DataInfo(kind, len(classes), shape, classes)
