@@ -70,6 +70,7 @@ class Settings:
     lr: float = 0.01
     gate_lr: float = 0.05
     finetune_lr: float = 0.01
+    distill: bool = False  # fine-tune with knowledge distillation from the dense model
     tolerance: float = 0.05
     lpnet_samples: int = 150
     protocol_rounds: int = 60
@@ -212,7 +213,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
             before = evaluate(small, val_loader)
             torch.manual_seed(seed)
             train(small, train_loader, settings.finetune_epochs, lr=settings.finetune_lr,
-                  desc=f"fine-tune {method}", progress=False)
+                  teacher=dense if settings.distill else None, desc=f"fine-tune {method}",
+                  progress=False)
             macs, params = count(small, inputs)
             row = {"model": label, "backend": backend, "target": target, "method": method,
                    "seed": seed, "accuracy": evaluate(small, val_loader),
