@@ -5,6 +5,7 @@ whole pipeline runs in tens of seconds; everything else is the real code path.""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -149,3 +150,55 @@ def test_prune_is_public_api():
     from wgates.pipeline import prune
 
     assert wgates.prune is prune and "prune" in wgates.__all__
+
+
+def test_killed_search_resumes_with_its_latency_weight_and_optimisers(dense, data, tmp_path):
+    """A search killed after epoch 1 of 2 continues at epoch 2 with the checkpointed `lam`,
+    Adam's moments and the cosine schedule half-way, not from their initial values."""
+    from wgates.gated import gate
+    from wgates.search import LAMBDA_INIT, LatencyLoss, search, search_optimizers
+
+    loader, epochs, lr = data[0], 2, 0.01
+    run = pipeline._Run(tmp_path / "run", resume=False)
+
+    def stage(kill_after_first: bool) -> dict:
+        gated = gate(copy.deepcopy(dense), torch.randn(1, 1, 32, 32))
+        sizes = torch.tensor([float(g.size) for g in gated.groups])
+        cost = lambda kept: (kept / sizes).mean()  # noqa: E731
+        optimizers = search_optimizers(gated, epochs * len(loader), lr, 0.05)
+        loss = LatencyLoss(gated, cost, 0.3)
+        seen: dict = {}
+
+        def first_step() -> tuple[torch.Tensor, dict]:
+            seen.setdefault("lr", optimizers[0].param_groups[0]["lr"])
+            return torch.zeros(()), {}
+
+        def fit(start_epoch: int, on_epoch_end) -> None:
+            seen.update(start=start_epoch, lam=loss.lam,
+                        adam_steps=len(optimizers[1].state))
+
+            def end(epoch, record):
+                on_epoch_end(epoch, record)
+                if kill_after_first:
+                    raise KeyboardInterrupt
+
+            search(gated, cost, 0.3, loader, epochs, progress=False, optimizers=optimizers,
+                   loss=loss, regulariser=first_step, start_epoch=start_epoch,
+                   on_epoch_end=end)
+
+        parts = {"model": gated, "loss": loss, "weights": optimizers[0],
+                 "gates": optimizers[1]}
+        try:
+            pipeline._resumable_stage(run, "search", parts, epochs, fit)
+        except KeyboardInterrupt:
+            seen["killed_lam"] = loss.lam
+        return seen
+
+    first = stage(kill_after_first=True)
+    assert first["start"] == 0 and first["lam"] == LAMBDA_INIT
+    assert first["killed_lam"] != LAMBDA_INIT  # the 0.3 target moved it
+    resumed = stage(kill_after_first=False)
+    assert resumed["start"] == 1
+    assert resumed["lam"] == pytest.approx(first["killed_lam"])
+    assert resumed["adam_steps"] > 0  # Adam's moments came back
+    assert resumed["lr"] == pytest.approx(lr / 2, rel=0.05)  # cosine half-way, not restarted

@@ -26,8 +26,8 @@ from wgates.gated import GatedModel, gate
 from wgates.groups import as_input_tuple
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, sample_widths
 from wgates.predictor import LatencyPredictor, fit_and_compare
-from wgates.search import closed_loop, parse_target, search
-from wgates.train import evaluate, train
+from wgates.search import LatencyLoss, closed_loop, parse_target, search, search_optimizers
+from wgates.train import evaluate, make_optimizer, train
 
 PROXIES = ("latency", "flops", "params")
 
@@ -156,9 +156,13 @@ def prune(
     gated = gate(model, inputs, kind=kind)
     cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress)
 
-    _resumable_stage(run, "search", gated, epochs, lambda **resume: search(
-        gated, cost, target, train_loader, epochs, lr=lr, gate_lr=gate_lr, progress=progress,
-        **resume))
+    optimizers = search_optimizers(gated, epochs * len(train_loader), lr, gate_lr)
+    loss = LatencyLoss(gated, cost, target)
+    _resumable_stage(
+        run, "search", {"model": gated, "loss": loss, "weights": optimizers[0],
+                        "gates": optimizers[1]}, epochs,
+        lambda **resume: search(gated, cost, target, train_loader, epochs, progress=progress,
+                                optimizers=optimizers, loss=loss, **resume))
 
     pruned_dir = run.path / "pruned"
     if not (pruned_dir / "pruning.json").exists():
@@ -167,9 +171,12 @@ def prune(
         save_pruned(small, pruned_dir)
     small = load_pruned(gated.plain_copy(), pruned_dir)  # the dense architecture, re-pruned
 
-    _resumable_stage(run, "finetune", small, finetune_epochs, lambda **resume: train(
-        small, train_loader, finetune_epochs, lr=finetune_lr, val_loader=val_loader,
-        teacher=dense if distill else None, desc="fine-tune", progress=progress, **resume))
+    optimizer = make_optimizer(small.parameters(), finetune_lr)
+    _resumable_stage(run, "finetune", {"model": small, "optimizer": optimizer}, finetune_epochs,
+                     lambda **resume: train(
+                         small, train_loader, finetune_epochs, val_loader=val_loader,
+                         optimizers=[optimizer], teacher=dense if distill else None,
+                         desc="fine-tune", progress=progress, **resume))
 
     finals = sorted(measure(small) for _ in range(3))  # the delivered figure: median of 3
     final_ratio, spread = finals[1]
@@ -195,20 +202,23 @@ def prune(
     return result
 
 
-def _resumable_stage(run: _Run, name: str, module: nn.Module, epochs: int, fit) -> None:
-    """Run `fit(start_epoch=..., on_epoch_end=...)`, checkpointing `module` after every epoch
-    to `<run>/<name>.pt` and continuing from there when the file exists."""
+def _resumable_stage(run: _Run, name: str, parts: dict, epochs: int, fit) -> None:
+    """Run `fit(start_epoch=..., on_epoch_end=...)`, checkpointing every part (the model, its
+    optimizers, the latency weight: anything with state_dict / load_state_dict) after every
+    epoch to `<run>/<name>.pt`, and continuing from there when the file exists."""
     file = run.path / f"{name}.pt"
     start = 0
     if file.exists():
         blob = torch.load(file, weights_only=True)
-        module.load_state_dict(blob["state"])
+        for key, part in parts.items():
+            part.load_state_dict(blob["state"][key])
         start = int(blob["epoch"])
     if start >= epochs:
         return
 
     def checkpoint(epoch: int, record: dict) -> None:
-        torch.save({"state": module.state_dict(), "epoch": epoch + 1}, file)
+        state = {key: part.state_dict() for key, part in parts.items()}
+        torch.save({"state": state, "epoch": epoch + 1}, file)
         run.save(**{name: run.state.get(name, [])[:epoch] + [record]})
 
     fit(start_epoch=start, on_epoch_end=checkpoint)

@@ -65,6 +65,13 @@ class LatencyLoss:
     rate: float = LAMBDA_RATE
     trace: list[float] = field(default_factory=list)
 
+    def state_dict(self) -> dict:
+        return {"lam": self.lam, "trace": list(self.trace)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a resumed search with the weight it had reached, not `LAMBDA_INIT`."""
+        self.lam, self.trace = float(state["lam"]), list(state["trace"])
+
     def __call__(self) -> tuple[torch.Tensor, dict]:
         predicted = self.cost(self.gated.kept_counts())
         excess = predicted.item() / self.target - 1
@@ -73,6 +80,23 @@ class LatencyLoss:
         self.trace.append(predicted.item())
         loss = self.lam * (predicted / self.target - 1).pow(2)
         return loss, {"pred": predicted.item(), "lam": self.lam}
+
+
+def search_optimizers(gated: GatedModel, steps: int, lr: float = 0.01,
+                      gate_lr: float = 0.01) -> list[torch.optim.Optimizer]:
+    """SGD for the weights; Adam for the gates, the offsets in a group of their own."""
+    offsets = [p for n, p in gated.gates.named_parameters() if n.endswith("offset")]
+    rankers = [p for n, p in gated.gates.named_parameters() if not n.endswith("offset")]
+    # The offsets set how many channels each group keeps: let them cross their whole range
+    # (OFFSET_RANGE units) within the search however few steps it has; Adam steps are ~lr.
+    offset_lr = max(gate_lr, OFFSET_RANGE / max(1, steps))
+    return [
+        make_optimizer(list(gated.model.parameters()), lr),
+        torch.optim.Adam(
+            [{"params": rankers}, {"params": offsets, "lr": offset_lr, "betas": (0.5, 0.99)}],
+            lr=gate_lr,
+        ),
+    ]
 
 
 def search(
@@ -86,24 +110,17 @@ def search(
     val_loader=None,
     progress: bool = True,
     regulariser: Callable[[], tuple[torch.Tensor, dict]] | None = None,
+    optimizers: list[torch.optim.Optimizer] | None = None,
+    loss: LatencyLoss | None = None,
     **train_kwargs,
 ) -> tuple[History, LatencyLoss]:
     """Train weights and gates jointly so that the predicted cost settles at `target`.
 
-    `regulariser`, called once per step, adds a term of its own (GDP's polariser)."""
-    offsets = [p for n, p in gated.gates.named_parameters() if n.endswith("offset")]
-    rankers = [p for n, p in gated.gates.named_parameters() if not n.endswith("offset")]
-    # The offsets set how many channels each group keeps: let them cross their whole range
-    # (OFFSET_RANGE units) within the search however few steps it has; Adam steps are ~lr.
-    offset_lr = max(gate_lr, OFFSET_RANGE / max(1, epochs * len(train_loader)))
-    optimizers = [
-        make_optimizer(list(gated.model.parameters()), lr),
-        torch.optim.Adam(
-            [{"params": rankers}, {"params": offsets, "lr": offset_lr, "betas": (0.5, 0.99)}],
-            lr=gate_lr,
-        ),
-    ]
-    loss = LatencyLoss(gated, cost, target)
+    `regulariser`, called once per step, adds a term of its own (GDP's polariser).
+    `optimizers` (from `search_optimizers`) and `loss` are made here unless given: a resumed
+    search passes them in with their checkpointed state."""
+    optimizers = optimizers or search_optimizers(gated, epochs * len(train_loader), lr, gate_lr)
+    loss = loss or LatencyLoss(gated, cost, target)
 
     def extra() -> tuple[torch.Tensor, dict]:
         value, stats = loss()

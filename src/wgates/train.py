@@ -78,6 +78,9 @@ def train(
     """
     device = next(model.parameters()).device
     optimizers = optimizers or [make_optimizer(model.parameters(), lr)]
+    for o in optimizers:  # a resumed optimizer's lr is annealed: the schedule starts over it
+        for group in o.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"])
     steps = max(1, epochs * len(train_loader))
     schedulers = [torch.optim.lr_scheduler.CosineAnnealingLR(o, steps) for o in optimizers]
     for _ in range(start_epoch * len(train_loader)):
