@@ -116,3 +116,14 @@ def test_cli_fit_latency_json_and_plot(tmp_path, capsys):
     assert "lookup table" in capsys.readouterr().out
     assert main(["fit-latency", str(tmp_path / "none.sqlite")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_check_groups_refuses_a_predictor_of_other_groups():
+    from types import SimpleNamespace
+
+    from wgates.predictor import check_groups
+
+    check_groups(SimpleNamespace(group_names=["a", "b"]), ["a", "b"])
+    check_groups(lambda kept: kept.sum(), ["a", "b"])  # a plain callable is trusted
+    with pytest.raises(WgatesError, match="other channel groups"):
+        check_groups(SimpleNamespace(group_names=["b", "a"]), ["a", "b"])

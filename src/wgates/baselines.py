@@ -39,6 +39,7 @@ from wgates.errors import WgatesError
 from wgates.gated import GatedModel, gate
 from wgates.groups import Ignore, as_input_tuple, resolve_ignore
 from wgates.pipeline import fit_proxy
+from wgates.predictor import check_groups
 from wgates.search import Cost, LatencyLoss, closed_loop, search
 from wgates.train import History, logits_of
 
@@ -264,9 +265,7 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
     cost = fit_proxy(gated, proxy, ctx.proxy_samples, ctx.seed) if proxy else ctx.cost
     if cost is None:
         raise WgatesError(f"gate method {kind!r} needs a latency predictor: set Context.cost")
-    names = getattr(cost, "group_names", None)
-    if names is not None and names != [g.name for g in gated.groups]:
-        raise WgatesError("Context.cost was fitted for other channel groups than this model has")
+    check_groups(cost, [g.name for g in gated.groups])
     if isinstance(cost, nn.Module):
         cost.requires_grad_(False)
     trainer(gated, cost, target, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,

@@ -25,7 +25,7 @@ from wgates.extract import load_pruned, save_pruned
 from wgates.gated import GatedModel, gate
 from wgates.groups import as_input_tuple
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, sample_widths
-from wgates.predictor import LatencyPredictor, fit_and_compare
+from wgates.predictor import LatencyPredictor, check_groups, fit_and_compare
 from wgates.search import LatencyLoss, closed_loop, parse_target, search, search_optimizers
 from wgates.train import evaluate, make_optimizer, train
 
@@ -226,7 +226,6 @@ def _resumable_stage(run: _Run, name: str, parts: dict, epochs: int, fit) -> Non
 
 def _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress):
     """A callable kept-counts -> cost ratio, differentiable, for the search and the loop."""
-    names = [g.name for g in gated.groups]
     lpnet_file = run.path / "lpnet.pt"
     if predictor is not None:
         net = LatencyPredictor.load(predictor)
@@ -249,9 +248,7 @@ def _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
         from wgates.predictor import plot_comparison
 
         plot_comparison(comparison, run.path / "lpnet_fit.png")
-    if net.group_names != names:
-        raise WgatesError("the latency predictor was fitted for other channel groups than this "
-                          "model has: profile this model (wgates profile) and fit again")
+    check_groups(net, [g.name for g in gated.groups])
     for p in net.parameters():
         p.requires_grad_(False)
     return net

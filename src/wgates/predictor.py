@@ -158,6 +158,16 @@ class LatencyPredictor(nn.Module):
         return model.eval()
 
 
+def check_groups(cost, group_names: Sequence[str]) -> None:
+    """Refuse a predictor fitted for other channel groups: its inputs would be read in the
+    wrong order and the latency it gives would be silently wrong. (A plain callable without
+    `group_names` is trusted.)"""
+    names = getattr(cost, "group_names", None)
+    if names is not None and list(names) != list(group_names):
+        raise WgatesError("the latency predictor was fitted for other channel groups than this "
+                          "model has: profile this model (wgates profile) and fit it again")
+
+
 def _relative_error(predicted: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
     return ((predicted - measured) / measured).abs().mean()
 
