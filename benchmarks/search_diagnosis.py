@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from cifar10 import HERE, limited, make_measure
 
+import wgates.search
 from wgates.data import make_loaders
 from wgates.gated import gate
 from wgates.latency import LatencyStore, Protocol
@@ -40,10 +41,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=0.01,
                         help="weights' lr in the search (0: the weights stay the dense ones)")
     parser.add_argument("--gate-lr", type=float, default=0.05)
+    parser.add_argument("--offset-range", type=float, default=None,
+                        help="override wgates.search.OFFSET_RANGE (how far the offsets' lr "
+                        "lets them travel in a search)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="append the JSON record to this file")
     args = parser.parse_args(argv)
 
+    if args.offset_range is not None:
+        wgates.search.OFFSET_RANGE = args.offset_range
     train_loader, val_loader, info = make_loaders(args.data, 128, subset=None)
     train_loader = limited(train_loader, args.subset, shuffle=True)
     dense = create_model(args.model, info.num_classes, args.dense_weights).eval()

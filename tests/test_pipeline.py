@@ -175,7 +175,7 @@ def test_killed_search_resumes_with_its_latency_weight_and_optimisers(dense, dat
 
         def fit(start_epoch: int, on_epoch_end) -> None:
             seen.update(start=start_epoch, lam=loss.lam,
-                        adam_steps=len(optimizers[1].state))
+                        adam_steps=len(optimizers[1].state),)
 
             def end(epoch, record):
                 on_epoch_end(epoch, record)
@@ -186,8 +186,8 @@ def test_killed_search_resumes_with_its_latency_weight_and_optimisers(dense, dat
                    loss=loss, regulariser=first_step, start_epoch=start_epoch,
                    on_epoch_end=end)
 
-        parts = {"model": gated, "loss": loss, "weights": optimizers[0],
-                 "gates": optimizers[1]}
+        parts = {"model": gated, "loss": loss,
+                 **{f"optimizer{i}": o for i, o in enumerate(optimizers)}}
         try:
             pipeline._resumable_stage(run, "search", parts, epochs, fit)
         except KeyboardInterrupt:

@@ -159,8 +159,8 @@ def prune(
     optimizers = search_optimizers(gated, epochs * len(train_loader), lr, gate_lr)
     loss = LatencyLoss(gated, cost, target)
     _resumable_stage(
-        run, "search", {"model": gated, "loss": loss, "weights": optimizers[0],
-                        "gates": optimizers[1]}, epochs,
+        run, "search", {"model": gated, "loss": loss,
+                        **{f"optimizer{i}": o for i, o in enumerate(optimizers)}}, epochs,
         lambda **resume: search(gated, cost, target, train_loader, epochs, progress=progress,
                                 optimizers=optimizers, loss=loss, **resume))
 
