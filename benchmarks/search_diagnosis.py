@@ -44,10 +44,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--offset-range", type=float, default=None,
                         help="override wgates.search.OFFSET_RANGE (how far the offsets' lr "
                         "lets them travel in a search)")
+    parser.add_argument("--ramp", type=float, default=0.0,
+                        help="fraction of the search over which the aim moves to the target")
+    parser.add_argument("--lam-rate", type=float, default=None,
+                        help="override wgates.search.LAMBDA_RATE")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="append the JSON record to this file")
     args = parser.parse_args(argv)
 
+    if args.lam_rate is not None:
+        wgates.search.LAMBDA_RATE = args.lam_rate
     if args.offset_range is not None:
         wgates.search.OFFSET_RANGE = args.offset_range
     train_loader, val_loader, info = make_loaders(args.data, 128, subset=None)
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     record["initial_widths"] = gated.widths()
     start = time.perf_counter()
     _, loss = search(gated, cost, args.target, train_loader, args.search_epochs, lr=args.lr,
-                     gate_lr=args.gate_lr, progress=True)
+                     gate_lr=args.gate_lr, progress=True, ramp=args.ramp)
     record["search_s"] = time.perf_counter() - start
     gated.eval()
     record["predicted_end_of_search"] = loss.trace[-1]

@@ -87,6 +87,18 @@ def test_latency_loss_adapts_lambda(gated_cnn):
     assert float(value) == pytest.approx(low.lam * (0.2 / 0.99 - 1) ** 2) and low.lam < 1.0
 
 
+def test_latency_loss_ramp_lowers_the_aim_step_by_step(gated_cnn):
+    loss = LatencyLoss(gated_cnn, lambda kept: torch.tensor(0.9), target=0.5, ramp=10)
+    aims, lams = [], []
+    for _ in range(12):
+        aims.append(loss.aim())
+        loss()
+        lams.append(loss.lam)
+    assert aims[0] == 1.0 and aims[5] == pytest.approx(0.75) and aims[10:] == [0.5, 0.5]
+    assert lams[0] < 1.0 < lams[-1]  # 0.9 is below the first aim, above the final one
+    assert LatencyLoss(gated_cnn, lambda kept: kept, target=0.5).aim() == 0.5  # no ramp
+
+
 def test_search_moves_widths_to_target():
     torch.manual_seed(0)
     gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False)

@@ -63,7 +63,12 @@ class LatencyLoss:
     target: float
     lam: float = LAMBDA_INIT
     rate: float = LAMBDA_RATE
+    ramp: int = 0  # steps over which the aim moves linearly from 1 (dense) down to `target`
     trace: list[float] = field(default_factory=list)
+
+    def aim(self) -> float:
+        done = min(1.0, len(self.trace) / self.ramp) if self.ramp else 1.0
+        return 1.0 - (1.0 - self.target) * done
 
     def state_dict(self) -> dict:
         return {"lam": self.lam, "trace": list(self.trace)}
@@ -74,11 +79,12 @@ class LatencyLoss:
 
     def __call__(self) -> tuple[torch.Tensor, dict]:
         predicted = self.cost(self.gated.kept_counts())
-        excess = predicted.item() / self.target - 1
+        aim = self.aim()
+        excess = predicted.item() / aim - 1
         self.lam = min(max(self.lam * math.exp(self.rate * excess), LAMBDA_RANGE[0]),
                        LAMBDA_RANGE[1])
         self.trace.append(predicted.item())
-        loss = self.lam * (predicted / self.target - 1).pow(2)
+        loss = self.lam * (predicted / aim - 1).pow(2)
         return loss, {"pred": predicted.item(), "lam": self.lam}
 
 
@@ -112,15 +118,18 @@ def search(
     regulariser: Callable[[], tuple[torch.Tensor, dict]] | None = None,
     optimizers: list[torch.optim.Optimizer] | None = None,
     loss: LatencyLoss | None = None,
+    ramp: float = 0.0,
     **train_kwargs,
 ) -> tuple[History, LatencyLoss]:
     """Train weights and gates jointly so that the predicted cost settles at `target`.
 
     `regulariser`, called once per step, adds a term of its own (GDP's polariser).
     `optimizers` (from `search_optimizers`) and `loss` are made here unless given: a resumed
-    search passes them in with their checkpointed state."""
+    search passes them in with their checkpointed state. `ramp`: the fraction of the search
+    over which the latency aim moves from the dense model's down to `target`."""
     optimizers = optimizers or search_optimizers(gated, epochs * len(train_loader), lr, gate_lr)
-    loss = loss or LatencyLoss(gated, cost, target)
+    loss = loss or LatencyLoss(gated, cost, target, rate=LAMBDA_RATE,
+                               ramp=round(ramp * epochs * len(train_loader)))
 
     def extra() -> tuple[torch.Tensor, dict]:
         value, stats = loss()
