@@ -259,6 +259,24 @@ def table(summary: list[dict]) -> str:
     )
 
 
+def pivot(summary: list[dict]) -> str:
+    """One line per method, one column per target: 'accuracy (measured ratio)', the view the
+    README shows; '' when there is a single target."""
+    targets = sorted({s["target"] for s in summary if s["method"] != "dense"}, reverse=True)
+    if len(targets) < 2:
+        return ""
+    cells = {(s["model"], s["backend"], s["method"], s["target"]): s for s in summary}
+    lines = ["| model | backend | method | " + " | ".join(f"target {t:.2f}" for t in targets)
+             + " |", "|---|---|---|" + "---|" * len(targets)]
+    for model, backend, method in dict.fromkeys(
+            (s["model"], s["backend"], s["method"]) for s in summary if s["method"] != "dense"):
+        row = [cells.get((model, backend, method, t)) for t in targets]
+        lines.append(f"| {model} | {backend} | {method} | " + " | ".join(
+            f"{100 * c['acc']:.2f} ({c['ratio']:.3f})" if c else "" for c in row) + " |")
+    return ("Accuracy % (measured latency ratio) by target:\n\n" + "\n".join(lines)
+            + "\n\n")
+
+
 def plot(summary: list[dict], path: Path, title: str) -> None:
     """Accuracy against measured latency ratio, one line per method across targets."""
     import matplotlib
@@ -300,7 +318,7 @@ def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
     settings_json = json.dumps(settings.__dict__, indent=1, default=str)
     text = (
         f"# {dataset}: accuracy vs measured latency ({name})\n\n"
-        f"Command: `{command}`\n\n{table(summary)}\n"
+        f"Command: `{command}`\n\n{pivot(summary)}{table(summary)}\n"
         "Accuracy after the same fine-tune for every method; mean ± std over seeds; 'before "
         "fine-tune': right after the method (for the gate methods, after their search). Latency "
         "ratio: re-measured after fine-tuning, interleaved with the dense model. Method wall "
