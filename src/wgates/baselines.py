@@ -128,7 +128,7 @@ def _loss(model: nn.Module, batches: list) -> torch.Tensor:
     return sum(F.cross_entropy(logits_of(model(x.to(device))), y.to(device)) for x, y in batches)
 
 
-def _l1_ranked(model: nn.Module, inputs: tuple, ctx: Context) -> GatedModel:
+def l1_ranked(model: nn.Module, inputs: tuple, ctx: Context) -> GatedModel:
     """A gated copy whose per-channel scores are the group's L1 norms (each coupled layer's
     filters RMS-normalised, so one layer's scale does not dominate), for `masks_for_widths`."""
     gated = gate(model, inputs, ignore=ctx.ignore, kind="plain")
@@ -138,7 +138,7 @@ def _l1_ranked(model: nn.Module, inputs: tuple, ctx: Context) -> GatedModel:
     return gated.eval()
 
 
-def _extract_at(gated: GatedModel, fractions: dict[str, float]) -> nn.Module:
+def extract_at(gated: GatedModel, fractions: dict[str, float]) -> nn.Module:
     """Extract keeping `fractions[name]` of each group (clipped to its valid widths)."""
     widths = {
         g.name: min(g.size, max(g.min_channels, round(fractions[g.name] * g.size)))
@@ -156,8 +156,8 @@ def _bisect(build: Callable[[float], nn.Module], target: float, ctx: Context,
 @register_method("uniform")
 def uniform(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """The same kept fraction in every group, searched for the target."""
-    gated = _l1_ranked(model, as_input_tuple(example_inputs), ctx)
-    return _bisect(lambda x: _extract_at(gated, dict.fromkeys(gated.widths(), x)), target, ctx)
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx)
+    return _bisect(lambda x: extract_at(gated, dict.fromkeys(gated.widths(), x)), target, ctx)
 
 
 def sensitivity_weights(gated: GatedModel, batches: list) -> dict[str, float]:
@@ -178,11 +178,11 @@ def sensitivity_weights(gated: GatedModel, batches: list) -> dict[str, float]:
 @register_method("l1")
 def l1(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """Li et al. (2017): L1 filter ranking, per-group ratios by sensitivity rank (see top)."""
-    gated = _l1_ranked(model, as_input_tuple(example_inputs), ctx)
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx)
     weights = sensitivity_weights(gated, _calibration(train_loader, ctx))
     # x = -1 takes every group to its minimum (every weight is >= 0.5), x = 1 prunes none.
     return _bisect(
-        lambda x: _extract_at(gated, {n: 1 - (1 - x) * w for n, w in weights.items()}),
+        lambda x: extract_at(gated, {n: 1 - (1 - x) * w for n, w in weights.items()}),
         target, ctx, lo=-1.0,
     )
 

@@ -306,7 +306,9 @@ def add_prune(sub) -> None:
     p.add_argument("--predictor", help="an LPNet file from `wgates fit-latency` (skips profiling)")
     p.add_argument("--proxy", default="latency", choices=["latency", "flops", "params"])
     p.add_argument("--gates", default="wgates", choices=["wgates", "plain"])
-    p.add_argument("--distill", action="store_true", help="fine-tune with distillation")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="fine-tune with knowledge distillation from the dense model (default: "
+                   "on; measured +1.7 and +4.0 points on ResNet-20, benchmarks/distill.py)")
     p.add_argument("--run-dir", default="runs/prune")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --run-dir")
     p.add_argument("--seed", type=int, default=0)

@@ -125,7 +125,7 @@ def prune(
     lr: float = 0.01,
     gate_lr: float = 0.05,
     finetune_lr: float = 0.01,
-    distill: bool = False,
+    distill: bool = True,
     resume: bool = False,
     export: bool = True,
     progress: bool = True,
