@@ -20,7 +20,8 @@ def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.Complete
                           text=True, timeout=600, cwd=cwd)
 
 
-@pytest.mark.parametrize("script", ["cifar10.py", "imagenet.py"])
+@pytest.mark.parametrize("script", ["cifar10.py", "imagenet.py", "search_diagnosis.py",
+                                    "distill.py"])
 def test_help(script):
     result = run(script, "--help")
     assert result.returncode == 0, result.stderr
@@ -64,3 +65,20 @@ def test_imagenet_smoke(tmp_path):
     assert (tmp_path / "out" / "smoke_tiny_torch-cpu.png").is_file()
     rows = json.loads((tmp_path / "out" / "smoke.json").read_text())
     assert all(r["ratio"] < 1.0 for r in rows if r["method"] != "dense")
+
+
+def test_pivot_and_resume_keys():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from cifar10 import pivot, row_key, summarise
+    finally:
+        sys.path.remove(str(BENCH))
+    rows = [{"model": "m", "backend": "b", "target": t, "method": k, "seed": s,
+             "accuracy": a, "ratio": t, "macs": 1, "params": 1, "wall_s": 0.0}
+            for t, k, s, a in [(1.0, "dense", 0, 0.9), (0.5, "x", 0, 0.6), (0.5, "x", 1, 0.4),
+                               (0.7, "x", 0, 0.8)]]
+    text = pivot(summarise(rows))
+    assert "| m | b | x | 80.00 (0.700) | 50.00 (0.500) |" in text  # mean over seeds
+    assert "dense" not in text.split("\n", 3)[3]
+    assert pivot(summarise(rows[:2])) == ""  # one target: no pivot
+    assert len({row_key(r) for r in rows}) == 4
