@@ -184,14 +184,14 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
     inputs = (torch.randn(shape).to(settings.device),)
     rows = [r for r in done if r["model"] == label]
     have = {row_key(r) for r in rows}
-    if any((label, b, 1.0, "dense", 0) not in have for b in settings.backends[label]):
+    missing = [b for b in settings.backends[label] if (label, b, 1.0, "dense", 0) not in have]
+    if missing:
         dense_macs, dense_params = count(dense, inputs)
         accuracy = evaluate(dense, val_loader)
         rows += [{"model": label, "backend": b, "target": 1.0, "method": "dense", "seed": 0,
                   "accuracy": accuracy, "accuracy_pruned": accuracy, "ratio": 1.0,
                   "macs": dense_macs, "params": dense_params, "wall_s": 0.0,
-                  "widths": conv_widths(dense)}
-                 for b in settings.backends[label] if (label, b, 1.0, "dense", 0) not in have]
+                  "widths": conv_widths(dense)} for b in missing]
     for backend in settings.backends[label]:
         todo = [(t, m, s) for t in settings.targets for m in settings.methods
                 for s in settings.seeds if (label, backend, t, m, s) not in have]

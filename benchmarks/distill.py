@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from cifar10 import HERE, limited
 
-from wgates.baselines import Context, extract_at, l1_ranked
+from wgates.baselines import extract_at, l1_ranked
 from wgates.data import make_loaders
 from wgates.extract import load_pruned
 from wgates.models import create_model
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     models = {str(p): load_pruned(create_model(args.model, info.num_classes), p)
               for p in args.pruned}
     if args.uniform:
-        ranked = l1_ranked(dense, inputs, Context(measure=None))
+        ranked = l1_ranked(dense, inputs)
         for x in args.uniform:
             models[f"uniform {x}"] = extract_at(ranked, dict.fromkeys(ranked.widths(), x))
     rows = []

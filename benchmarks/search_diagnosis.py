@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from cifar10 import HERE, limited, make_measure
+from cifar10 import HERE, conv_widths, limited, make_measure
 
 import wgates.search
 from wgates.data import make_loaders
@@ -21,7 +21,7 @@ from wgates.gated import gate
 from wgates.latency import LatencyStore, Protocol
 from wgates.models import create_model
 from wgates.predictor import fit_and_compare
-from wgates.search import closed_loop, search
+from wgates.search import LAMBDA_RATE, LatencyLoss, closed_loop, search
 from wgates.train import evaluate, train
 
 
@@ -46,14 +46,12 @@ def main(argv: list[str] | None = None) -> None:
                         "lets them travel in a search)")
     parser.add_argument("--ramp", type=float, default=0.0,
                         help="fraction of the search over which the aim moves to the target")
-    parser.add_argument("--lam-rate", type=float, default=None,
-                        help="override wgates.search.LAMBDA_RATE")
+    parser.add_argument("--lam-rate", type=float, default=LAMBDA_RATE,
+                        help="how fast the latency weight adapts per step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="append the JSON record to this file")
     args = parser.parse_args(argv)
 
-    if args.lam_rate is not None:
-        wgates.search.LAMBDA_RATE = args.lam_rate
     if args.offset_range is not None:
         wgates.search.OFFSET_RANGE = args.offset_range
     train_loader, val_loader, info = make_loaders(args.data, 128, subset=None)
@@ -72,8 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     gated.eval()
     record["initial_widths"] = gated.widths()
     start = time.perf_counter()
-    _, loss = search(gated, cost, args.target, train_loader, args.search_epochs, lr=args.lr,
-                     gate_lr=args.gate_lr, progress=True, ramp=args.ramp)
+    steps = args.search_epochs * len(train_loader)
+    loss = LatencyLoss(gated, cost, args.target, rate=args.lam_rate,
+                       ramp=round(args.ramp * steps))
+    search(gated, cost, args.target, train_loader, args.search_epochs, lr=args.lr,
+           gate_lr=args.gate_lr, progress=True, loss=loss)
     record["search_s"] = time.perf_counter() - start
     gated.eval()
     record["predicted_end_of_search"] = loss.trace[-1]
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     small, steps = closed_loop(gated, cost, measure, args.target)
     record["loop"] = [s.__dict__ for s in steps]
     record["extracted"] = evaluate(small, val_loader)
-    record["extracted_widths"] = [m.out_channels for m in small.modules()
-                                  if isinstance(m, torch.nn.Conv2d)]
+    record["extracted_widths"] = conv_widths(small)
     print(json.dumps(record), flush=True)
     # The same architecture, but cut from the dense weights: what did the search's weight
     # training do to the starting point of the fine-tune?

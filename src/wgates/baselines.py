@@ -128,10 +128,10 @@ def _loss(model: nn.Module, batches: list) -> torch.Tensor:
     return sum(F.cross_entropy(logits_of(model(x.to(device))), y.to(device)) for x, y in batches)
 
 
-def l1_ranked(model: nn.Module, inputs: tuple, ctx: Context) -> GatedModel:
+def l1_ranked(model: nn.Module, inputs: tuple, ignore: Ignore = ()) -> GatedModel:
     """A gated copy whose per-channel scores are the group's L1 norms (each coupled layer's
     filters RMS-normalised, so one layer's scale does not dominate), for `masks_for_widths`."""
-    gated = gate(model, inputs, ignore=ctx.ignore, kind="plain")
+    gated = gate(model, inputs, ignore=ignore, kind="plain")
     with torch.no_grad():
         for i, g in enumerate(gated.gates):
             g.value.copy_(gated._filter_rows(i).abs().sum(1))
@@ -156,7 +156,7 @@ def _bisect(build: Callable[[float], nn.Module], target: float, ctx: Context,
 @register_method("uniform")
 def uniform(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """The same kept fraction in every group, searched for the target."""
-    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx)
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore)
     return _bisect(lambda x: extract_at(gated, dict.fromkeys(gated.widths(), x)), target, ctx)
 
 
@@ -178,7 +178,7 @@ def sensitivity_weights(gated: GatedModel, batches: list) -> dict[str, float]:
 @register_method("l1")
 def l1(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """Li et al. (2017): L1 filter ranking, per-group ratios by sensitivity rank (see top)."""
-    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx)
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore)
     weights = sensitivity_weights(gated, _calibration(train_loader, ctx))
     # x = -1 takes every group to its minimum (every weight is >= 0.5), x = 1 prunes none.
     return _bisect(

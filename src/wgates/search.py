@@ -128,8 +128,7 @@ def search(
     search passes them in with their checkpointed state. `ramp`: the fraction of the search
     over which the latency aim moves from the dense model's down to `target`."""
     optimizers = optimizers or search_optimizers(gated, epochs * len(train_loader), lr, gate_lr)
-    loss = loss or LatencyLoss(gated, cost, target, rate=LAMBDA_RATE,
-                               ramp=round(ramp * epochs * len(train_loader)))
+    loss = loss or LatencyLoss(gated, cost, target, ramp=round(ramp * epochs * len(train_loader)))
 
     def extra() -> tuple[torch.Tensor, dict]:
         value, stats = loss()
