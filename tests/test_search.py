@@ -12,6 +12,7 @@ from wgates.gated import gate
 from wgates.latency import Meter, Protocol, get_backend
 from wgates.models import create_model
 from wgates.search import (
+    KnapsackSchedule,
     LatencyLoss,
     closed_loop,
     parse_target,
@@ -30,9 +31,9 @@ def macs_cost(gated):
     sizes = gated.sizes()
     area = torch.tensor([32 * 32, 16 * 16, 8 * 8, 8 * 8], dtype=torch.float32)
 
-    def macs(k):
-        cin = torch.cat([k.new_ones(1), k[:-1]])
-        return (cin * k * area).sum()
+    def macs(k):  # [..., n_groups], as the knapsack asks for batches of candidates
+        cin = torch.cat([torch.ones_like(k[..., :1]), k[..., :-1]], -1)
+        return (cin * k * area).sum(-1)
 
     dense = macs(sizes)
     return lambda kept: macs(kept.float()) / dense
@@ -110,13 +111,48 @@ def test_search_moves_widths_to_target():
     # gate_lr 0.02: at the pipeline's 0.05 one Adam step closes so many gates at once that
     # the prediction drops below 0.2 for a 0.5 target and does not come back (see report)
     history, loss = search(gated, cost, 0.5, tiny_loader(), epochs=3, gate_lr=0.02,
-                           progress=False)
+                           progress=False, allocation="gradient")
     with torch.no_grad():
         end = float(cost(gated.kept_counts()))
     assert len(history.epochs) == 3 and "pred" in history.epochs[-1]
     assert 0.2 <= end <= 0.65, (start, end, loss.trace[::4])
     assert len(loss.trace) == 3 * 4 and loss.trace[0] == pytest.approx(start)
     assert loss.lam != pytest.approx(1.0)
+
+
+def test_knapsack_search_ramps_to_target_and_trains_the_ranking():
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False)
+    cost = macs_cost(gated)
+    before = [gated.scores(i).detach().clone() for i in range(len(gated.groups))]
+    history, control = search(gated, cost, 0.5, tiny_loader(n=160), epochs=4, ramp=0.5,
+                              progress=False)  # 40 steps, ramp over 20, re-allocated every 2
+    assert isinstance(control, KnapsackSchedule)
+    assert control.aim() == pytest.approx(0.5) and control.step == 40
+    with torch.no_grad():
+        end = float(cost(gated.kept_counts()))
+    assert 0.4 <= end <= 0.5 + 1e-6, end
+    assert all(v > 0 for v in control.importance.updates)  # gate gradients were hooked
+    after = [gated.scores(i).detach() for i in range(len(gated.groups))]
+    assert any(not torch.allclose(a, b) for a, b in zip(before, after))  # gates learned
+    masks = gated.masks()  # exactly the allocated counts, the gates' top units
+    assert [int(m.sum()) for m in masks.values()] == control.kept
+    assert history.epochs[-1]["aim"] == pytest.approx(0.5)
+
+
+def test_knapsack_schedule_resumes_from_its_state():
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False)
+    cost = macs_cost(gated)
+    _, control = search(gated, cost, 0.5, tiny_loader(n=160), epochs=2, ramp=0.5,
+                        progress=False)
+    assert control.kept != [g.n_units for g in gated.channel_groups]
+    fresh = KnapsackSchedule(gated, cost, 0.5, steps=20, ramp=0.5)
+    fresh.load_state_dict(control.state_dict())
+    assert fresh.step == control.step and fresh.kept == control.kept
+    assert fresh.last_aim == control.last_aim == pytest.approx(0.5)
+    assert fresh.aim() == pytest.approx(control.aim())
+    assert [int(m.sum()) for m in gated.masks().values()] == control.kept
 
 
 # -- thresholding ------------------------------------------------------------------------

@@ -70,6 +70,10 @@ class Context:
     proxy_samples: int = 48  # configurations the FLOPs proxy is fitted on
     bisect_steps: int = 12
     progress: bool = False
+    distill: bool = False  # gate searches distil from the dense model (as the fine-tune does)
+    allocation: str = "knapsack"  # how a gate search sets the widths (wgates.search)
+    ramp: float | None = None  # fraction of the search over which the aim reaches the target
+    floor: float = 0.0  # no group below this fraction of its width during the search
 
 
 METHODS: dict[str, Method] = {}
@@ -238,10 +242,11 @@ def polarisation(gated: GatedModel) -> torch.Tensor:
 
 
 def polarised_search(gated: GatedModel, cost: Cost, target: float, train_loader, epochs: int,
-                     lr: float, gate_lr: float, progress: bool = False
+                     lr: float, gate_lr: float, progress: bool = False, **kwargs
                      ) -> tuple[History, LatencyLoss]:
     """`wgates.search.search` with GDP's polariser added to the loss and its eps annealed
-    every step (same optimisers, same adaptive latency term)."""
+    every step (same optimisers, same adaptive latency term: GDP moves the widths by the
+    latency gradient, so `allocation` is always "gradient" here)."""
     total = max(1, epochs * len(train_loader))
     step = itertools.count(1)
 
@@ -252,14 +257,16 @@ def polarised_search(gated: GatedModel, cost: Cost, target: float, train_loader,
         polar = polarisation(gated)
         return GDP_WEIGHT * polar, {"polar": polar.item(), "eps": eps}
 
+    kwargs["allocation"] = "gradient"
     return search(gated, cost, target, train_loader, epochs, lr=lr, gate_lr=gate_lr,
-                  progress=progress, regulariser=polariser)
+                  progress=progress, regulariser=polariser, **kwargs)
 
 
 def gate_method(model, example_inputs, train_loader, target: float, ctx: Context,
                 kind: str = "wgates", proxy: str | None = None,
-                trainer: Callable = search) -> nn.Module:
-    """Gate search of `kind` under `ctx.cost` (or a fitted `proxy`), then the closed loop."""
+                trainer: Callable = search, allocation: str | None = None) -> nn.Module:
+    """Gate search of `kind` under `ctx.cost` (or a fitted `proxy`), then the closed loop;
+    `allocation` overrides `ctx.allocation` (for the ablation of the paper's form)."""
     torch.manual_seed(ctx.seed)
     gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind=kind)
     cost = fit_proxy(gated, proxy, ctx.proxy_samples, ctx.seed) if proxy else ctx.cost
@@ -268,9 +275,12 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
     check_groups(cost, [g.name for g in gated.groups])
     if isinstance(cost, nn.Module):
         cost.requires_grad_(False)
-    trainer(gated, cost, target, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,
-            progress=ctx.progress)
-    small, _ = closed_loop(gated.eval(), cost, ctx.measure, target, ctx.tolerance)
+    _, control = trainer(
+        gated, cost, target, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,
+        progress=ctx.progress, allocation=allocation or ctx.allocation, ramp=ctx.ramp,
+        floor=ctx.floor, teacher=model if ctx.distill else None)
+    small, _ = closed_loop(gated.eval(), cost, ctx.measure, target, ctx.tolerance,
+                           propose=getattr(control, "masks_at", None))
     return small
 
 
@@ -278,3 +288,4 @@ register_method("wgates", partial(gate_method, kind="wgates"))
 register_method("plain", partial(gate_method, kind="plain"))
 register_method("gdp", partial(gate_method, kind="gdp", trainer=polarised_search))
 register_method("wgates-flops", partial(gate_method, kind="wgates", proxy="flops"))
+register_method("wgates-gradient", partial(gate_method, kind="wgates", allocation="gradient"))

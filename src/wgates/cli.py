@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from wgates.defaults import PRUNE
 from wgates.errors import WgatesError
 
 
@@ -271,19 +272,67 @@ def add_train(sub) -> None:
     _add_model_data_args(p)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the checkpoint <out>.ckpt written after every epoch")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> int:
+    """Dense training, checkpointed after every epoch to `<out>.ckpt` (model, optimizer,
+    epoch, history); `--resume` continues it if the settings match. At the end the weights
+    go to `<out>` (safetensors) and the history and settings to `<out>.json`."""
+    from pathlib import Path
+
+    import torch
     from safetensors.torch import save_file
 
-    from wgates.train import evaluate, train
+    from wgates.files import atomic_path, load_checkpoint, save_checkpoint, write_json
+    from wgates.train import evaluate, make_optimizer, train
 
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise WgatesError(f"--out {out} must end in .safetensors (plain tensors, no pickle)")
+    ckpt = out.with_name(out.name + ".ckpt")
+    settings = {k: getattr(args, k) for k in
+                ("model", "weights", "data", "batch_size", "subset", "epochs", "lr", "seed")}
+    if ckpt.exists() and not args.resume:
+        raise WgatesError(f"{ckpt} exists (an unfinished training): pass --resume to continue "
+                          "it, or delete it to start over")
+    blob = load_checkpoint(ckpt) if args.resume and ckpt.exists() else None
+    if blob is not None:
+        differ = {k: (blob["settings"].get(k), v) for k, v in settings.items()
+                  if blob["settings"].get(k) != v}
+        if differ:
+            raise WgatesError("--resume with other settings than the checkpoint's: " + ", ".join(
+                f"{k} was {a!r}, now {b!r}" for k, (a, b) in differ.items())
+                + f"; use the same ones, or delete {ckpt} to start over")
+    torch.manual_seed(args.seed)
     model, train_loader, val_loader, _ = _model_and_loaders(args)
-    train(model, train_loader, args.epochs, lr=args.lr, val_loader=val_loader)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, args.out)
-    print(f"wrote {args.out}: val accuracy {evaluate(model, val_loader):.4f}")
+    optimizer = make_optimizer(model.parameters(), args.lr)
+    history: list[dict] = []
+    start = 0
+    if blob is not None:
+        model.load_state_dict(blob["model"])
+        optimizer.load_state_dict(blob["optimizer"])
+        history, start = list(blob["history"]), int(blob["epoch"])
+        print(f"resuming {ckpt} after epoch {start}/{args.epochs}")
+
+    def checkpoint(epoch: int, record: dict) -> None:
+        history.append(record)
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch + 1, "history": history, "settings": settings}, ckpt)
+
+    train(model, train_loader, args.epochs, lr=args.lr, val_loader=val_loader,
+          optimizers=[optimizer], start_epoch=start, on_epoch_end=checkpoint)
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    accuracy = evaluate(model, val_loader)
+    write_json(out.with_suffix(".json"), {"settings": settings, "val_accuracy": accuracy,
+                                          "history": history})
+    ckpt.unlink(missing_ok=True)
+    print(f"wrote {out}: val accuracy {accuracy:.4f}")
     return 0
 
 
@@ -296,19 +345,29 @@ def add_prune(sub) -> None:
                    help="fraction of the dense measured latency (0.5) or a time (8ms)")
     p.add_argument("--backend", default="torch-cpu",
                    help="torch-cpu | onnxruntime-cpu | torch-cuda")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=PRUNE.threads,
+                   help="threads of the deployment, which latency is measured with")
     p.add_argument("--latency-batch", type=int, default=1, help="batch size of the deployment")
     p.add_argument("--dense-epochs", type=int, default=3,
                    help="dense training first, when no --weights are given")
-    p.add_argument("--epochs", type=int, default=2, help="gate search epochs")
-    p.add_argument("--finetune-epochs", type=int, default=2)
-    p.add_argument("--samples", type=int, default=40, help="latency samples for LPNet")
+    p.add_argument("--epochs", type=int, default=PRUNE.epochs, help="gate search epochs")
+    p.add_argument("--finetune-epochs", type=int, default=PRUNE.finetune_epochs)
+    p.add_argument("--samples", type=int, default=PRUNE.samples,
+                   help="measured variants LPNet is fitted on")
+    p.add_argument("--allocation", default=PRUNE.allocation, choices=["knapsack", "gradient"],
+                   help="how the search sets each group's width: a latency-aware knapsack "
+                   "over the whole network (default) or the paper's latency gradient")
+    p.add_argument("--ramp", type=float, default=PRUNE.ramp,
+                   help="fraction of the search over which the aim falls to the target")
+    p.add_argument("--floor", type=float, default=PRUNE.floor,
+                   help="no group below this fraction of its width")
     p.add_argument("--predictor", help="an LPNet file from `wgates fit-latency` (skips profiling)")
     p.add_argument("--proxy", default="latency", choices=["latency", "flops", "params"])
     p.add_argument("--gates", default="wgates", choices=["wgates", "plain"])
-    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
-                   help="fine-tune with knowledge distillation from the dense model (default: "
-                   "on; measured +1.7 and +4.0 points on ResNet-20, benchmarks/distill.py)")
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=PRUNE.distill,
+                   help="search and fine-tune with knowledge distillation from the dense model "
+                   "(default: on; measured +1.7 and +4.0 points on ResNet-20, "
+                   "benchmarks/distill.py)")
     p.add_argument("--run-dir", default="runs/prune")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --run-dir")
     p.add_argument("--seed", type=int, default=0)
@@ -333,6 +392,7 @@ def _run_prune(args) -> int:
         backend=args.backend, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
         run_dir=args.run_dir, proxy=args.proxy, kind=args.gates, samples=args.samples,
         predictor=args.predictor, threads=args.threads, distill=args.distill,
+        allocation=args.allocation, ramp=args.ramp, floor=args.floor,
         resume=args.resume, seed=args.seed,
     )
     print(f"\nmeasured on {args.backend}, batch {args.latency_batch}, target "

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 from tqdm import tqdm
 
 from wgates.errors import WgatesError
@@ -252,6 +252,25 @@ def subset_of(ds: Dataset, n: int | None) -> Dataset:
     return Subset(ds, np.linspace(0, len(ds) - 1, n).round().astype(int).tolist())
 
 
+class EpochShuffle(Sampler[int]):
+    """A fresh permutation each epoch, drawn from (seed, epoch) alone: a run resumed at epoch
+    k sees the same order as one that never stopped. `train` calls `set_epoch`, as it does
+    for torch's DistributedSampler."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 def make_loaders(
     spec: str,
     batch_size: int = 128,
@@ -287,11 +306,7 @@ def make_loaders(
             f"unknown data spec {spec!r}: use 'digits', 'cifar10:<root>' or 'imagefolder:<root>'"
         )
     common = {"batch_size": batch_size, "num_workers": workers, "persistent_workers": workers > 0}
-    train_loader = DataLoader(
-        subset_of(train, subset),
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
-        **common,
-    )
+    train = subset_of(train, subset)
+    train_loader = DataLoader(train, sampler=EpochShuffle(len(train), seed), **common)
     val_loader = DataLoader(subset_of(val, subset), shuffle=False, **common)
     return train_loader, val_loader, DataInfo(kind, len(classes), shape, classes)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 
 import torch
 from torch import nn
 
 from wgates.errors import WgatesError
-from wgates.gates import binarize, make_gate
+from wgates.gates import binarize, make_gate, top_k
 from wgates.groups import ChannelGroup, Ignore, as_input_tuple, find_groups, resolve_ignore
 
 
@@ -80,6 +81,8 @@ class GatedModel(nn.Module):
         )
         self.groups = [GroupView(self, i) for i in range(len(self.channel_groups))]
         self._fixed: dict[int, torch.Tensor] = {}
+        self._kept_units: dict[int, int] = {}
+        self.gate_grad_hook: Callable[[int, torch.Tensor], None] | None = None
         self._flat: torch.Tensor | None = None
         self._hook_ids: dict[str, list[int]] = {}
         self._install_hooks()
@@ -120,6 +123,8 @@ class GatedModel(nn.Module):
         for i in indices or range(len(self.channel_groups)):
             if i in self._fixed:
                 out.append(self._fixed[i])
+            elif i in self._kept_units:
+                out.append(top_k(self.scores(i), self._kept_units[i])[self._units(i)])
             else:
                 activate = getattr(self.gates[i], "activate", binarize)
                 out.append(activate(self.scores(i), self._min_units(i))[self._units(i)])
@@ -171,6 +176,18 @@ class GatedModel(nn.Module):
     def clear_masks(self) -> None:
         self._fixed.clear()
 
+    def set_kept_units(self, kept: Sequence[int] | None) -> None:
+        """Keep exactly `kept[i]` units of group i, the ones its gate ranks highest, chosen
+        anew every forward (gradients still reach the gates); None: the gates decide the
+        counts again. Fixed masks (`set_masks`) take precedence."""
+        self._kept_units.clear()
+        for i, k in enumerate(kept or ()):
+            g = self.channel_groups[i]
+            if not self._min_units(i) <= int(k) <= g.n_units:
+                raise WgatesError(f"{g.name}: {k} units outside [{self._min_units(i)}, "
+                                  f"{g.n_units}]")
+            self._kept_units[i] = int(k)
+
     def masks_for_widths(self, widths: Mapping[str, int]) -> dict[str, torch.Tensor]:
         """Masks keeping the `k` highest-scoring channels of each named group."""
         out = {}
@@ -192,6 +209,10 @@ class GatedModel(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         values = self.gate_values()
+        if self.gate_grad_hook is not None and torch.is_grad_enabled():
+            for i, v in enumerate(values):  # dL/dg per channel, e.g. for TaylorImportance
+                if v.requires_grad:
+                    v.register_hook(partial(self.gate_grad_hook, i))
         self._flat = torch.cat([values[0].new_ones(1), *values])
         try:
             return self.model(*args, **kwargs)

@@ -102,6 +102,17 @@ def binarize(scores: torch.Tensor, min_channels: int) -> torch.Tensor:
     return hard + (soft - soft.detach())  # exactly 0/1 forward: (s - s) is exactly 0
 
 
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Hard gates open on the `k` highest scores, with `binarize`'s straight-through gradient
+    centred between the k-th and the (k+1)-th score: the count is fixed from outside (by the
+    allocation), the gradient still teaches the gate which units deserve the places."""
+    ranked = scores.detach().sort(descending=True).values
+    tau = (ranked[k - 1] + ranked[k]) / 2 if k < len(ranked) else ranked[-1] - 1.0
+    hard = torch.zeros_like(scores).index_fill_(0, scores.detach().topk(k).indices, 1.0)
+    soft = torch.sigmoid((scores - tau) / SURROGATE_TEMPERATURE)
+    return hard + (soft - soft.detach())
+
+
 @register_gate("gdp")
 class PolarGate(nn.Module):
     """GDP's gate (Guo et al., 2021): g = x^2 / (x^2 + eps) per channel, a free parameter x.

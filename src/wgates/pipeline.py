@@ -19,14 +19,16 @@ import torch_pruning as tp
 from torch import nn
 from tqdm.auto import tqdm
 
+from wgates.defaults import PRUNE
 from wgates.errors import WgatesError
 from wgates.export import export_onnx
 from wgates.extract import load_pruned, save_pruned
+from wgates.files import load_checkpoint, save_checkpoint, write_json
 from wgates.gated import GatedModel, gate
 from wgates.groups import as_input_tuple
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, sample_widths
 from wgates.predictor import LatencyPredictor, check_groups, fit_and_compare
-from wgates.search import LatencyLoss, closed_loop, parse_target, search, search_optimizers
+from wgates.search import closed_loop, latency_control, parse_target, search, search_optimizers
 from wgates.train import evaluate, make_optimizer, train
 
 PROXIES = ("latency", "flops", "params")
@@ -103,7 +105,7 @@ class _Run:
 
     def save(self, **values) -> None:
         self.state.update(values)
-        self.state_file.write_text(json.dumps(self.state, indent=1, default=str))
+        write_json(self.state_file, self.state)
 
 
 def prune(
@@ -113,26 +115,32 @@ def prune(
     val_loader,
     target_latency: float | str = 0.5,
     backend: str = "torch-cpu",
-    epochs: int = 3,
-    finetune_epochs: int = 3,
+    epochs: int = PRUNE.epochs,
+    finetune_epochs: int = PRUNE.finetune_epochs,
     run_dir: str | Path = "runs/prune",
     proxy: str = "latency",
     kind: str = "wgates",
-    samples: int = 150,
+    samples: int = PRUNE.samples,
     predictor: str | Path | None = None,
-    threads: int = 1,
-    tolerance: float = 0.05,
-    lr: float = 0.01,
-    gate_lr: float = 0.05,
-    finetune_lr: float = 0.01,
-    distill: bool = True,
+    threads: int = PRUNE.threads,
+    tolerance: float = PRUNE.tolerance,
+    lr: float = PRUNE.lr,
+    gate_lr: float = PRUNE.gate_lr,
+    finetune_lr: float = PRUNE.finetune_lr,
+    distill: bool = PRUNE.distill,
+    allocation: str = PRUNE.allocation,
+    ramp: float = PRUNE.ramp,
+    floor: float = PRUNE.floor,
     resume: bool = False,
     export: bool = True,
     progress: bool = True,
     seed: int = 0,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
-    `backend`, keeping as much accuracy as the given epochs allow. See the module docstring."""
+    `backend`, keeping as much accuracy as the given epochs allow. See the module docstring.
+
+    `allocation`, `ramp`, `floor`: how the search sets the widths (`wgates.search`);
+    `distill`: the dense model teaches the search and the fine-tune."""
     if proxy not in PROXIES:
         raise WgatesError(f"proxy must be one of {PROXIES}, got {proxy!r}")
     torch.manual_seed(seed)
@@ -151,22 +159,27 @@ def prune(
         run.save(dense_ms=m.dense_ms, dense_accuracy=evaluate(dense, val_loader),
                  backend=backend, threads=threads, input_shapes=[list(x.shape) for x in inputs])
     target = parse_target(target_latency, run.state["dense_ms"])
-    run.save(target_ratio=target, target_latency=str(target_latency), proxy=proxy, kind=kind)
+    run.save(target_ratio=target, target_latency=str(target_latency), proxy=proxy, kind=kind,
+             allocation=allocation, ramp=ramp, floor=floor, distill=distill)
 
     gated = gate(model, inputs, kind=kind)
     cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress)
 
-    optimizers = search_optimizers(gated, epochs * len(train_loader), lr, gate_lr)
-    loss = LatencyLoss(gated, cost, target)
+    total = epochs * len(train_loader)
+    optimizers = search_optimizers(gated, total, lr, gate_lr)
+    control = latency_control(gated, cost, target, total, allocation, ramp, floor)
+    teacher = dense if distill else None
     _resumable_stage(
-        run, "search", {"model": gated, "loss": loss,
+        run, "search", {"model": gated, "loss": control,
                         **{f"optimizer{i}": o for i, o in enumerate(optimizers)}}, epochs,
         lambda **resume: search(gated, cost, target, train_loader, epochs, progress=progress,
-                                optimizers=optimizers, loss=loss, **resume))
+                                optimizers=optimizers, loss=control, teacher=teacher,
+                                **resume))
 
     pruned_dir = run.path / "pruned"
     if not (pruned_dir / "pruning.json").exists():
-        small, steps = closed_loop(gated.eval(), cost, measure, target, tolerance)
+        small, steps = closed_loop(gated.eval(), cost, measure, target, tolerance,
+                                   propose=getattr(control, "masks_at", None))
         run.save(loop=[asdict(s) for s in steps])
         save_pruned(small, pruned_dir)
     small = load_pruned(gated.plain_copy(), pruned_dir)  # the dense architecture, re-pruned
@@ -175,7 +188,7 @@ def prune(
     _resumable_stage(run, "finetune", {"model": small, "optimizer": optimizer}, finetune_epochs,
                      lambda **resume: train(
                          small, train_loader, finetune_epochs, val_loader=val_loader,
-                         optimizers=[optimizer], teacher=dense if distill else None,
+                         optimizers=[optimizer], teacher=teacher,
                          desc="fine-tune", progress=progress, **resume))
 
     finals = sorted(measure(small) for _ in range(3))  # the delivered figure: median of 3
@@ -209,7 +222,7 @@ def _resumable_stage(run: _Run, name: str, parts: dict, epochs: int, fit) -> Non
     file = run.path / f"{name}.pt"
     start = 0
     if file.exists():
-        blob = torch.load(file, weights_only=True)
+        blob = load_checkpoint(file)
         for key, part in parts.items():
             part.load_state_dict(blob["state"][key])
         start = int(blob["epoch"])
@@ -218,7 +231,7 @@ def _resumable_stage(run: _Run, name: str, parts: dict, epochs: int, fit) -> Non
 
     def checkpoint(epoch: int, record: dict) -> None:
         state = {key: part.state_dict() for key, part in parts.items()}
-        torch.save({"state": state, "epoch": epoch + 1}, file)
+        save_checkpoint({"state": state, "epoch": epoch + 1}, file)
         run.save(**{name: run.state.get(name, [])[:epoch] + [record]})
 
     fit(start_epoch=start, on_epoch_end=checkpoint)

@@ -1,19 +1,26 @@
 """Learning where to prune under a latency target, then closing the loop on the hardware.
 
-1. `search`: joint training of the gated model on task loss + latency loss. The latency loss
-   is `lam * (predicted_ratio / target - 1) ** 2`, differentiable in the gates' kept counts
-   through the cost model (LPNet, or a FLOPs / parameter-count net for the proxy ablation).
-   `lam` adapts every step, multiplicatively: `lam *= exp(rate * (predicted / target - 1))`:
-   it grows while the prediction is above the target and relaxes below it. The term is
-   two-sided so that an overshoot is pulled back. The gates' per-group offsets (how many
-   channels a group keeps) get their own Adam group with a learning rate that lets them cross
-   their range within the search and low momentum (beta1 0.5). Measured on the digits default
-   with a 0.5 target (2 epochs): a one-sided hinge with ordinary Adam ended at 0.27; this
-   settles at 0.49-0.52.
+1. `search`: joint training of the weights and the gates under the latency target, in one of
+   two modes (`ALLOCATIONS`):
+   - `knapsack` (default): the gates rank the filters inside each group (trained by the task
+     loss through the straight-through gradient) and the widths come from `wgates.allocate`,
+     a latency-aware allocation over the whole network on the cost model's marginal costs
+     and the measured Taylor importance of every unit. The aim falls from the dense model to
+     the target along a cubic over the first `ramp` of the steps (gradual pruning, Zhu &
+     Gupta 2017), then holds so the weights adapt to the final widths (`KnapsackSchedule`).
+   - `gradient`: the paper's form, the widths moved by a latency loss (`LatencyLoss`),
+     `lam * (predicted_ratio / target - 1) ** 2`, differentiable in the gates' kept counts
+     through the cost model (LPNet, or a FLOPs / parameter-count net for the proxy
+     ablation). `lam` adapts every step, multiplicatively: `lam *= exp(rate * (predicted /
+     target - 1))`: it grows while the prediction is above the target and relaxes below it.
+     The term is two-sided so that an overshoot is pulled back. The gates' per-group offsets
+     (how many channels a group keeps) get their own Adam group with a learning rate that
+     lets them cross their range within the search and low momentum (beta1 0.5).
 2. `closed_loop`: the extracted model is measured for real. While it misses the band
    [(1 - tolerance) * target, target], the gate scores are thresholded globally (closing the
    lowest-scoring open units, or reopening the highest-scoring closed ones) at the threshold
-   where the cost model, recalibrated by the last measurement, predicts the band's middle.
+   where the cost model, recalibrated by the last measurement, predicts the band's middle;
+   after a knapsack search the allocation is redone for that goal instead.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wgates.allocate import TaylorImportance, allocate
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel
 from wgates.train import History, make_optimizer, train
@@ -34,6 +42,8 @@ LAMBDA_INIT = 1.0
 LAMBDA_RATE = 0.05
 LAMBDA_RANGE = (1e-3, 1e3)
 OFFSET_RANGE = 10.0
+ALLOCATIONS = ("knapsack", "gradient")
+REALLOCATE_EVERY = 20  # steps between two knapsack allocations
 
 
 def parse_target(target: float | str, dense_ms: float) -> float:
@@ -88,6 +98,85 @@ class LatencyLoss:
         return loss, {"pred": predicted.item(), "lam": self.lam}
 
 
+class KnapsackSchedule:
+    """The widths of a knapsack search; call it once per training step (it adds no loss).
+
+    Every `every` steps of the ramp it re-allocates the widths for the current aim from the
+    importance measured so far (gate gradients, hooked into the gated model's forward). Once
+    an allocation has reached the target the counts hold, so that the weights adapt to the
+    final widths; the gates still choose which units fill them."""
+
+    def __init__(self, gated: GatedModel, cost: Cost, target: float, steps: int,
+                 ramp: float = 0.5, every: int = REALLOCATE_EVERY, floor: float = 0.0) -> None:
+        self.gated, self.cost, self.target = gated, cost, target
+        self.ramp_steps = max(1, round(ramp * steps))
+        self.every = min(every, max(1, self.ramp_steps // 10))  # >= 10 allocations a ramp
+        self.floor = floor
+        self.last_aim = 1.0
+        groups = gated.channel_groups
+        self.importance = TaylorImportance([gated._units(i) for i in range(len(groups))],
+                                           [g.n_units for g in groups])
+        self.step = 0
+        self.kept = [g.n_units for g in groups]
+        gated.gate_grad_hook = self.importance.add
+        gated.set_kept_units(self.kept)
+
+    def aim(self) -> float:
+        left = max(0.0, 1.0 - self.step / self.ramp_steps)
+        return self.target + (1.0 - self.target) * left ** 3
+
+    def kept_at(self, aim: float) -> list[int]:
+        """Units per group for a predicted cost of `aim`, from the current ranking."""
+        g = self.gated
+        with torch.no_grad():
+            order = [g.scores(i).argsort(descending=True).cpu() for i in range(len(g.groups))]
+        return allocate(
+            self.cost, [c.size for c in g.channel_groups], [c.n_units for c in g.channel_groups],
+            [g._min_units(i) for i in range(len(g.groups))], order,
+            [self.importance.get(i) for i in range(len(g.groups))], aim, self.floor)
+
+    def masks_at(self, aim: float) -> dict[str, torch.Tensor]:
+        """Masks (the gates' top units) for the allocation at a predicted cost of `aim`."""
+        kept = self.kept_at(aim)
+        groups = self.gated.channel_groups
+        return self.gated.masks_for_widths(
+            {c.name: min(c.size, round(k * c.size / c.n_units)) for c, k in zip(groups, kept)})
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "kept": list(self.kept), "last_aim": self.last_aim,
+                "importance": self.importance.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.kept = int(state["step"]), [int(k) for k in state["kept"]]
+        self.last_aim = float(state["last_aim"])
+        self.importance.load_state_dict(state["importance"])
+        self.gated.set_kept_units(self.kept)
+
+    def __call__(self) -> tuple[torch.Tensor, dict]:
+        if self.step % self.every == 0 and self.step > 0 and self.last_aim > self.target:
+            self.last_aim = self.aim()
+            self.kept = self.kept_at(self.last_aim)
+            self.gated.set_kept_units(self.kept)
+        self.step += 1
+        with torch.no_grad():
+            predicted = float(self.cost(self.gated.kept_counts()))
+        return torch.zeros(()), {"pred": predicted, "aim": self.aim()}
+
+
+def latency_control(gated: GatedModel, cost: Cost, target: float, steps: int,
+                    allocation: str = "knapsack", ramp: float | None = None,
+                    floor: float = 0.0) -> LatencyLoss | KnapsackSchedule:
+    """What steers the search to the target: the knapsack schedule or the latency loss.
+    `ramp` (fraction of the steps over which the aim falls to the target) defaults to 0.5
+    for the knapsack and 0 (the target from step one) for the latency loss."""
+    if allocation == "knapsack":
+        return KnapsackSchedule(gated, cost, target, steps, 0.5 if ramp is None else ramp,
+                                floor=floor)
+    if allocation == "gradient":
+        return LatencyLoss(gated, cost, target, ramp=round((ramp or 0.0) * steps))
+    raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+
+
 def search_optimizers(gated: GatedModel, steps: int, lr: float = 0.01,
                       gate_lr: float = 0.01) -> list[torch.optim.Optimizer]:
     """SGD for the weights; Adam for the gates, the offsets in a group of their own."""
@@ -117,18 +206,24 @@ def search(
     progress: bool = True,
     regulariser: Callable[[], tuple[torch.Tensor, dict]] | None = None,
     optimizers: list[torch.optim.Optimizer] | None = None,
-    loss: LatencyLoss | None = None,
-    ramp: float = 0.0,
+    loss: LatencyLoss | KnapsackSchedule | None = None,
+    allocation: str = "knapsack",
+    ramp: float | None = None,
+    floor: float = 0.0,
     **train_kwargs,
-) -> tuple[History, LatencyLoss]:
+) -> tuple[History, LatencyLoss | KnapsackSchedule]:
     """Train weights and gates jointly so that the predicted cost settles at `target`.
 
-    `regulariser`, called once per step, adds a term of its own (GDP's polariser).
-    `optimizers` (from `search_optimizers`) and `loss` are made here unless given: a resumed
-    search passes them in with their checkpointed state. `ramp`: the fraction of the search
-    over which the latency aim moves from the dense model's down to `target`."""
-    optimizers = optimizers or search_optimizers(gated, epochs * len(train_loader), lr, gate_lr)
-    loss = loss or LatencyLoss(gated, cost, target, ramp=round(ramp * epochs * len(train_loader)))
+    `allocation`, `ramp` and `floor`: see `latency_control`. `regulariser`, called once per
+    step, adds a term of its own (GDP's polariser). `optimizers` (from `search_optimizers`)
+    and `loss` (from `latency_control`) are made here unless given: a resumed search passes
+    them in with their checkpointed state. `train_kwargs` go to `wgates.train.train`
+    (`teacher=` distils from the dense model during the search)."""
+    steps = epochs * len(train_loader)
+    optimizers = optimizers or search_optimizers(gated, steps, lr, gate_lr)
+    if loss is None:
+        gated.clear_masks()
+        loss = latency_control(gated, cost, target, steps, allocation, ramp, floor)
 
     def extra() -> tuple[torch.Tensor, dict]:
         value, stats = loss()
@@ -192,10 +287,13 @@ def closed_loop(
     target: float,
     tolerance: float = 0.05,
     max_steps: int = 8,
+    propose: Callable[[float], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[nn.Module, list[LoopStep]]:
     """Extract, measure (`measure(model) -> (ratio, spread)`), correct, until the measured
     ratio lies in [(1 - tolerance) * target, target]. Returns the last extracted model and
-    the steps; the caller decides what a final miss means (it is reported, not hidden)."""
+    the steps; the caller decides what a final miss means (it is reported, not hidden).
+    `propose(goal)`: masks for a predicted cost `goal` (a knapsack search passes its own
+    allocation); by default the gate scores are thresholded globally."""
     aim = target * (1 - tolerance / 2)
     steps: list[LoopStep] = []
     masks, tau = gated.masks(), float("nan")  # first: the search's own decision
@@ -213,6 +311,10 @@ def closed_loop(
         if (1 - tolerance) * target <= ratio <= target:
             return model, steps
         gated.clear_masks()
-        tau = threshold_for(gated, cost, predicted * aim / ratio)  # recalibrated by measurement
-        masks = threshold_masks(gated, tau)
+        goal = predicted * aim / ratio  # the cost model, recalibrated by the measurement
+        if propose is None:
+            tau = threshold_for(gated, cost, goal)
+            masks = threshold_masks(gated, tau)
+        else:
+            tau, masks = goal, propose(goal)
     return best[1], steps

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from wgates.errors import WgatesError
+
 KD_TEMPERATURE = 4.0
 KD_ALPHA = 0.7
 
@@ -89,7 +91,10 @@ def train(
     if teacher is not None:
         teacher.eval()
     history = History()
+    sampler = getattr(train_loader, "sampler", None)
     for epoch in range(start_epoch, epochs):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         model.train()
         totals: dict[str, float] = {"loss": 0.0}
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
@@ -107,6 +112,11 @@ def train(
             if extra_loss is not None:
                 extra, stats = extra_loss()
                 loss = loss + extra
+            if not torch.isfinite(loss):
+                raise WgatesError(
+                    f"{desc}: the loss became {loss.item()} in epoch {epoch + 1}; the last "
+                    "finished epoch's checkpoint is kept: lower the learning rate and resume"
+                )
             for o in optimizers:
                 o.zero_grad(set_to_none=True)
             loss.backward()

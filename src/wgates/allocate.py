@@ -1,0 +1,105 @@
+"""How many channels each group keeps, decided over the whole network at once.
+
+The gates rank the filters inside a group (which go first); `allocate` decides how many go
+where, as a greedy knapsack on the latency predictor's marginal costs (HALP does the same on a
+lookup table): starting from full widths, it repeatedly closes the next unit (the open one the
+gate ranks lowest) of the group whose importance lost per unit of predicted latency saved is
+smallest, until the predictor reaches `aim`.
+
+Importance is the first-order Taylor estimate of what closing a unit costs the loss, averaged
+over steps (`TaylorImportance`): (dL/dg)^2 for the unit's gate g. The gate sits on the
+channel's output, so this is measured for closed units too (what reopening would gain), and
+values of different layers are in the same unit, the loss, so they can be compared.
+
+Why not the latency gradient alone: measured on ResNet-20 (docs/design.md), a search that
+moves the widths by the latency term drives the network to chance once the target tightens;
+the gates then allocate by latency alone and shut whole residual streams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+Cost = Callable[[torch.Tensor], torch.Tensor]  # kept counts [.., n_groups] -> latency ratio
+PROBE = 8  # marginal savings are measured over 1/PROBE of a group, so LPNet's wiggles average
+
+
+class TaylorImportance:
+    """Running mean of (dL/dg)^2 per unit of every group, fed by gate-gradient hooks."""
+
+    def __init__(self, units: Sequence[torch.Tensor], n_units: Sequence[int],
+                 decay: float = 0.98) -> None:
+        self.units = [u.cpu() for u in units]
+        self.values = [torch.zeros(n) for n in n_units]
+        self.decay = decay
+        self.updates = [0] * len(units)
+
+    def add(self, index: int, grad: torch.Tensor) -> None:
+        """`grad`: dL/dg per channel of group `index` for one step (summed into its units)."""
+        per_unit = torch.zeros_like(self.values[index]).index_add_(
+            0, self.units[index], grad.detach().float().cpu())
+        self.updates[index] += 1
+        # bias-corrected exponential mean: early steps are not pulled towards zero
+        d = self.decay
+        self.values[index].mul_(d).add_(per_unit.pow(2), alpha=1 - d)
+
+    def get(self, index: int) -> torch.Tensor:
+        n = self.updates[index]
+        return self.values[index] / (1 - self.decay ** n) if n else self.values[index]
+
+    def state_dict(self) -> dict:
+        return {"values": [v.clone() for v in self.values], "updates": list(self.updates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = [v.clone() for v in state["values"]]
+        self.updates = [int(n) for n in state["updates"]]
+
+
+def allocate(
+    cost: Cost,
+    sizes: Sequence[int],
+    n_units: Sequence[int],
+    min_units: Sequence[int],
+    order: Sequence[torch.Tensor],
+    importance: Sequence[torch.Tensor],
+    aim: float,
+    floor: float = 0.0,
+) -> list[int]:
+    """Units kept per group so that `cost` predicts at most `aim` (or as close as the minimum
+    widths allow). `order[i]`: group i's units, best first (the gate's ranking); `importance`:
+    per unit; `floor`: no group below this fraction of its units (at least `min_units`)."""
+    n = len(sizes)
+    kept = list(n_units)
+    lowest = [max(m, math.ceil(floor * u)) for m, u in zip(min_units, n_units)]
+    scale = torch.tensor([s / u for s, u in zip(sizes, n_units)], dtype=torch.float32)
+    ranked_value = [imp[o] for imp, o in zip(importance, order)]  # value of the k-th best unit
+    step = [max(1, u // 64) for u in n_units]  # wide groups close a few units per decision
+    with torch.no_grad():
+        while True:
+            counts = torch.tensor(kept, dtype=torch.float32) * scale
+            current = float(cost(counts))
+            if current <= aim:
+                return kept
+            movable = [i for i in range(n) if kept[i] - step[i] >= lowest[i]]
+            if not movable:
+                return kept
+            probes = []
+            for i in movable:
+                probe = max(step[i], min(kept[i] - lowest[i], n_units[i] // PROBE))
+                trial = counts.clone()
+                trial[i] -= probe * scale[i]
+                probes.append((trial, probe))
+            predicted = cost(torch.stack([t for t, _ in probes]))
+            choices = []
+            for i, (_, probe), pred in zip(movable, probes, predicted.tolist()):
+                saving = (current - pred) / probe * step[i]
+                lost = float(ranked_value[i][kept[i] - step[i]: kept[i]].sum())
+                if saving > 0:  # ties (no importance measured yet) go to the larger saving
+                    choices.append((lost / saving, -saving, i))
+            if not choices:  # nothing saves latency any more: the aim is out of reach
+                return kept
+            best = min(choices)[2]
+            kept[best] -= step[best]

@@ -1,0 +1,26 @@
+"""The one set of defaults `wgates.prune` and `wgates prune` share (imports nothing heavy, so
+the command line can read it while building its parser). Each is the setting that measured
+best; docs/design.md has the ablations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PruneDefaults:
+    epochs: int = 3  # gate-search epochs
+    finetune_epochs: int = 3
+    samples: int = 150  # measured variants LPNet is fitted on
+    allocation: str = "knapsack"  # how the search sets widths (wgates.search.ALLOCATIONS)
+    ramp: float = 0.5  # fraction of the search over which the aim falls to the target
+    floor: float = 0.0  # no group below this fraction of its width
+    distill: bool = True  # distil from the dense model in the search and the fine-tune
+    tolerance: float = 0.05
+    lr: float = 0.01
+    gate_lr: float = 0.05
+    finetune_lr: float = 0.01
+    threads: int = 1
+
+
+PRUNE = PruneDefaults()

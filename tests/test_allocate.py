@@ -1,0 +1,64 @@
+"""The knapsack allocation and the Taylor importance it reads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wgates.allocate import TaylorImportance, allocate
+
+
+def linear_cost(weights):
+    """Latency ratio = sum_i w_i * kept_i / size_i (w sums to 1): group i's channels cost w_i."""
+    w = torch.tensor(weights, dtype=torch.float32)
+    sizes = torch.tensor([8.0] * len(weights))
+    return lambda kept: (kept.float() / sizes * w).sum(-1)
+
+
+def run(cost, importance, aim, floor=0.0, n=8):
+    k = len(importance)
+    order = [torch.arange(n)] * k  # unit 0 ranked best
+    return allocate(cost, [n] * k, [n] * k, [1] * k, order,
+                    [torch.as_tensor(v, dtype=torch.float32) for v in importance], aim, floor)
+
+
+def test_meets_aim_and_keeps_important_groups():
+    cost = linear_cost([0.5, 0.5])
+    kept = run(cost, [[1.0] * 8, [0.01] * 8], aim=0.6)
+    assert float(cost(torch.tensor(kept) * 1.0)) <= 0.6 + 1e-6
+    assert kept[0] == 8 and kept[1] < 8  # the unimportant group goes first
+
+
+def test_prefers_the_cheaper_saving_per_importance():
+    # equal importance: the group whose channels cost more latency is pruned first
+    cost = linear_cost([0.8, 0.2])
+    kept = run(cost, [[1.0] * 8, [1.0] * 8], aim=0.7)
+    assert kept[0] < 8 and kept[1] == 8
+
+
+def test_value_follows_the_gate_order():
+    # the lowest-ranked units (by `order`) are the ones a group gives up first, so their
+    # importance is what the decision weighs: group 0's tail is worthless, group 1's is not
+    cost = linear_cost([0.5, 0.5])
+    tail_free = [1.0] * 4 + [0.0] * 4
+    kept = run(cost, [tail_free, [1.0] * 8], aim=0.75)
+    assert kept == [4, 8]
+
+
+def test_floor_and_unreachable_aim():
+    cost = linear_cost([0.5, 0.5])
+    kept = run(cost, [[1.0] * 8, [0.0] * 8], aim=0.01, floor=0.25)
+    assert kept == [2, 2]  # both at the floor: the aim cannot be met, nothing breaks it
+    assert run(cost, [[1.0] * 8, [1.0] * 8], aim=1.5) == [8, 8]
+
+
+def test_taylor_importance_sums_units_and_corrects_bias():
+    units = [torch.tensor([0, 0, 1]), torch.tensor([0, 1])]
+    imp = TaylorImportance(units, [2, 2], decay=0.9)
+    imp.add(0, torch.tensor([1.0, 2.0, -1.0]))
+    assert imp.get(0).tolist() == pytest.approx([9.0, 1.0])  # (1 + 2)^2, (-1)^2, unbiased
+    assert imp.get(1).tolist() == [0.0, 0.0]  # never fed
+    state = imp.state_dict()
+    other = TaylorImportance(units, [2, 2], decay=0.9)
+    other.load_state_dict(state)
+    assert other.get(0).tolist() == pytest.approx([9.0, 1.0])
