@@ -1,14 +1,22 @@
-"""Issue #6: accuracy against *measured* latency, W-Gates side by side with the alternatives.
+"""Accuracy against *measured* latency, W-Gates side by side with the alternatives.
 
 Every method in `wgates.baselines.METHODS` prunes the same dense model to the same fraction of
-its measured latency (batch 1), then gets the same fine-tune; accuracy, the re-measured latency
-ratio, MACs, parameters and the method's own wall time (without the shared fine-tune and the
-shared LPNet profiling) are tabulated and plotted. Dense models and latency profiles are cached
-under benchmarks/cache/ (not for git).
+its measured latency, then gets the same fine-tune; accuracy, the re-measured latency ratio,
+MACs, parameters and the method's own wall time (without the shared fine-tune and the shared
+LPNet profiling) are tabulated and plotted. Latency regimes are `backend@batch` (torch-cpu@1,
+torch-cpu@32, onnxruntime-cpu@1), one thread. With `budget_epochs`, every method gets the same
+training after the dense model: a gate method's search epochs count against it, a knob
+method fine-tunes for all of it. Dense models and latency profiles are cached under
+benchmarks/cache/ (not for git).
+
+The data: `--data cifar10:<root>` or the environment variable WGATES_CIFAR10=<root>, a
+CIFAR-10 ImageFolder tree (train/<class>/*.jpg, test/<class>/*.jpg) or a torchvision root
+holding cifar-10-batches-py (https://www.cs.toronto.edu/~kriz/cifar.html).
 
     python benchmarks/cifar10.py --quick          # ResNet-20, target 0.5, 1 seed, ~10 min
+    python benchmarks/cifar10.py --regime --dense-weights \
+        resnet20=benchmarks/weights/resnet20_cifar10.safetensors --resume   # issue 11's grid
     python benchmarks/cifar10.py --full           # 3 models x 3 targets x 3 seeds
-    python benchmarks/cifar10.py --quick --dense-weights resnet20=dense.safetensors
     python benchmarks/cifar10.py --full --resume     # skip the rows already in results/
 
 Each row also records the accuracy right after pruning (before the fine-tune) and the kept
@@ -36,7 +44,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from wgates.baselines import METHODS, Context
+from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import make_loaders, subset_of
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile
 from wgates.models import create_model
@@ -55,8 +63,8 @@ class Settings:
     targets: list[float]
     methods: list[str]
     seeds: list[int]
-    backends: dict[str, list[str]]  # model label -> latency backends
-    data: str = "cifar10:/root/.cache/cifar10"
+    backends: dict[str, list[str]]  # model label -> latency regimes, "backend" or "backend@batch"
+    data: str | None = None  # None: cifar10:$WGATES_CIFAR10
     subset: int | None = None  # training samples used (None: all)
     val_subset: int | None = None  # validation samples used (None: all)
     batch_size: int = 128
@@ -67,10 +75,14 @@ class Settings:
     dense_lr: float = 0.1
     search_epochs: int = 1
     finetune_epochs: int = 1
+    budget_epochs: int | None = None  # training after the dense model, search epochs included
     lr: float = 0.01
     gate_lr: float = 0.05
     finetune_lr: float = 0.01
-    distill: bool = False  # fine-tune with knowledge distillation from the dense model
+    distill: bool = False  # distil from the dense model (fine-tune, and gate searches)
+    allocation: str = "knapsack"  # how the gate searches set the widths
+    ramp: float | None = None
+    floor: float = 0.0
     tolerance: float = 0.05
     lpnet_samples: int = 150
     protocol_rounds: int = 60
@@ -79,6 +91,18 @@ class Settings:
 
     def protocol(self) -> Protocol:
         return Protocol(rounds=self.protocol_rounds, max_wait_s=self.max_wait_s)
+
+    def finetune_for(self, method: str) -> int:
+        """Fine-tune epochs of `method`: what the budget leaves after its search."""
+        if self.budget_epochs is None:
+            return self.finetune_epochs
+        return self.budget_epochs - (self.search_epochs if method in SEARCH_METHODS else 0)
+
+
+def regime(spec: str) -> tuple[str, int]:
+    """'torch-cpu@32' -> ('torch-cpu', 32); a bare backend name is batch 1."""
+    backend, _, batch = spec.partition("@")
+    return backend, int(batch or 1)
 
 
 CIFAR_MODELS = {m: {"spec": m} for m in ("resnet20", "resnet56", "mobilenetv2_cifar")}
@@ -89,6 +113,12 @@ MODES = {
         dense_epochs=2,
         search_epochs=1, finetune_epochs=1, lpnet_samples=24, protocol_rounds=20,
         max_wait_s=30.0, tolerance=0.08,
+    ),
+    "regime": Settings(  # issue 11: a dense model trained properly, full data, equal budgets
+        models={"resnet20": CIFAR_MODELS["resnet20"]}, targets=[0.5, 0.7],
+        methods=["wgates", "uniform", "l1", "tp-l2", "tp-taylor"], seeds=[0, 1, 2],
+        backends={"resnet20": ["torch-cpu@1", "torch-cpu@32", "onnxruntime-cpu@1"]},
+        search_epochs=3, budget_epochs=6, distill=True, lpnet_samples=150,
     ),
     "full": Settings(
         models=CIFAR_MODELS, targets=[0.7, 0.5, 0.35], methods=list(METHODS), seeds=[0, 1, 2],
@@ -103,7 +133,7 @@ def fingerprint(settings: Settings) -> dict:
     """The machine and software the numbers come from (latency is only valid there)."""
     import torch_pruning
 
-    backends = sorted({b for bs in settings.backends.values() for b in bs})
+    backends = sorted({regime(b)[0] for bs in settings.backends.values() for b in bs})
     return {
         **get_backend(backends[0]).fingerprint(),
         "backends": backends,
@@ -168,7 +198,8 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
 
 
 def row_key(row: dict) -> tuple:
-    return row["model"], row["backend"], row["target"], row["method"], row["seed"]
+    return (row["model"], row["backend"], row.get("batch", 1), row["target"], row["method"],
+            row["seed"])
 
 
 def conv_widths(model: nn.Module) -> list[int]:
@@ -177,49 +208,55 @@ def conv_widths(model: nn.Module) -> list[int]:
 
 def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: Path,
               shape: list[int], log=print, on_row=None, done: list[dict] = ()) -> list[dict]:
-    """Every (backend, target, method, seed) of one dense model: one row each; `on_row(rows)`
+    """Every (regime, target, method, seed) of one dense model: one row each; `on_row(rows)`
     after each, so that a long run's results are on disk as they come. Rows in `done` (a
     resumed run's) are kept and not run again."""
     train_loader, val_loader = loaders
-    inputs = (torch.randn(shape).to(settings.device),)
     rows = [r for r in done if r["model"] == label]
     have = {row_key(r) for r in rows}
-    missing = [b for b in settings.backends[label] if (label, b, 1.0, "dense", 0) not in have]
+    regimes = [regime(spec) for spec in settings.backends[label]]
+    missing = [(b, n) for b, n in regimes if (label, b, n, 1.0, "dense", 0) not in have]
     if missing:
-        dense_macs, dense_params = count(dense, inputs)
+        dense_inputs = (torch.randn(shape).to(settings.device),)
+        dense_macs, dense_params = count(dense, dense_inputs)
         accuracy = evaluate(dense, val_loader)
-        rows += [{"model": label, "backend": b, "target": 1.0, "method": "dense", "seed": 0,
-                  "accuracy": accuracy, "accuracy_pruned": accuracy, "ratio": 1.0,
+        rows += [{"model": label, "backend": b, "batch": n, "target": 1.0, "method": "dense",
+                  "seed": 0, "accuracy": accuracy, "accuracy_pruned": accuracy, "ratio": 1.0,
                   "macs": dense_macs, "params": dense_params, "wall_s": 0.0,
-                  "widths": conv_widths(dense)} for b in missing]
-    for backend in settings.backends[label]:
+                  "widths": conv_widths(dense)} for b, n in missing]
+    for backend, batch in regimes:
         todo = [(t, m, s) for t in settings.targets for m in settings.methods
-                for s in settings.seeds if (label, backend, t, m, s) not in have]
+                for s in settings.seeds if (label, backend, batch, t, m, s) not in have]
         if not todo:
             continue
+        at = [batch, *shape[1:]]
+        inputs = (torch.randn(at).to(settings.device),)
         start = time.perf_counter()
-        cost = latency_predictor(dense, shape, backend, settings,
-                                 cache / f"{label}_{backend}_{tuple(shape)}.sqlite")
-        log(f"{label} {backend}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
+        cost = latency_predictor(dense, at, backend, settings,
+                                 cache / f"{label}_{backend}_{tuple(at)}.sqlite")
+        log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
         measure = make_measure(dense, inputs, backend, settings.protocol())
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
                           lr=settings.lr, gate_lr=settings.gate_lr,
-                          tolerance=settings.tolerance, seed=seed)
+                          tolerance=settings.tolerance, seed=seed, distill=settings.distill,
+                          allocation=settings.allocation, ramp=settings.ramp,
+                          floor=settings.floor)
             torch.manual_seed(seed)
             start = time.perf_counter()
             small = METHODS[method](dense, inputs, train_loader, target, ctx)
             wall = time.perf_counter() - start
             before = evaluate(small, val_loader)
             torch.manual_seed(seed)
-            train(small, train_loader, settings.finetune_epochs, lr=settings.finetune_lr,
+            train(small, train_loader, settings.finetune_for(method), lr=settings.finetune_lr,
                   teacher=dense if settings.distill else None, desc=f"fine-tune {method}",
                   progress=False)
             macs, params = count(small, inputs)
-            row = {"model": label, "backend": backend, "target": target, "method": method,
-                   "seed": seed, "accuracy": evaluate(small, val_loader),
+            row = {"model": label, "backend": backend, "batch": batch, "target": target,
+                   "method": method, "seed": seed, "accuracy": evaluate(small, val_loader),
                    "accuracy_pruned": before, "ratio": measure(small)[0], "macs": macs,
-                   "params": params, "wall_s": wall, "widths": conv_widths(small)}
+                   "params": params, "wall_s": wall, "widths": conv_widths(small),
+                   "finetune_epochs": settings.finetune_for(method)}
             rows.append(row)
             log(json.dumps(row))
             if on_row is not None:
@@ -227,11 +264,16 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
     return rows
 
 
+def regime_label(row: dict) -> str:
+    """'torch-cpu@32' for rows that record their batch (older results: the backend alone)."""
+    return f"{row['backend']}@{row['batch']}" if "batch" in row else row["backend"]
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """Mean (and std of accuracy) over seeds per (model, backend, target, method)."""
+    """Mean (and std of accuracy) over seeds per (model, regime, target, method)."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["model"], r["backend"], r["target"], r["method"])].append(r)
+        groups[(r["model"], regime_label(r), r["target"], r["method"])].append(r)
     out = []
     for (model, backend, target, method), rs in groups.items():
         accs = [r["accuracy"] for r in rs]
@@ -244,6 +286,40 @@ def summarise(rows: list[dict]) -> list[dict]:
                                                               "wall_s")},
         })
     return out
+
+
+def paired(rows: list[dict], ours: str = "wgates") -> str:
+    """Per (model, regime, target): `ours` minus the best alternative (the knob method with
+    the highest mean), seed by seed, over the seeds both have; '' when there is none."""
+    summary = [s for s in summarise(rows) if s["method"] not in SEARCH_METHODS | {"dense"}]
+    lines = []
+    for key in sorted({(s["model"], s["backend"], s["target"]) for s in summary}):
+        alts = [s for s in summary if (s["model"], s["backend"], s["target"]) == key]
+        best = max(alts, key=lambda s: s["acc"])["method"]
+        by_seed = {(r["method"], r["seed"]): r["accuracy"] for r in rows
+                   if (r["model"], regime_label(r), r["target"]) == key}
+        seeds = sorted(s for m, s in by_seed if m == ours and (best, s) in by_seed)
+        if not seeds:
+            continue
+        diffs = [100 * (by_seed[(ours, s)] - by_seed[(best, s)]) for s in seeds]
+        spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]:.2f} | {best} | {len(seeds)} | "
+                     + " / ".join(f"{d:+.2f}" for d in diffs)
+                     + f" | {statistics.mean(diffs):+.2f} ± {spread:.2f} |")
+    if not lines:
+        return ""
+    return (f"{ours} minus the best alternative, paired by seed (points):\n\n"
+            "| model | regime | target | best alternative | seeds | per seed | mean ± std |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n")
+
+
+def widths_table(rows: list[dict]) -> str:
+    """Kept conv widths per row, where a method's allocation shows."""
+    lines = [f"| {r['model']} | {regime_label(r)} | {r['target']:.2f} | {r['method']} | "
+             f"{r['seed']} | {' '.join(map(str, r['widths']))} |"
+             for r in rows if "widths" in r]
+    return ("Kept conv widths per row:\n\n| model | regime | target | method | seed | widths |\n"
+            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n") if lines else ""
 
 
 def table(summary: list[dict]) -> str:
@@ -322,9 +398,14 @@ def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
         "Accuracy after the same fine-tune for every method; mean ± std over seeds; 'before "
         "fine-tune': right after the method (for the gate methods, after their search). Latency "
         "ratio: re-measured after fine-tuning, interleaved with the dense model. Method wall "
-        "time excludes the shared fine-tune and the shared LPNet profiling.\n\n"
-        + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
-        + f"\n## Machine\n\n```json\n{json.dumps(fingerprint(settings), indent=1)}\n```\n"
+        "time excludes the shared fine-tune and the shared LPNet profiling. "
+        + ("" if settings.budget_epochs is None else
+           f"Budget: {settings.budget_epochs} epochs after the dense model for every method "
+           f"({settings.search_epochs} of them search epochs for the gate methods). ")
+        + f"Distillation from the dense model: {'on' if settings.distill else 'off'}.\n\n"
+        + paired(rows) + "".join(f"![{p.stem}]({p.name})\n" for p in plots)
+        + f"\n{widths_table(rows)}## Machine\n\n"
+        f"```json\n{json.dumps(fingerprint(settings), indent=1)}\n```\n"
         f"\n## Settings\n\n```json\n{settings_json}\n```\n"
     )
     md = out / f"{name}.md"
@@ -375,12 +456,29 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     return config
 
 
+def data_spec(given: str | None, parser: argparse.ArgumentParser) -> str:
+    """--data, else cifar10:$WGATES_CIFAR10; neither: say where the data comes from."""
+    if given:
+        return given
+    root = os.environ.get("WGATES_CIFAR10")
+    if root:
+        return f"cifar10:{os.path.expanduser(root)}"
+    parser.error("no data: pass --data cifar10:<root> or set WGATES_CIFAR10=<root> (a CIFAR-10 "
+                 "ImageFolder tree or a torchvision root with cifar-10-batches-py; see the "
+                 "README, 'Benchmarks')")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smoke: ResNet-20, 0.5, 1 seed")
+    mode.add_argument("--regime", action="store_true",
+                      help="issue 11: ResNet-20, 3 latency regimes, 0.5 and 0.7, 3 seeds, "
+                      "6 epochs after the dense model")
     mode.add_argument("--full", action="store_true", help="3 models x 3 targets x 3 seeds")
-    parser.add_argument("--data", default=None, help="data spec (default the CIFAR-10 copy)")
+    parser.add_argument("--data", default=None,
+                        help="data spec, e.g. cifar10:~/cifar10 (default: cifar10:"
+                        "$WGATES_CIFAR10)")
     parser.add_argument("--dense-weights", action="append", default=[], metavar="MODEL=PATH",
                         help="reuse a trained dense model (repeatable)")
     parser.add_argument("--methods", default=None, help="comma-separated subset of "
@@ -393,10 +491,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in <out>/<name>.json and run only the rest")
     args = parser.parse_args(argv)
-    name = "full" if args.full else "quick"
+    name = "full" if args.full else "regime" if args.regime else "quick"
     settings = Settings(**apply_overrides(dict(vars(copy.deepcopy(MODES[name]))), args.set))
-    if args.data:
-        settings.data = args.data
+    settings.data = data_spec(args.data or settings.data, parser)
     if args.methods:
         settings.methods = args.methods.split(",")
         unknown = set(settings.methods) - set(METHODS)

@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from cifar10 import HERE, limited
+from cifar10 import HERE, data_spec, limited
 
 from wgates.baselines import extract_at, l1_ranked
 from wgates.data import make_loaders
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--dense-weights", required=True)
-    parser.add_argument("--data", default="cifar10:/root/.cache/cifar10")
+    parser.add_argument("--data", help="data spec (default: cifar10:$WGATES_CIFAR10)")
     parser.add_argument("--pruned", action="append", default=[], type=Path,
                         help="a saved pruned model (e.g. a run's pruned/ directory)")
     parser.add_argument("--uniform", action="append", default=[], type=float,
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", type=Path, default=HERE / "results" / "distill.json")
     args = parser.parse_args(argv)
+    args.data = data_spec(args.data, parser)
 
     train_loader, val_loader, info = make_loaders(args.data, 128, subset=None)
     train_loader = limited(train_loader, args.subset, shuffle=True)

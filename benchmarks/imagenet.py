@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     args = parser.parse_args(argv)
     settings = load_settings(args.config, args.set, args.data)
+    if not settings.data:
+        parser.error("no data: pass --data <ImageNet root with train/ and val/>")
     md = run(settings, {}, args.out, args.name, args.cache, "ImageNet")
     print(md.read_text())
 

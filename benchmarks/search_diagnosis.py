@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from cifar10 import HERE, conv_widths, limited, make_measure
+from cifar10 import HERE, conv_widths, data_spec, limited, make_measure
 
 import wgates.search
 from wgates.data import make_loaders
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--dense-weights", required=True)
-    parser.add_argument("--data", default="cifar10:/root/.cache/cifar10")
+    parser.add_argument("--data", help="data spec (default: cifar10:$WGATES_CIFAR10)")
     parser.add_argument("--profile", type=Path,
                         default=HERE / "cache" / "resnet20_torch-cpu_(1, 3, 32, 32).sqlite",
                         help="latency profile of the model (benchmarks/cifar10.py caches one)")
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="append the JSON record to this file")
     args = parser.parse_args(argv)
+    args.data = data_spec(args.data, parser)
 
     if args.offset_range is not None:
         wgates.search.OFFSET_RANGE = args.offset_range

@@ -67,12 +67,18 @@ def test_imagenet_smoke(tmp_path):
     assert all(r["ratio"] < 1.0 for r in rows if r["method"] != "dense")
 
 
-def test_pivot_and_resume_keys():
+def cifar10_module():
     sys.path.insert(0, str(BENCH))
     try:
-        from cifar10 import pivot, row_key, summarise
+        import cifar10
     finally:
         sys.path.remove(str(BENCH))
+    return cifar10
+
+
+def test_pivot_and_resume_keys():
+    c = cifar10_module()
+    pivot, row_key, summarise = c.pivot, c.row_key, c.summarise
     rows = [{"model": "m", "backend": "b", "target": t, "method": k, "seed": s,
              "accuracy": a, "ratio": t, "macs": 1, "params": 1, "wall_s": 0.0}
             for t, k, s, a in [(1.0, "dense", 0, 0.9), (0.5, "x", 0, 0.6), (0.5, "x", 1, 0.4),
@@ -82,3 +88,31 @@ def test_pivot_and_resume_keys():
     assert "dense" not in text.split("\n", 3)[3]
     assert pivot(summarise(rows[:2])) == ""  # one target: no pivot
     assert len({row_key(r) for r in rows}) == 4
+
+
+def test_budget_regimes_and_paired_differences():
+    c = cifar10_module()
+    settings = c.MODES["regime"]
+    assert settings.finetune_for("wgates") == 3 and settings.finetune_for("uniform") == 6
+    assert c.regime("torch-cpu@32") == ("torch-cpu", 32) and c.regime("torch-cpu") == (
+        "torch-cpu", 1)
+    rows = [{"model": "m", "backend": "b", "batch": 32, "target": 0.5, "method": k, "seed": s,
+             "accuracy": a, "ratio": 0.5, "macs": 1, "params": 1, "wall_s": 0.0,
+             "widths": [4, 8]}
+            for k, s, a in [("wgates", 0, 0.80), ("wgates", 1, 0.82), ("uniform", 0, 0.78),
+                            ("uniform", 1, 0.79), ("l1", 0, 0.70), ("wgates", 2, 0.9)]]
+    text = c.paired(rows)
+    # best alternative by mean is uniform; seeds 0 and 1 are paired, seed 2 has no partner
+    assert "| m | b@32 | 0.50 | uniform | 2 | +2.00 / +3.00 | +2.50 ± 0.71 |" in text
+    assert c.row_key(rows[0]) != c.row_key({**rows[0], "batch": 1})
+    assert "| m | b@32 | 0.50 | wgates | 0 | 4 8 |" in c.widths_table(rows)
+
+
+def test_data_comes_from_argument_or_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("WGATES_CIFAR10", raising=False)
+    result = run("cifar10.py", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 2 and "WGATES_CIFAR10" in result.stderr
+    c = cifar10_module()
+    monkeypatch.setenv("WGATES_CIFAR10", "/some/where")
+    assert c.data_spec(None, None) == "cifar10:/some/where"
+    assert c.data_spec("digits", None) == "digits"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -108,3 +110,52 @@ def test_usage_errors_exit_2(args, capsys):
         main(args)
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["banana", "-1", "1.5", "0ms"])
+def test_bad_target_is_refused_before_any_work(target, tmp_path, capsys):
+    import time
+
+    run_dir = tmp_path / "run"
+    start = time.perf_counter()
+    code = main(["prune", "--target-latency", target, "--run-dir", str(run_dir)])
+    assert code == 2 and time.perf_counter() - start < 5  # no dense training, no measuring
+    err = capsys.readouterr().err
+    assert err.startswith("wgates: error: target latency") and "Traceback" not in err
+    assert not run_dir.exists()  # nothing left that would block the next run
+
+
+def test_train_resumes_exactly_and_refuses_other_settings(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    import wgates.train
+
+    def args(out, *more):
+        return ["train", "--model", "small_cnn", "--data", "digits", "--subset", "96",
+                "--batch-size", "32", "--epochs", "2", "--out", str(out), *more]
+
+    whole = tmp_path / "whole.safetensors"
+    assert main(args(whole)) == 0
+    assert not whole.with_name(whole.name + ".ckpt").exists()  # finished: checkpoint gone
+    record = json.loads(whole.with_suffix(".json").read_text())
+    assert [r["epoch"] for r in record["history"]] == [1, 2]
+
+    real_train = wgates.train.train
+
+    def stopped_after_epoch_1(*a, on_epoch_end, **k):
+        def hook(epoch, rec):
+            on_epoch_end(epoch, rec)
+            raise KeyboardInterrupt  # the stop comes right after the checkpoint
+        return real_train(*a, on_epoch_end=hook, **k)
+
+    cut = tmp_path / "cut.safetensors"
+    monkeypatch.setattr(wgates.train, "train", stopped_after_epoch_1)
+    assert main(args(cut)) == 130 and not cut.exists()
+    monkeypatch.setattr(wgates.train, "train", real_train)
+    assert main(args(cut)) == 2  # a checkpoint is there: refuse to overwrite it silently
+    assert "--resume" in capsys.readouterr().err
+    assert main(args(cut, "--lr", "0.5", "--resume")) == 2
+    assert "lr was 0.1, now 0.5" in capsys.readouterr().err
+    assert main(args(cut, "--resume")) == 0
+    a, b = load_file(whole), load_file(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same result as the unstopped run

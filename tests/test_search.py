@@ -3,6 +3,8 @@ loop on a real measured backend."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -69,6 +71,13 @@ def test_parse_target_fraction_and_time():
 def test_parse_target_rejects(bad):
     with pytest.raises(WgatesError):
         parse_target(bad, 16.0)
+
+
+@pytest.mark.parametrize("bad", ["banana", "-1", "1.0", "0", "-3ms", "0ms"])
+def test_parse_target_refuses_before_measuring(bad):
+    with pytest.raises(WgatesError):
+        parse_target(bad)
+    assert math.isnan(parse_target("8ms")) and parse_target("0.4") == 0.4
 
 
 # -- latency loss ------------------------------------------------------------------------

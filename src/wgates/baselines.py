@@ -15,9 +15,10 @@ reaches it. Fine-tuning is not part of a method: the benchmark gives every metho
   `GroupMagnitudeImportance(p=1|2)` or `TaylorImportance` (gradients of one calibration
   batch); its `pruning_ratio` is searched for the target.
 - `wgates` (ours), `plain` (weight-independent gates), `wgates-flops` (W-Gates with a fitted
-  FLOPs proxy instead of LPNet), `gdp` (GDP-style polarised gates, Guo et al. 2021, under the
-  same latency term): gate search (`wgates.search.search`) for `ctx.epochs`, then the measured
-  closed loop (`wgates.search.closed_loop`).
+  FLOPs proxy instead of LPNet), `wgates-gradient` (widths moved by the latency gradient, the
+  paper's form, instead of the knapsack), `gdp` (GDP-style polarised gates, Guo et al. 2021,
+  under the same latency term): gate search (`wgates.search.search`) for `ctx.epochs`, then
+  the measured closed loop (`wgates.search.closed_loop`).
 
 The scalar knobs of the first five share one routine, `match_latency`.
 """
@@ -77,14 +78,18 @@ class Context:
 
 
 METHODS: dict[str, Method] = {}
+SEARCH_METHODS: set[str] = set()  # methods that train (a gate search): epochs count for them
 
 
-def register_method(name: str, fn: Method | None = None):
-    """Add `fn` (or the decorated function) to `METHODS` under `name`."""
+def register_method(name: str, fn: Method | None = None, searches: bool = False):
+    """Add `fn` (or the decorated function) to `METHODS` under `name`; `searches`: it trains
+    for `Context.epochs`, which a fixed training budget has to count."""
     def add(f: Method) -> Method:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = f
+        if searches:
+            SEARCH_METHODS.add(name)
         return f
 
     return add if fn is None else add(fn)
@@ -284,8 +289,11 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
     return small
 
 
-register_method("wgates", partial(gate_method, kind="wgates"))
-register_method("plain", partial(gate_method, kind="plain"))
-register_method("gdp", partial(gate_method, kind="gdp", trainer=polarised_search))
-register_method("wgates-flops", partial(gate_method, kind="wgates", proxy="flops"))
-register_method("wgates-gradient", partial(gate_method, kind="wgates", allocation="gradient"))
+for _name, _method in {
+    "wgates": partial(gate_method, kind="wgates"),
+    "plain": partial(gate_method, kind="plain"),
+    "gdp": partial(gate_method, kind="gdp", trainer=polarised_search),
+    "wgates-flops": partial(gate_method, kind="wgates", proxy="flops"),
+    "wgates-gradient": partial(gate_method, kind="wgates", allocation="gradient"),
+}.items():
+    register_method(_name, _method, searches=True)

@@ -378,8 +378,10 @@ def _run_prune(args) -> int:
     import torch
 
     from wgates.pipeline import prune
+    from wgates.search import parse_target
     from wgates.train import train
 
+    parse_target(args.target_latency)  # refused before any training or measuring
     torch.manual_seed(args.seed)
     model, train_loader, val_loader, info = _model_and_loaders(args)
     if args.weights is None and args.dense_epochs > 0:

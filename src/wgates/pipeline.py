@@ -28,7 +28,14 @@ from wgates.gated import GatedModel, gate
 from wgates.groups import as_input_tuple
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, sample_widths
 from wgates.predictor import LatencyPredictor, check_groups, fit_and_compare
-from wgates.search import closed_loop, latency_control, parse_target, search, search_optimizers
+from wgates.search import (
+    ALLOCATIONS,
+    closed_loop,
+    latency_control,
+    parse_target,
+    search,
+    search_optimizers,
+)
 from wgates.train import evaluate, make_optimizer, train
 
 PROXIES = ("latency", "flops", "params")
@@ -143,6 +150,9 @@ def prune(
     `distill`: the dense model teaches the search and the fine-tune."""
     if proxy not in PROXIES:
         raise WgatesError(f"proxy must be one of {PROXIES}, got {proxy!r}")
+    if allocation not in ALLOCATIONS:
+        raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    parse_target(target_latency)  # its form and range, before any work or run directory
     torch.manual_seed(seed)
     run = _Run(Path(run_dir), resume)
     inputs = as_input_tuple(example_inputs)

@@ -46,20 +46,31 @@ ALLOCATIONS = ("knapsack", "gradient")
 REALLOCATE_EVERY = 20  # steps between two knapsack allocations
 
 
-def parse_target(target: float | str, dense_ms: float) -> float:
-    """'0.5' or 0.5 -> a fraction of the dense latency; '8ms' -> 8 / dense_ms."""
+def parse_target(target: float | str, dense_ms: float | None = None) -> float:
+    """'0.5' or 0.5 -> a fraction of the dense latency; '8ms' -> 8 / dense_ms.
+
+    With `dense_ms=None` only what needs no measurement is checked (the form, a fraction's
+    range, a positive time), so bad input is refused before any work; the fraction a time
+    stands for is then nan."""
     text = str(target).strip().lower()
+    is_time = text.endswith("ms")
     try:
-        ratio = float(text[:-2]) / dense_ms if text.endswith("ms") else float(text)
+        value = float(text[:-2] if is_time else text)
     except ValueError:
         raise WgatesError(
             f"target latency {target!r}: give a fraction of the dense latency (0.5) or a "
             "time (8ms)"
         ) from None
+    if is_time and not value > 0:
+        raise WgatesError(f"target latency {target!r}: a time must be positive, e.g. 8ms")
+    if is_time and dense_ms is None:
+        return math.nan
+    ratio = value / dense_ms if is_time else value
     if not 0 < ratio < 1:
+        of = f"the dense model's measured {dense_ms:.3f} ms" if is_time else "it"
         raise WgatesError(
-            f"target latency {target!r} is {ratio:.3f} of the dense model's measured "
-            f"{dense_ms:.3f} ms: it must lie strictly between 0 and 1 of it"
+            f"target latency {target!r} is {ratio:.3f} of the dense latency: it must lie "
+            f"strictly between 0 and 1 of {of} (at or above 1 there is nothing to prune)"
         )
     return ratio
 
