@@ -62,3 +62,15 @@ def test_taylor_importance_sums_units_and_corrects_bias():
     other = TaylorImportance(units, [2, 2], decay=0.9)
     other.load_state_dict(state)
     assert other.get(0).tolist() == pytest.approx([9.0, 1.0])
+
+
+def test_a_cost_for_one_vector_at_a_time_works_too():
+    batched = linear_cost([0.8, 0.2])
+
+    def single(kept):
+        if kept.dim() != 1:
+            raise RuntimeError("one configuration at a time")
+        return batched(kept)
+
+    importance = [[1.0] * 8, [1.0] * 8]
+    assert run(single, importance, aim=0.7) == run(batched, importance, aim=0.7)

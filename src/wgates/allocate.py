@@ -92,7 +92,7 @@ def allocate(
                 trial = counts.clone()
                 trial[i] -= probe * scale[i]
                 probes.append((trial, probe))
-            predicted = cost(torch.stack([t for t, _ in probes]))
+            predicted = _each(cost, torch.stack([t for t, _ in probes]))
             choices = []
             for i, (_, probe), pred in zip(movable, probes, predicted.tolist()):
                 saving = (current - pred) / probe * step[i]
@@ -103,3 +103,15 @@ def allocate(
                 return kept
             best = min(choices)[2]
             kept[best] -= step[best]
+
+
+def _each(cost: Cost, rows: torch.Tensor) -> torch.Tensor:
+    """`cost` of every row: one batched call (LPNet takes batches), or one call per row for
+    a cost written for a single vector."""
+    try:
+        out = cost(rows)
+        if out.shape == (len(rows),):
+            return out
+    except RuntimeError:
+        pass
+    return torch.stack([cost(r).reshape(()) for r in rows])
