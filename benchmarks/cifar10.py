@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import make_loaders, subset_of
-from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile
+from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, settled
 from wgates.models import create_model
 from wgates.pipeline import count
 from wgates.predictor import fit_and_compare
@@ -254,7 +254,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
             macs, params = count(small, inputs)
             row = {"model": label, "backend": backend, "batch": batch, "target": target,
                    "method": method, "seed": seed, "accuracy": evaluate(small, val_loader),
-                   "accuracy_pruned": before, "ratio": measure(small)[0], "macs": macs,
+                   "accuracy_pruned": before, "ratio": settled(measure, small)[0], "macs": macs,
                    "params": params, "wall_s": wall, "widths": conv_widths(small),
                    "finetune_epochs": settings.finetune_for(method)}
             rows.append(row)
@@ -446,6 +446,18 @@ def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache
     return write_results(rows, settings, out, name, command, dataset)
 
 
+def merged(files: list[Path]) -> list[dict]:
+    """The rows of several results files, each (model, regime, target, method, seed) once
+    (the first file that has it wins)."""
+    rows, seen = [], set()
+    for file in files:
+        for row in json.loads(file.read_text()):
+            if row_key(row) not in seen:
+                seen.add(row_key(row))
+                rows.append(row)
+    return rows
+
+
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
     """`--set key=JSON` items applied to a dict of Settings fields."""
     for item in overrides:
@@ -490,6 +502,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="results file name (default cifar10_<mode>)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in <out>/<name>.json and run only the rest")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="NAME",
+                        help="only combine the rows of these results files (e.g. of two runs "
+                        "side by side, one thread each) into <name>, and write it")
     args = parser.parse_args(argv)
     name = "full" if args.full else "regime" if args.regime else "quick"
     settings = Settings(**apply_overrides(dict(vars(copy.deepcopy(MODES[name]))), args.set))
@@ -500,6 +515,13 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     weights = dict(w.split("=", 1) for w in args.dense_weights)
+    if args.merge:
+        rows = merged([args.out / f"{n}.json" for n in args.merge])
+        command = shlex.join([Path(sys.executable).name, *sys.argv])
+        md = write_results(rows, settings, args.out, args.name or f"cifar10_{name}", command,
+                           "CIFAR-10")
+        print(md.read_text())
+        return
     md = run(settings, weights, args.out, args.name or f"cifar10_{name}", args.cache, "CIFAR-10",
              args.resume)
     print(md.read_text())

@@ -116,3 +116,14 @@ def test_data_comes_from_argument_or_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("WGATES_CIFAR10", "/some/where")
     assert c.data_spec(None, None) == "cifar10:/some/where"
     assert c.data_spec("digits", None) == "digits"
+
+
+def test_merge_keeps_each_row_once(tmp_path):
+    c = cifar10_module()
+    row = {"model": "m", "backend": "b", "batch": 1, "target": 0.5, "method": "x", "seed": 0,
+           "accuracy": 0.5}
+    (tmp_path / "a.json").write_text(json.dumps([row]))
+    (tmp_path / "b.json").write_text(json.dumps([{**row, "accuracy": 0.9},
+                                                 {**row, "method": "y"}]))
+    rows = c.merged([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [(r["method"], r["accuracy"]) for r in rows] == [("x", 0.5), ("y", 0.5)]

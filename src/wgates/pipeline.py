@@ -26,7 +26,15 @@ from wgates.extract import load_pruned, save_pruned
 from wgates.files import load_checkpoint, save_checkpoint, write_json
 from wgates.gated import GatedModel, gate
 from wgates.groups import as_input_tuple
-from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, sample_widths
+from wgates.latency import (
+    LatencyStore,
+    Meter,
+    Protocol,
+    get_backend,
+    profile,
+    sample_widths,
+    settled,
+)
 from wgates.predictor import LatencyPredictor, check_groups, fit_and_compare
 from wgates.search import (
     ALLOCATIONS,
@@ -201,8 +209,7 @@ def prune(
                          optimizers=[optimizer], teacher=teacher,
                          desc="fine-tune", progress=progress, **resume))
 
-    finals = sorted(measure(small) for _ in range(3))  # the delivered figure: median of 3
-    final_ratio, spread = finals[1]
+    final_ratio, spread = settled(measure, small)
     macs, params = count(small, inputs)
     dense_macs, dense_params = count(dense, inputs)
     widths = {n: len(k) for n, k in small.wgates_plan.kept.items()}

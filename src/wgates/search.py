@@ -35,6 +35,7 @@ from torch import nn
 from wgates.allocate import TaylorImportance, allocate
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel
+from wgates.latency import settled
 from wgates.train import History, make_optimizer, train
 
 Cost = Callable[[torch.Tensor], torch.Tensor]  # kept counts -> cost relative to dense
@@ -314,6 +315,8 @@ def closed_loop(
         gated.set_masks(masks)
         model = gated.extract()
         ratio, spread = measure(model)
+        if (1 - tolerance) * target <= ratio <= target:  # confirm: noise must not decide
+            ratio, spread = settled(measure, model)
         with torch.no_grad():
             predicted = float(cost(gated.kept_counts()))
         steps.append(LoopStep(tau, predicted, ratio, spread))

@@ -8,6 +8,7 @@ from wgates.latency.backends import (
     Meter,
     Protocol,
     get_backend,
+    settled,
 )
 from wgates.latency.sampling import describe, probe_widths, profile, sample_widths
 from wgates.latency.store import LatencyStore, Run, Sample, fingerprint_key
@@ -27,4 +28,5 @@ __all__ = [
     "probe_widths",
     "profile",
     "sample_widths",
+    "settled",
 ]

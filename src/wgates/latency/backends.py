@@ -285,3 +285,17 @@ class Meter:
                 time.sleep(p.busy_sleep_s)
         best = min(calm or busy, key=lambda m: m.spread)
         return replace(best, attempts=len(calm) + len(busy))
+
+
+def settled(measure: Callable[[nn.Module], tuple[float, float]], model: nn.Module,
+            repeats: int = 3, agree: float = 0.03, most: int = 9) -> tuple[float, float]:
+    """The latency figure to deliver: the median of `repeats` measurements, with more taken
+    (up to `most`) while the middle half of them spans more than `agree` of the median, so
+    that one noisy spell cannot set the figure. Returns (median ratio, that relative span)."""
+    ratios = [measure(model)[0] for _ in range(repeats)]
+    while True:
+        low, mid, high = np.quantile(ratios, [0.25, 0.5, 0.75])
+        span = float((high - low) / mid)
+        if span <= agree or len(ratios) >= most:
+            return float(mid), span
+        ratios.append(measure(model)[0])

@@ -188,7 +188,7 @@ def profile(
 
     Every `repeat_every`-th sample also re-measures a probe configuration: the noise floor.
     """
-    from wgates import gate
+    from wgates.gated import gate
 
     runner_backend = get_backend(backend, threads)
     example = (torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)),)
