@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,12 +45,17 @@ def save_checkpoint(blob: dict, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Never unpickles code: a file holding Python objects is refused."""
+    from wgates.errors import WgatesError
+
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError variants
-        from wgates.errors import WgatesError
-
+    except pickle.UnpicklingError:
         raise WgatesError(
-            f"{path} is not a wgates checkpoint of plain tensors ({type(err).__name__}); "
-            "wgates will not unpickle it: delete it to start over"
+            f"{path} holds Python objects, not plain tensors: wgates will not load it "
+            "(unpickling can run code); delete it to start over"
+        ) from None
+    except Exception as err:
+        raise WgatesError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}): it may be cut short; "
+            "delete it to start over"
         ) from None

@@ -143,11 +143,9 @@ class LatencyPredictor(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyPredictor:
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise WgatesError(f"cannot read latency predictor {path} ({err}): "
-                              "give a file written by `wgates fit-latency`") from err
+        from wgates.files import load_checkpoint
+
+        blob = load_checkpoint(path)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise WgatesError(f"{path} is not a latency predictor: run `wgates fit-latency`")
         model = cls(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import pickle
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -144,11 +145,17 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(path))
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+    except pickle.UnpicklingError:
         raise WgatesError(
-            f"cannot read weights {path} ({type(err).__name__}: {err}): "
+            f"{path} holds Python objects, not plain tensors: wgates will not load it "
+            "(unpickling can run code); convert it to .safetensors from a source you trust"
+        ) from None
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise WgatesError(
+            f"cannot read weights {path} ({type(err).__name__}: {first}): "
             "give a .safetensors file or a .pt/.pth state_dict"
-        ) from err
+        ) from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):
