@@ -22,7 +22,7 @@ from wgates.baselines import extract_at, l1_ranked
 from wgates.latency import Meter, Protocol, get_backend
 from wgates.latency.backends import cpu_model
 from wgates.models import create_model, default_input_shape
-from wgates.pipeline import count
+from wgates.predictor import count
 
 HERE = Path(__file__).resolve().parent
 

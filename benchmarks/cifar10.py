@@ -45,11 +45,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from wgates.baselines import METHODS, SEARCH_METHODS, Context
-from wgates.data import make_loaders, subset_of
+from wgates.data import EpochShuffle, make_loaders, subset_of
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, settled
 from wgates.models import create_model
-from wgates.pipeline import count
-from wgates.predictor import fit_and_compare
+from wgates.predictor import count, fit_and_compare
 from wgates.train import evaluate, train
 
 HERE = Path(__file__).resolve().parent
@@ -243,6 +242,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                           allocation=settings.allocation, ramp=settings.ramp,
                           floor=settings.floor)
             torch.manual_seed(seed)
+            if isinstance(train_loader.sampler, EpochShuffle):  # the data order is the seed's
+                train_loader.sampler.seed = seed
             start = time.perf_counter()
             small = METHODS[method](dense, inputs, train_loader, target, ctx)
             wall = time.perf_counter() - start

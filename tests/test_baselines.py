@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from wgates import gate
 from wgates.baselines import METHODS, Context, match_latency, polarisation, polarised_search
 from wgates.models import create_model
-from wgates.pipeline import count
+from wgates.predictor import count
 
 TARGET, TOLERANCE = 0.5, 0.1
 SHAPE = (1, 1, 16, 16)

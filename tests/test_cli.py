@@ -159,3 +159,16 @@ def test_train_resumes_exactly_and_refuses_other_settings(tmp_path, monkeypatch,
     assert main(args(cut, "--resume")) == 0
     a, b = load_file(whole), load_file(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)  # same result as the unstopped run
+
+
+def test_cli_and_api_share_the_prune_defaults():
+    import inspect
+
+    from wgates.cli import build_parser
+    from wgates.pipeline import prune
+
+    args = build_parser().parse_args(["prune"])
+    api = inspect.signature(prune).parameters
+    for name in ("epochs", "finetune_epochs", "samples", "allocation", "ramp", "floor",
+                 "distill", "threads"):
+        assert getattr(args, name) == api[name].default, name

@@ -39,8 +39,7 @@ from torch import nn
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel, gate
 from wgates.groups import Ignore, as_input_tuple, resolve_ignore
-from wgates.pipeline import fit_proxy
-from wgates.predictor import check_groups
+from wgates.predictor import check_groups, fit_proxy
 from wgates.search import Cost, LatencyLoss, closed_loop, search
 from wgates.train import History, logits_of
 

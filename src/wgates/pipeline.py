@@ -13,18 +13,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch_pruning as tp
 from torch import nn
-from tqdm.auto import tqdm
 
 from wgates.defaults import PRUNE
 from wgates.errors import WgatesError
 from wgates.export import export_onnx
 from wgates.extract import load_pruned, save_pruned
 from wgates.files import load_checkpoint, save_checkpoint, write_json
-from wgates.gated import GatedModel, gate
+from wgates.gated import gate
 from wgates.groups import as_input_tuple
 from wgates.latency import (
     LatencyStore,
@@ -32,10 +29,9 @@ from wgates.latency import (
     Protocol,
     get_backend,
     profile,
-    sample_widths,
     settled,
 )
-from wgates.predictor import LatencyPredictor, check_groups, fit_and_compare
+from wgates.predictor import LatencyPredictor, check_groups, count, fit_and_compare, fit_proxy
 from wgates.search import (
     ALLOCATIONS,
     closed_loop,
@@ -82,28 +78,6 @@ class PruneResult:
              f"{self.params / self.dense_params:.3f}"),
         ]
         return "\n".join(f"{a:<14}{b:>14}{c:>14}{d:>10}" for a, b, c, d in rows)
-
-
-def count(model: nn.Module, example_inputs: tuple) -> tuple[int, int]:
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    return int(macs), int(params)
-
-
-def fit_proxy(gated: GatedModel, kind: str, samples: int = 48, seed: int = 0) -> LatencyPredictor:
-    """The 'switchable efficiency' cost: the same MLP, fitted on counted FLOPs or parameters."""
-    dense = count(gated.plain_copy(), gated.example_inputs)[0 if kind == "flops" else 1]
-    kept, ratios = [], []
-    for idx in tqdm(range(samples), desc=f"{kind} proxy", leave=False):
-        _, widths = sample_widths(gated.groups, idx, seed)
-        gated.set_masks(gated.masks_for_widths(widths))
-        value = count(gated.extract(verify=False), gated.example_inputs)
-        kept.append([widths[g.name] for g in gated.groups])
-        ratios.append(value[0 if kind == "flops" else 1] / dense)
-    gated.clear_masks()
-    return LatencyPredictor.fit(
-        [g.name for g in gated.groups], [g.size for g in gated.groups],
-        np.array(kept, dtype=np.float64), np.array(ratios), steps=1500,
-    )
 
 
 class _Run:

@@ -24,9 +24,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch_pruning as tp
 from torch import nn
+from tqdm.auto import tqdm
 
 from wgates.errors import WgatesError
+from wgates.gated import GatedModel
+from wgates.latency.sampling import sample_widths
 
 FORMAT = "wgates-lpnet-1"
 
@@ -154,6 +158,29 @@ class LatencyPredictor(nn.Module):
         )
         model.load_state_dict(blob["state_dict"])
         return model.eval()
+
+
+def count(model: nn.Module, example_inputs: tuple) -> tuple[int, int]:
+    """(MACs, parameters) of `model` on `example_inputs`, counted by Torch-Pruning."""
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(macs), int(params)
+
+
+def fit_proxy(gated: GatedModel, kind: str, samples: int = 48, seed: int = 0) -> LatencyPredictor:
+    """The 'switchable efficiency' cost: the same MLP, fitted on counted FLOPs or parameters."""
+    dense = count(gated.plain_copy(), gated.example_inputs)[0 if kind == "flops" else 1]
+    kept, ratios = [], []
+    for idx in tqdm(range(samples), desc=f"{kind} proxy", leave=False):
+        _, widths = sample_widths(gated.groups, idx, seed)
+        gated.set_masks(gated.masks_for_widths(widths))
+        value = count(gated.extract(verify=False), gated.example_inputs)
+        kept.append([widths[g.name] for g in gated.groups])
+        ratios.append(value[0 if kind == "flops" else 1] / dense)
+    gated.clear_masks()
+    return LatencyPredictor.fit(
+        [g.name for g in gated.groups], [g.size for g in gated.groups],
+        np.array(kept, dtype=np.float64), np.array(ratios), steps=1500,
+    )
 
 
 def check_groups(cost, group_names: Sequence[str]) -> None:
