@@ -62,7 +62,7 @@ def test_imagenet_smoke(tmp_path):
     text = (tmp_path / "out" / "smoke.md").read_text()
     for method in ("dense", "uniform", "tp-l2", "wgates"):
         assert f"| {method} |" in text
-    assert (tmp_path / "out" / "smoke_tiny_torch-cpu.png").is_file()
+    assert (tmp_path / "out" / "smoke_tiny_torch-cpu@1.png").is_file()
     rows = json.loads((tmp_path / "out" / "smoke.json").read_text())
     assert all(r["ratio"] < 1.0 for r in rows if r["method"] != "dense")
 

@@ -279,8 +279,9 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
     check_groups(cost, [g.name for g in gated.groups])
     if isinstance(cost, nn.Module):
         cost.requires_grad_(False)
+    middle = target * (1 - ctx.tolerance / 2)  # of the band the closed loop accepts
     _, control = trainer(
-        gated, cost, target, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,
+        gated, cost, middle, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,
         progress=ctx.progress, allocation=allocation or ctx.allocation, ramp=ctx.ramp,
         floor=ctx.floor, teacher=model if ctx.distill else None)
     small, _ = closed_loop(gated.eval(), cost, ctx.measure, target, ctx.tolerance,

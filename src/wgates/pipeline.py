@@ -159,12 +159,14 @@ def prune(
 
     total = epochs * len(train_loader)
     optimizers = search_optimizers(gated, total, lr, gate_lr)
-    control = latency_control(gated, cost, target, total, allocation, ramp, floor)
+    # the search aims at the middle of the band the closed loop accepts, not at its edge
+    middle = target * (1 - tolerance / 2)
+    control = latency_control(gated, cost, middle, total, allocation, ramp, floor)
     teacher = dense if distill else None
     _resumable_stage(
         run, "search", {"model": gated, "loss": control,
                         **{f"optimizer{i}": o for i, o in enumerate(optimizers)}}, epochs,
-        lambda **resume: search(gated, cost, target, train_loader, epochs, progress=progress,
+        lambda **resume: search(gated, cost, middle, train_loader, epochs, progress=progress,
                                 optimizers=optimizers, loss=control, teacher=teacher,
                                 **resume))
 
