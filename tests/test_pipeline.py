@@ -117,6 +117,23 @@ def test_non_empty_run_dir_needs_resume(flops_run, dense, data):
         _prune(dense, data, run_dir)
 
 
+def test_resume_with_other_settings_is_refused_before_any_work(flops_run, dense, data,
+                                                              monkeypatch):
+    _, run_dir = flops_run
+    before = sorted(p.name for p in run_dir.iterdir())
+    state = (run_dir / "state.json").read_text()
+    monkeypatch.setattr(pipeline, "Meter", None)  # measuring anything would fail loudly
+    with pytest.raises(WgatesError, match="target_latency was '0.6', now '0.5'"):
+        _prune(dense, data, run_dir, resume=True, target_latency=0.5)
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    with pytest.raises(WgatesError, match="model was"):
+        _prune(other, data, run_dir, resume=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    assert (run_dir / "state.json").read_text() == state
+
+
 def test_bad_proxy(dense, data, tmp_path):
     with pytest.raises(WgatesError, match="proxy"):
         _prune(dense, data, tmp_path / "r", proxy="energy")
@@ -159,7 +176,7 @@ def test_killed_search_resumes_with_its_latency_weight_and_optimisers(dense, dat
     from wgates.search import LAMBDA_INIT, LatencyLoss, search, search_optimizers
 
     loader, epochs, lr = data[0], 2, 0.01
-    run = pipeline._Run(tmp_path / "run", resume=False)
+    run = pipeline._Run(tmp_path / "run", resume=False, settings={})
 
     def stage(kill_after_first: bool) -> dict:
         gated = gate(copy.deepcopy(dense), torch.randn(1, 1, 32, 32))

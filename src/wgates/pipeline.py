@@ -8,6 +8,7 @@ killed run from its last finished stage (and the search / fine-tune from their l
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,16 +82,25 @@ class PruneResult:
 
 
 class _Run:
-    """The run directory: JSON state plus one file per finished stage."""
+    """The run directory: JSON state plus one file per finished stage. `settings` are what
+    the run was started with; resuming with different ones is refused before any work."""
 
-    def __init__(self, path: Path, resume: bool) -> None:
+    def __init__(self, path: Path, resume: bool, settings: dict) -> None:
         self.path = path
         if path.exists() and any(path.iterdir()) and not resume:
             raise WgatesError(f"run directory {path} is not empty: pass resume=True (--resume) "
                               "to continue it, or choose another directory")
-        path.mkdir(parents=True, exist_ok=True)
         self.state_file = path / "state.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        before = self.state.get("settings", settings)
+        differ = [f"{k} was {before.get(k)!r}, now {v!r}" for k, v in settings.items()
+                  if before.get(k) != v]
+        if differ:
+            raise WgatesError(f"resuming {path} with other settings than it was made with: "
+                              + "; ".join(differ) + ": use the same ones, or another run "
+                              "directory")
+        path.mkdir(parents=True, exist_ok=True)
+        self.save(settings=settings)
 
     def save(self, **values) -> None:
         self.state.update(values)
@@ -135,11 +145,19 @@ def prune(
     if allocation not in ALLOCATIONS:
         raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     parse_target(target_latency)  # its form and range, before any work or run directory
-    torch.manual_seed(seed)
-    run = _Run(Path(run_dir), resume)
-    inputs = as_input_tuple(example_inputs)
-    dense = model.eval()
     meter_backend = get_backend(backend, threads)
+    torch.manual_seed(seed)
+    inputs = as_input_tuple(example_inputs)
+    run = _Run(Path(run_dir), resume, {
+        "model": f"{type(model).__name__} {weights_digest(model)}",
+        "input_shapes": [list(x.shape) for x in inputs], "target_latency": str(target_latency),
+        "backend": backend, "threads": threads, "kind": kind, "proxy": proxy,
+        "predictor": None if predictor is None else str(predictor), "samples": samples,
+        "allocation": allocation, "ramp": ramp, "floor": floor, "distill": distill,
+        "epochs": epochs, "finetune_epochs": finetune_epochs, "lr": lr, "gate_lr": gate_lr,
+        "finetune_lr": finetune_lr, "tolerance": tolerance, "seed": seed,
+    })
+    dense = model.eval()
     meter = Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
 
     def measure(candidate: nn.Module) -> tuple[float, float]:
@@ -206,6 +224,15 @@ def prune(
 
     write_report(run.path, result, run.state)
     return result
+
+
+def weights_digest(model: nn.Module) -> str:
+    """A short digest of the model's parameters and buffers: which dense model a run prunes."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def _resumable_stage(run: _Run, name: str, parts: dict, epochs: int, fit) -> None:
