@@ -47,8 +47,9 @@ def test_table_values(tmp_path):
     lines = _result(tmp_path, []).table().splitlines()
     assert lines[1].split() == ["latency", "(ms)", "8.000", "4.000", "0.500"]
     assert lines[2].split() == ["accuracy", "0.9500", "0.9000", "-0.0500"]
-    assert lines[3].split() == ["MACs", "1,000", "500", "0.500"]
-    assert lines[4].split() == ["params", "100", "40", "0.400"]
+    assert lines[3].split() == ["before", "f-t", "nan"]  # not set in this result
+    assert lines[4].split() == ["MACs", "1,000", "500", "0.500"]
+    assert lines[5].split() == ["params", "100", "40", "0.400"]
 
 
 def test_report_with_lpnet_and_empty_state(tmp_path):
@@ -57,3 +58,14 @@ def test_report_with_lpnet_and_empty_state(tmp_path):
     text = write_report(tmp_path, _result(tmp_path, []), state).read_text()
     assert "LPNet held-out MAPE 3.100%" in text and "lpnet_fit.png" in text
     assert (tmp_path / "curves.png").is_file() and (tmp_path / "widths.png").is_file()
+
+
+def test_curves_with_search_and_finetune_records(tmp_path):
+    from wgates.report import plot_curves
+
+    state = {"target_ratio": 0.5,
+             "search": [{"epoch": e, "loss": 1.0 / e, "pred": 0.9 - 0.1 * e, "aim": 0.8 - 0.1 * e,
+                         "val_accuracy": 0.5} for e in (1, 2, 3)],
+             "finetune": [{"epoch": e, "loss": 0.5, "val_accuracy": 0.8} for e in (1, 2)]}
+    plot_curves(state, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 10_000

@@ -397,7 +397,8 @@ def _run_prune(args) -> int:
         allocation=args.allocation, ramp=args.ramp, floor=args.floor,
         resume=args.resume, seed=args.seed,
     )
-    print(f"\nmeasured on {args.backend}, batch {args.latency_batch}, target "
+    print(f"\npruned for and measured on {args.backend}, batch {args.latency_batch}, "
+          f"{args.threads} thread(s); target "
           f"{result.target_ratio:.3f} of dense:\n{result.table()}")
     print(f"\nrun directory: {result.run_dir} (report.md, model/, model.onnx)")
     return 0

@@ -65,6 +65,7 @@ class PruneResult:
     sizes: dict[str, int]
     run_dir: Path
     loop: list[dict] = field(default_factory=list)
+    accuracy_before_finetune: float = float("nan")  # right after the search and closed loop
 
     def table(self) -> str:
         rows = [
@@ -73,6 +74,7 @@ class PruneResult:
              f"{self.latency_ratio:.3f}"),
             ("accuracy", f"{self.dense_accuracy:.4f}", f"{self.accuracy:.4f}",
              f"{self.accuracy - self.dense_accuracy:+.4f}"),
+            ("  before f-t", "", f"{self.accuracy_before_finetune:.4f}", ""),
             ("MACs", f"{self.dense_macs:,}", f"{self.macs:,}",
              f"{self.macs / self.dense_macs:.3f}"),
             ("params", f"{self.dense_params:,}", f"{self.params:,}",
@@ -186,13 +188,14 @@ def prune(
                         **{f"optimizer{i}": o for i, o in enumerate(optimizers)}}, epochs,
         lambda **resume: search(gated, cost, middle, train_loader, epochs, progress=progress,
                                 optimizers=optimizers, loss=control, teacher=teacher,
-                                **resume))
+                                val_loader=val_loader, **resume))
 
     pruned_dir = run.path / "pruned"
     if not (pruned_dir / "pruning.json").exists():
         small, steps = closed_loop(gated.eval(), cost, measure, target, tolerance,
                                    propose=getattr(control, "masks_at", None))
-        run.save(loop=[asdict(s) for s in steps])
+        run.save(loop=[asdict(s) for s in steps],
+                 accuracy_before_finetune=evaluate(small, val_loader))
         save_pruned(small, pruned_dir)
     small = load_pruned(gated.plain_copy(), pruned_dir)  # the dense architecture, re-pruned
 
@@ -214,6 +217,7 @@ def prune(
         macs=macs, dense_macs=dense_macs, params=params, dense_params=dense_params,
         widths=widths, sizes=dict(small.wgates_plan.sizes), run_dir=run.path,
         loop=run.state.get("loop", []),
+        accuracy_before_finetune=run.state.get("accuracy_before_finetune", float("nan")),
     )
     save_pruned(small, run.path / "model")
     if export:

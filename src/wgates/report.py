@@ -26,21 +26,32 @@ def plot_widths(widths: dict[str, int], sizes: dict[str, int], path: Path) -> No
 
 
 def plot_curves(state: dict, path: Path) -> None:
-    """Training loss / accuracy of the search and the fine-tune, and the predicted latency."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for stage in ("search", "finetune"):
+    """Per epoch: training loss, validation accuracy, and the search's predicted latency
+    against its aim and the target, one quantity per panel."""
+    fig, (loss, acc, lat) = plt.subplots(1, 3, figsize=(13, 3.5))
+    for stage, color in (("search", "#1f77b4"), ("finetune", "#ff7f0e")):
         records = state.get(stage, [])
+        epochs = [r["epoch"] for r in records]
         if records:
-            axes[0].plot([r["loss"] for r in records], marker="o", label=f"{stage} loss")
-            axes[1].plot([r.get("val_accuracy", float("nan")) for r in records], marker="o",
-                         label=f"{stage} val accuracy")
+            loss.plot(epochs, [r["loss"] for r in records], marker="o", color=color,
+                      label=stage)
+        if any("val_accuracy" in r for r in records):
+            acc.plot(epochs, [100 * r.get("val_accuracy", float("nan")) for r in records],
+                     marker="o", color=color, label=stage)
     search = state.get("search", [])
-    if search and "pred" in search[0]:
-        axes[1].plot([r["pred"] for r in search], marker="s", label="predicted latency ratio")
-        axes[1].axhline(state["target_ratio"], color="gray", ls="--", label="target")
-    for ax in axes:
+    if search and "pred" in search[-1]:
+        epochs = [r["epoch"] for r in search]
+        lat.plot(epochs, [r["pred"] for r in search], marker="s", label="predicted (LPNet)")
+        if "aim" in search[-1]:
+            lat.plot(epochs, [r["aim"] for r in search], ls=":", label="aim")
+    if "target_ratio" in state:
+        lat.axhline(state["target_ratio"], color="gray", ls="--", label="target")
+    for ax, title in ((loss, "training loss"), (acc, "validation accuracy (%)"),
+                      (lat, "latency / dense, end of epoch")):
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
