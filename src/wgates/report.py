@@ -29,9 +29,10 @@ def plot_curves(state: dict, path: Path) -> None:
     """Per epoch: training loss, validation accuracy, and the search's predicted latency
     against its aim and the target, one quantity per panel."""
     fig, (loss, acc, lat) = plt.subplots(1, 3, figsize=(13, 3.5))
-    for stage, color in (("search", "#1f77b4"), ("finetune", "#ff7f0e")):
+    after = len(state.get("search", []))  # the fine-tune's epochs follow the search's
+    for stage, color, offset in (("search", "#1f77b4", 0), ("finetune", "#ff7f0e", after)):
         records = state.get(stage, [])
-        epochs = [r["epoch"] for r in records]
+        epochs = [offset + r["epoch"] for r in records]
         if records:
             loss.plot(epochs, [r["loss"] for r in records], marker="o", color=color,
                       label=stage)
@@ -49,7 +50,8 @@ def plot_curves(state: dict, path: Path) -> None:
     for ax, title in ((loss, "training loss"), (acc, "validation accuracy (%)"),
                       (lat, "latency / dense, end of epoch")):
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel("epoch after the dense model")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
