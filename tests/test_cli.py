@@ -172,3 +172,17 @@ def test_cli_and_api_share_the_prune_defaults():
     for name in ("epochs", "finetune_epochs", "samples", "allocation", "ramp", "floor",
                  "distill", "threads"):
         assert getattr(args, name) == api[name].default, name
+
+
+def test_measure_re_measures_a_pruned_model(tmp_path, capsys):
+    model = create_model("small_cnn")
+    gated = wgates.gate(model, torch.randn(1, 1, 32, 32), verify=False)
+    gated.set_masks(gated.masks_for_widths({g.name: g.size // 4 for g in gated.groups}))
+    wgates.save_pruned(gated.extract(), tmp_path / "pruned")
+    code = main(["measure", "--model", "small_cnn", "--pruned", str(tmp_path / "pruned"),
+                 "--batch", "1", "2", "--repeats", "1"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[:3] == ["threads", "batch", "latency"] and len(lines) == 3
+    ratios = [float(line.split()[2]) for line in lines[1:]]
+    assert all(0.0 < r < 0.8 for r in ratios), ratios  # a quarter of every width is faster

@@ -233,6 +233,57 @@ def add_export(sub) -> None:
 SUBCOMMANDS.append(add_export)
 
 
+def add_measure(sub) -> None:
+    p = sub.add_parser(
+        "measure",
+        help="re-measure a pruned model's latency against its dense model, independently",
+        description="Time the pruned model (--pruned DIR, rebuilt on a fresh --model) "
+        "interleaved with the dense one on a backend, and print the settled ratio: the median "
+        "of --repeats measurements, more while they disagree. To check a run's delivered "
+        "figure on a quiet machine, or to see the model at other threads and batches than it "
+        "was pruned for.",
+    )
+    p.add_argument("--model", required=True, help="model spec, e.g. resnet20 or net.py:Net")
+    p.add_argument("--pruned", required=True, metavar="DIR", help="directory of save_pruned")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--backend", default="torch-cpu",
+                   help="torch-cpu | onnxruntime-cpu | torch-cuda")
+    p.add_argument("--threads", type=int, nargs="+", default=[1])
+    p.add_argument("--batch", type=int, nargs="+", default=None,
+                   help="batch sizes (default: the one the model was pruned for)")
+    p.add_argument("--repeats", type=int, default=5)
+
+    def run(args) -> int:
+        import torch
+
+        from wgates.extract import PLAN_ATTR, load_pruned
+        from wgates.latency import Meter, Protocol, get_backend, settled
+        from wgates.models import create_model
+
+        dense = create_model(args.model, num_classes=args.num_classes).eval()
+        small = load_pruned(create_model(args.model, num_classes=args.num_classes),
+                            args.pruned).eval()
+        shape = getattr(small, PLAN_ATTR).input_shapes[0]
+        print("threads  batch  latency ratio  spread  dense ms")
+        for threads in args.threads:
+            backend = get_backend(args.backend, threads)
+            for batch in args.batch or [shape[0]]:
+                inputs = (torch.randn(batch, *shape[1:]),)
+                meter = Meter(backend, backend.prepare(dense, inputs), Protocol())
+                ratio, span = settled(
+                    lambda m, meter=meter, backend=backend, inputs=inputs: (
+                        meter.measure(backend.prepare(m, inputs)).ratio, 0.0),
+                    small, repeats=args.repeats)
+                print(f"{threads:>7}  {batch:>5}  {ratio:>13.3f}  {span:>6.3f}  "
+                      f"{meter.quiet_ms:>8.3f}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+SUBCOMMANDS.append(add_measure)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
