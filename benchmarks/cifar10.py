@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader
 
 from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import EpochShuffle, make_loaders, subset_of
+from wgates.extract import PLAN_ATTR, save_pruned
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, settled
 from wgates.models import create_model
 from wgates.predictor import count, fit_and_compare
@@ -258,6 +259,9 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                    "accuracy_pruned": before, "ratio": settled(measure, small)[0], "macs": macs,
                    "params": params, "wall_s": wall, "widths": conv_widths(small),
                    "finetune_epochs": settings.finetune_for(method)}
+            if hasattr(small, PLAN_ATTR):  # kept for re-measuring later (`wgates measure`)
+                save_pruned(small, cache / "models" / f"{label}_{backend}@{batch}_{target}_"
+                            f"{method}_{seed}")
             rows.append(row)
             log(json.dumps(row))
             if on_row is not None:
