@@ -186,3 +186,24 @@ def test_measure_re_measures_a_pruned_model(tmp_path, capsys):
     assert lines[0].split()[:3] == ["threads", "batch", "latency"] and len(lines) == 3
     ratios = [float(line.split()[2]) for line in lines[1:]]
     assert all(0.0 < r < 0.8 for r in ratios), ratios  # a quarter of every width is faster
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    import wgates.files
+
+    real_replace = os.replace
+
+    def full(src, dst):  # the temporary file was written; the disk fills before the rename
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(wgates.files.os, "replace", full)
+    out = tmp_path / "dense.safetensors"
+    code = main(["train", "--model", "small_cnn", "--data", "digits", "--subset", "32",
+                 "--epochs", "1", "--out", str(out)])
+    monkeypatch.setattr(wgates.files.os, "replace", real_replace)
+    err = capsys.readouterr().err
+    assert code == 2 and "disk is full" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no half-written checkpoint or weights

@@ -8,6 +8,7 @@ printed as one line, exit code 2, no traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from wgates.defaults import PRUNE
@@ -294,6 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("wgates: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"wgates: error: the disk is full ({err.filename or 'writing'}): free some space, "
+              "then run the same command with --resume (files are written whole or not at "
+              "all, so what is on disk is intact)", file=sys.stderr)
+        return 2
 
 
 def _add_model_data_args(p: argparse.ArgumentParser) -> None:
