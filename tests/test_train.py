@@ -92,3 +92,17 @@ def test_extra_loss_stats_recorded(loaders):
     history = train(model, train_loader, 1, progress=False,
                     extra_loss=lambda: (param.pow(2).sum() * 0.0, {"pred": 0.42}))
     assert history.epochs[0]["pred"] == pytest.approx(0.42)
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error(loaders):
+    from wgates.errors import WgatesError
+
+    train_loader, _ = loaders
+    model = tiny_net()
+    records = []
+    with torch.no_grad():  # an exploding model: the loss turns inf in the first step
+        model[-1].weight.fill_(float("inf"))
+    with pytest.raises(WgatesError, match="became .* in epoch 1"):
+        train(model, train_loader, 2, on_epoch_end=lambda e, r: records.append(r),
+              progress=False)
+    assert records == []  # no epoch ended: nothing was checkpointed after the bad step
