@@ -473,6 +473,19 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
     return config
 
 
+def profile_all(settings: Settings, cache: Path) -> None:
+    """The latency profile of every (model, regime), on untrained weights: the cache that
+    `run_model` reads, so a grid started afterwards skips the profiling."""
+    for label, entry in settings.models.items():
+        model = create_model(entry["spec"], settings.num_classes or 10, **entry.get("kwargs", {}))
+        for backend, batch in (regime(spec) for spec in settings.backends[label]):
+            at = [batch, 3, 32, 32]  # CIFAR images
+            start = time.perf_counter()
+            latency_predictor(model.eval(), at, backend, settings,
+                              cache / f"{label}_{backend}_{tuple(at)}.sqlite")
+            print(f"{label} {backend}@{batch}: profile + fit {time.perf_counter() - start:.0f} s")
+
+
 def data_spec(given: str | None, parser: argparse.ArgumentParser) -> str:
     """--data, else cifar10:$WGATES_CIFAR10; neither: say where the data comes from."""
     if given:
@@ -507,6 +520,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", help="results file name (default cifar10_<mode>)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows already in <out>/<name>.json and run only the rest")
+    parser.add_argument("--profile-only", action="store_true",
+                        help="only measure (or resume) the latency profiles of every model and "
+                        "regime, into --cache: they depend on the architecture, not the weights, "
+                        "so they can run beside the dense training")
     parser.add_argument("--merge", nargs="+", default=[], metavar="NAME",
                         help="only combine the rows of these results files (e.g. of two runs "
                         "side by side, one thread each) into <name>, and write it")
@@ -526,6 +543,9 @@ def main(argv: list[str] | None = None) -> None:
         md = write_results(rows, settings, args.out, args.name or f"cifar10_{name}", command,
                            "CIFAR-10")
         print(md.read_text())
+        return
+    if args.profile_only:
+        profile_all(settings, args.cache)
         return
     md = run(settings, weights, args.out, args.name or f"cifar10_{name}", args.cache, "CIFAR-10",
              args.resume)

@@ -326,12 +326,27 @@ def _model_and_loaders(args):
     return model, train_loader, val_loader, info
 
 
+def _device(name: str):
+    """The torch device `name`, refused up front when it is not there (not after minutes)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise WgatesError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise WgatesError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
+    return device
+
+
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a dense model (for users without a trained one)")
     _add_model_data_args(p)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="cpu | cuda (bf16 mixed precision, channels_last) | cuda:N")
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint <out>.ckpt written after every epoch")
@@ -367,8 +382,12 @@ def _run_train(args) -> int:
             raise WgatesError("--resume with other settings than the checkpoint's: " + ", ".join(
                 f"{k} was {a!r}, now {b!r}" for k, (a, b) in differ.items())
                 + f"; use the same ones, or delete {ckpt} to start over")
+    device = _device(args.device)
     torch.manual_seed(args.seed)
     model, train_loader, val_loader, _ = _model_and_loaders(args)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model.parameters(), args.lr)
     history: list[dict] = []
     start = 0
@@ -386,7 +405,7 @@ def _run_train(args) -> int:
     train(model, train_loader, args.epochs, lr=args.lr, val_loader=val_loader,
           optimizers=[optimizer], start_epoch=start, on_epoch_end=checkpoint)
     with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     accuracy = evaluate(model, val_loader)
     write_json(out.with_suffix(".json"), {"settings": settings, "val_accuracy": accuracy,
                                           "history": history})
