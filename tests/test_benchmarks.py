@@ -127,3 +127,13 @@ def test_merge_keeps_each_row_once(tmp_path):
                                                  {**row, "method": "y"}]))
     rows = c.merged([tmp_path / "a.json", tmp_path / "b.json"])
     assert [(r["method"], r["accuracy"]) for r in rows] == [("x", 0.5), ("y", 0.5)]
+
+
+def test_profile_only_fills_the_cache_without_weights_or_data(tmp_path):
+    """The profile needs the architecture alone, so it can run beside the dense training."""
+    result = run("cifar10.py", "--regime", "--profile-only", "--data", "digits", "--cache",
+                 str(tmp_path), "--set", 'backends={"resnet20":["torch-cpu@1"]}',
+                 "--set", "lpnet_samples=12", "--set", "protocol_rounds=10")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resnet20 torch-cpu@1: profile + fit" in result.stdout
+    assert (tmp_path / "resnet20_torch-cpu_(1, 3, 32, 32).sqlite").is_file()

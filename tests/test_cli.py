@@ -65,7 +65,10 @@ def test_inspect_shows_grouped_conv_ties(tmp_path, capsys):
         (["inspect", "--ignore", "nope"], "no module named"),
         (["export", "--model", "resnet20", "--weights", "missing.safetensors"], "does not exist"),
         (["export", "--model", "resnet20", "--pruned", "no_dir"], "not found"),
-    ],
+        (["train", "--device", "banana", "--out", "w.safetensors"], "is not a device"),
+    ] + ([] if torch.cuda.is_available() else [
+        (["train", "--device", "cuda", "--out", "w.safetensors"], "no CUDA GPU"),
+    ]),
 )
 def test_user_errors_are_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
