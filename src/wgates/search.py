@@ -316,21 +316,20 @@ def closed_loop(
     masks, tau = gated.masks(), float("nan")  # first: the search's own decision
     best: tuple[float, nn.Module] | None = None
     for _ in range(max_steps):
+        low = (1 - (1 if steps else 2) * tolerance) * target  # the searched widths: 2x slack
         gated.clear_masks()
         gated.set_masks(masks)
         model = gated.extract()
         ratio, spread = measure(model)
-        if (1 - tolerance) * target <= ratio <= target:  # confirm: noise must not decide
+        if low <= ratio <= target:  # confirm: noise must not decide
             ratio, spread = settled(measure, model)
         with torch.no_grad():
             predicted = float(cost(gated.kept_counts()))
         steps.append(LoopStep(tau, predicted, ratio, spread))
         if best is None or abs(ratio - aim) < best[0]:
             best = (abs(ratio - aim), model)
-        if (1 - tolerance) * target <= ratio <= target:
+        if low <= ratio <= target:
             return model, steps
-        if not steps[:-1] and (1 - 2 * tolerance) * target <= ratio <= target:
-            return model, steps  # the searched widths, within budget: keep what was trained
         gated.clear_masks()
         goal = predicted * aim / ratio  # the cost model, recalibrated by the measurement
         if propose is None:
