@@ -177,6 +177,11 @@ def latency_predictor(dense: nn.Module, shape: list[int], backend: str, settings
     return net.requires_grad_(False)
 
 
+def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Path:
+    """Where one (model, backend, input shape)'s latency profile is cached."""
+    return cache / f"{label}_{backend}_{tuple(shape)}.sqlite"
+
+
 def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: Protocol):
     """ratio of a model's latency to the dense one's, timed interleaved on `backend_name`."""
     backend = get_backend(backend_name)
@@ -233,7 +238,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
         inputs = (torch.randn(at).to(settings.device),)
         start = time.perf_counter()
         cost = latency_predictor(dense, at, backend, settings,
-                                 cache / f"{label}_{backend}_{tuple(at)}.sqlite")
+                                 profile_path(cache, label, backend, at))
         log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
         measure = make_measure(dense, inputs, backend, settings.protocol())
         for target, method, seed in todo:
@@ -482,7 +487,7 @@ def profile_all(settings: Settings, cache: Path) -> None:
             at = [batch, 3, 32, 32]  # CIFAR images
             start = time.perf_counter()
             latency_predictor(model.eval(), at, backend, settings,
-                              cache / f"{label}_{backend}_{tuple(at)}.sqlite")
+                              profile_path(cache, label, backend, at))
             print(f"{label} {backend}@{batch}: profile + fit {time.perf_counter() - start:.0f} s")
 
 

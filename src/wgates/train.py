@@ -113,10 +113,9 @@ def train(
                 if teacher is not None:
                     with torch.no_grad():
                         target = logits_of(teacher(x)).float()
-            if teacher is not None:
-                loss = distillation_loss(logits, target, y)
-            else:
-                loss = F.cross_entropy(logits, y)
+                    loss = distillation_loss(logits, target, y)
+                else:
+                    loss = F.cross_entropy(logits, y)
             stats = {}
             if extra_loss is not None:
                 extra, stats = extra_loss()
