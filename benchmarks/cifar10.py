@@ -50,7 +50,7 @@ from wgates.extract import PLAN_ATTR, save_pruned
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, settled
 from wgates.models import create_model
 from wgates.predictor import count, fit_and_compare
-from wgates.train import evaluate, train
+from wgates.train import evaluate, recalibrate_bn, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -246,7 +246,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                           lr=settings.lr, gate_lr=settings.gate_lr,
                           tolerance=settings.tolerance, seed=seed, distill=settings.distill,
                           allocation=settings.allocation, ramp=settings.ramp,
-                          floor=settings.floor)
+                          floor=settings.floor, val_loader=val_loader)
             torch.manual_seed(seed)
             if isinstance(train_loader.sampler, EpochShuffle):  # the data order is the seed's
                 train_loader.sampler.seed = seed
@@ -254,6 +254,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
             small = METHODS[method](dense, inputs, train_loader, target, ctx)
             wall = time.perf_counter() - start
             before = evaluate(small, val_loader)
+            before_bn = evaluate(recalibrate_bn(copy.deepcopy(small), train_loader), val_loader)
             torch.manual_seed(seed)
             train(small, train_loader, settings.finetune_for(method), lr=settings.finetune_lr,
                   teacher=dense if settings.distill else None, desc=f"fine-tune {method}",
@@ -261,9 +262,10 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
             macs, params = count(small, inputs)
             row = {"model": label, "backend": backend, "batch": batch, "target": target,
                    "method": method, "seed": seed, "accuracy": evaluate(small, val_loader),
-                   "accuracy_pruned": before, "ratio": settled(measure, small)[0], "macs": macs,
+                   "accuracy_pruned": before, "accuracy_pruned_bn": before_bn,
+                   "ratio": settled(measure, small)[0], "macs": macs,
                    "params": params, "wall_s": wall, "widths": conv_widths(small),
-                   "finetune_epochs": settings.finetune_for(method)}
+                   "finetune_epochs": settings.finetune_for(method), **ctx.notes}
             if hasattr(small, PLAN_ATTR):  # kept for re-measuring later (`wgates measure`)
                 save_pruned(small, cache / "models" / f"{label}_{backend}@{batch}_{target}_"
                             f"{method}_{seed}")
@@ -291,7 +293,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "model": model, "backend": backend, "target": target, "method": method,
             "n": len(rs), "acc": statistics.mean(accs),
             "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "acc_pruned": statistics.mean(r.get("accuracy_pruned", float("nan")) for r in rs),
+            **{k: statistics.mean(r.get(f"accuracy_{k[4:]}", float("nan")) for r in rs)
+               for k in ("acc_pruned", "acc_pruned_bn")},
             **{k: statistics.mean(r[k] for r in rs) for k in ("ratio", "macs", "params",
                                                               "wall_s")},
         })
@@ -334,11 +337,12 @@ def widths_table(rows: list[dict]) -> str:
 
 def table(summary: list[dict]) -> str:
     head = ("| model | backend | target | method | seeds | accuracy (%) | before fine-tune (%) "
-            "| measured latency ratio | MMACs | params (K) | method wall (s) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| before f-t, BN re-estimated (%) | measured latency ratio | MMACs | params (K) "
+            "| method wall (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {s['model']} | {s['backend']} | {s['target']:.2f} | {s['method']} | {s['n']} | "
         f"{100 * s['acc']:.2f} ± {100 * s['acc_std']:.2f} | {100 * s['acc_pruned']:.2f} | "
+        f"{100 * s['acc_pruned_bn']:.2f} | "
         f"{s['ratio']:.3f} | "
         f"{s['macs'] / 1e6:.2f} | {s['params'] / 1e3:.1f} | {s['wall_s']:.0f} |\n"
         for s in summary
@@ -406,7 +410,10 @@ def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
         f"# {dataset}: accuracy vs measured latency ({name})\n\n"
         f"Command: `{command}`\n\n{pivot(summary)}{table(summary)}\n"
         "Accuracy after the same fine-tune for every method; mean ± std over seeds; 'before "
-        "fine-tune': right after the method (for the gate methods, after their search). Latency "
+        "fine-tune': right after the method (for the gate methods, after their search and "
+        "closed loop); 'BN re-estimated': the same model after its BatchNorm statistics are "
+        "re-estimated on 50 training batches, no training (the gate methods do this themselves "
+        "when the closed loop changed the searched widths). Latency "
         "ratio: re-measured after fine-tuning, interleaved with the dense model. Method wall "
         "time excludes the shared fine-tune and the shared LPNet profiling. "
         + ("" if settings.budget_epochs is None else

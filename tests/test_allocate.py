@@ -74,3 +74,19 @@ def test_a_cost_for_one_vector_at_a_time_works_too():
 
     importance = [[1.0] * 8, [1.0] * 8]
     assert run(single, importance, aim=0.7) == run(batched, importance, aim=0.7)
+
+
+def test_start_reopens_below_the_aim_and_closes_from_itself_above_it():
+    cost = linear_cost([0.5, 0.5])
+    order = [torch.arange(8)] * 2
+    imp = [torch.ones(8), torch.full((8,), 0.01)]
+
+    def from_start(start, aim):
+        return allocate(cost, [8, 8], [8, 8], [1, 1], order, imp, aim, start=start)
+
+    # under the aim: the important group reopens first, and the aim still holds
+    assert from_start([2, 2], 0.6) == [7, 2]
+    # over it: units close from the given widths, so a group never grows past its start
+    kept = from_start([8, 4], 0.5)
+    assert kept[1] <= 4 and float(cost(torch.tensor(kept) * 1.0)) <= 0.5 + 1e-6
+    assert from_start([8, 4], 0.75) == [8, 4]  # already at the aim: nothing moves

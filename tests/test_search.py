@@ -226,3 +226,46 @@ def test_closed_loop_keeps_searched_widths_only_within_budget(first, n_steps):
 
     model, steps = closed_loop(gated, macs_cost(gated), measure, 0.5, tolerance=0.05)
     assert len(steps) == n_steps and steps[0].measured == first
+
+
+def test_knapsack_measures_its_widths_when_the_ramp_ends():
+    """Hardware 10% slower than the cost model: the widths are moved into the band before
+    the hold, so the closed loop then accepts the searched widths as they are."""
+    from wgates.predictor import count
+
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False)
+    dense_macs = count(gated.plain_copy(), (X,))[0]
+
+    def measure(model):
+        return 1.1 * count(model, (X,))[0] / dense_macs, 0.0
+
+    band = (0.45, 0.5)
+    _, control = search(gated, macs_cost(gated), 0.4875, tiny_loader(n=160), epochs=4,
+                        ramp=0.5, progress=False, measure=measure, band=band)
+    assert len(control.calibration) >= 2, control.calibration
+    first, last = control.calibration[0], control.calibration[-1]
+    assert first["measured"] > band[1]  # the cost model alone would have missed
+    assert band[0] <= last["measured"] <= band[1]
+    model, steps = closed_loop(gated.eval(), macs_cost(gated), measure, 0.5, tolerance=0.1,
+                               propose=control.masks_at)
+    assert len(steps) == 1 and steps[0].measured == pytest.approx(last["measured"])
+
+
+@pytest.mark.parametrize("first, recalibrated", [(0.465, False), (0.40, True)])
+def test_closed_loop_reestimates_bn_only_for_other_widths(first, recalibrated, monkeypatch):
+    import wgates.search
+
+    calls = []
+    monkeypatch.setattr(wgates.search, "recalibrate_bn", lambda m, loader: calls.append(m))
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False).eval()
+    seen: list = []
+
+    def measure(model):
+        seen.append(model)
+        return (first if model is seen[0] else 0.49), 0.0
+
+    model, _ = closed_loop(gated, macs_cost(gated), measure, 0.5, tolerance=0.05,
+                           loader=tiny_loader())
+    assert calls == ([model] if recalibrated else [])

@@ -106,3 +106,24 @@ def test_non_finite_loss_stops_training_with_a_clear_error(loaders):
         train(model, train_loader, 2, on_epoch_end=lambda e, r: records.append(r),
               progress=False)
     assert records == []  # no epoch ended: nothing was checkpointed after the bad step
+
+
+def test_recalibrate_bn_restores_statistics_without_touching_weights(loaders):
+    from wgates.train import recalibrate_bn
+
+    train_loader, val_loader = loaders
+    torch.manual_seed(0)
+    net = tiny_net()
+    train(net, train_loader, 3, lr=0.1, progress=False)
+    good = evaluate(net, val_loader)
+    bn = net[1]
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k}
+    bn.running_mean.fill_(50.0)
+    bn.running_var.fill_(1e-3)
+    assert evaluate(net, val_loader) < good
+    assert recalibrate_bn(net, train_loader) is net and not net.training
+    assert evaluate(net, val_loader) >= good - 0.05
+    assert bn.momentum == 0.1
+    for k, v in weights.items():
+        if k != "1.num_batches_tracked":
+            assert torch.equal(net.state_dict()[k], v), k

@@ -67,17 +67,24 @@ def allocate(
     importance: Sequence[torch.Tensor],
     aim: float,
     floor: float = 0.0,
+    start: Sequence[int] | None = None,
 ) -> list[int]:
     """Units kept per group so that `cost` predicts at most `aim` (or as close as the minimum
     widths allow). `order[i]`: group i's units, best first (the gate's ranking); `importance`:
-    per unit; `floor`: no group below this fraction of its units (at least `min_units`)."""
+    per unit; `floor`: no group below this fraction of its units (at least `min_units`).
+
+    `start`: the widths to move from (default: full). Below the aim already, units are
+    reopened instead, the most valuable per unit of latency first, while the aim still
+    holds: a correction changes the fewest widths, which the weights were trained at."""
     n = len(sizes)
-    kept = list(n_units)
+    kept = list(n_units if start is None else start)
     lowest = [max(m, math.ceil(floor * u)) for m, u in zip(min_units, n_units)]
     scale = torch.tensor([s / u for s, u in zip(sizes, n_units)], dtype=torch.float32)
     ranked_value = [imp[o] for imp, o in zip(importance, order)]  # value of the k-th best unit
     step = [max(1, u // 64) for u in n_units]  # wide groups close a few units per decision
     with torch.no_grad():
+        if float(cost(torch.tensor(kept, dtype=torch.float32) * scale)) <= aim:
+            return _reopen(cost, kept, n_units, scale, ranked_value, step, aim)
         while True:
             counts = torch.tensor(kept, dtype=torch.float32) * scale
             current = float(cost(counts))
@@ -103,6 +110,28 @@ def allocate(
                 return kept
             best = min(choices)[2]
             kept[best] -= step[best]
+
+
+def _reopen(cost: Cost, kept: list[int], n_units: Sequence[int], scale: torch.Tensor,
+            ranked_value: list[torch.Tensor], step: list[int], aim: float) -> list[int]:
+    """Reopen units greedily (value per unit of latency added) while `cost` stays <= aim."""
+    while True:
+        counts = torch.tensor(kept, dtype=torch.float32) * scale
+        current = float(cost(counts))
+        growable = [i for i in range(len(kept)) if kept[i] + step[i] <= n_units[i]]
+        if not growable:
+            return kept
+        trials = torch.stack([counts + torch.nn.functional.one_hot(
+            torch.tensor(i), len(kept)).float() * step[i] * scale[i] for i in growable])
+        predicted = _each(cost, trials).tolist()
+        choices = sorted(
+            (-float(ranked_value[i][kept[i]: kept[i] + step[i]].sum())
+             / max(pred - current, 1e-9), i, pred)
+            for i, pred in zip(growable, predicted) if pred <= aim)
+        if not choices:
+            return kept
+        best = choices[0][1]
+        kept[best] += step[best]
 
 
 def _each(cost: Cost, rows: torch.Tensor) -> torch.Tensor:

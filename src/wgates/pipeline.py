@@ -181,7 +181,8 @@ def prune(
     optimizers = search_optimizers(gated, total, lr, gate_lr)
     # the search aims at the middle of the band the closed loop accepts, not at its edge
     middle = target * (1 - tolerance / 2)
-    control = latency_control(gated, cost, middle, total, allocation, ramp, floor)
+    control = latency_control(gated, cost, middle, total, allocation, ramp, floor, measure,
+                              band=((1 - tolerance) * target, target))
     teacher = dense if distill else None
     _resumable_stage(
         run, "search", {"model": gated, "loss": control,
@@ -193,8 +194,10 @@ def prune(
     pruned_dir = run.path / "pruned"
     if not (pruned_dir / "pruning.json").exists():
         small, steps = closed_loop(gated.eval(), cost, measure, target, tolerance,
-                                   propose=getattr(control, "masks_at", None))
+                                   propose=getattr(control, "masks_at", None),
+                                   loader=train_loader)
         run.save(loop=[asdict(s) for s in steps],
+                 calibration=getattr(control, "calibration", []),
                  accuracy_before_finetune=evaluate(small, val_loader))
         save_pruned(small, pruned_dir)
     small = load_pruned(gated.plain_copy(), pruned_dir)  # the dense architecture, re-pruned

@@ -36,9 +36,10 @@ from wgates.allocate import TaylorImportance, allocate
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel
 from wgates.latency import settled
-from wgates.train import History, make_optimizer, train
+from wgates.train import History, make_optimizer, recalibrate_bn, train
 
 Cost = Callable[[torch.Tensor], torch.Tensor]  # kept counts -> cost relative to dense
+Measure = Callable[[nn.Module], tuple[float, float]]  # model -> (latency / dense, spread)
 LAMBDA_INIT = 1.0
 LAMBDA_RATE = 0.05
 LAMBDA_RANGE = (1e-3, 1e3)
@@ -116,14 +117,26 @@ class KnapsackSchedule:
     Every `every` steps of the ramp it re-allocates the widths for the current aim from the
     importance measured so far (gate gradients, hooked into the gated model's forward). Once
     an allocation has reached the target the counts hold, so that the weights adapt to the
-    final widths; the gates still choose which units fill them."""
+    final widths; the gates still choose which units fill them.
+
+    With `measure` (model -> (ratio, spread)) and `band` (the measured ratios the closed loop
+    will accept), the widths are measured on the hardware when the ramp ends, and moved
+    (`calibrate`) until they measure inside the band: the cost model's error is corrected
+    before the hold, so the widths delivered are the ones the weights were trained at.
+    Measured on ResNet-20 (CIFAR-10, torch-cpu, batch 1): LPNet predicted 0.487 where
+    0.519 was measured; the closed loop's later correction of the widths took the network
+    from 64.6% to 18.1% before the fine-tune."""
 
     def __init__(self, gated: GatedModel, cost: Cost, target: float, steps: int,
-                 ramp: float = 0.5, every: int = REALLOCATE_EVERY, floor: float = 0.0) -> None:
+                 ramp: float = 0.5, every: int = REALLOCATE_EVERY, floor: float = 0.0,
+                 measure: Measure | None = None,
+                 band: tuple[float, float] | None = None) -> None:
         self.gated, self.cost, self.target = gated, cost, target
         self.ramp_steps = max(1, round(ramp * steps))
         self.every = min(every, max(1, self.ramp_steps // 10))  # >= 10 allocations a ramp
         self.floor = floor
+        self.measure, self.band = measure, band
+        self.calibration: list[dict] = []
         self.last_aim = 1.0
         groups = gated.channel_groups
         self.importance = TaylorImportance([gated._units(i) for i in range(len(groups))],
@@ -137,31 +150,56 @@ class KnapsackSchedule:
         left = max(0.0, 1.0 - self.step / self.ramp_steps)
         return self.target + (1.0 - self.target) * left ** 3
 
-    def kept_at(self, aim: float) -> list[int]:
-        """Units per group for a predicted cost of `aim`, from the current ranking."""
+    def kept_at(self, aim: float, start: list[int] | None = None) -> list[int]:
+        """Units per group for a predicted cost of `aim`, from the current ranking; moved
+        from the widths `start` when given, else allocated from full widths."""
         g = self.gated
         with torch.no_grad():
             order = [g.scores(i).argsort(descending=True).cpu() for i in range(len(g.groups))]
         return allocate(
             self.cost, [c.size for c in g.channel_groups], [c.n_units for c in g.channel_groups],
             [g._min_units(i) for i in range(len(g.groups))], order,
-            [self.importance.get(i) for i in range(len(g.groups))], aim, self.floor)
+            [self.importance.get(i) for i in range(len(g.groups))], aim, self.floor, start)
 
     def masks_at(self, aim: float) -> dict[str, torch.Tensor]:
-        """Masks (the gates' top units) for the allocation at a predicted cost of `aim`."""
-        kept = self.kept_at(aim)
+        """Masks (the gates' top units) for a predicted cost of `aim`, moved from the
+        searched widths: the closed loop's correction changes as few widths as it can."""
+        return self._masks(self.kept_at(aim, start=self.kept))
+
+    def _masks(self, kept: list[int]) -> dict[str, torch.Tensor]:
         groups = self.gated.channel_groups
         return self.gated.masks_for_widths(
             {c.name: min(c.size, round(k * c.size / c.n_units)) for c, k in zip(groups, kept)})
 
+    def calibrate(self, rounds: int = 4) -> None:
+        """Measure the current widths and move them until they measure inside `band`
+        (at most `rounds` measurements); each step aims at the band's middle through the
+        cost model scaled by the last measured / predicted ratio."""
+        low, high = self.band
+        for _ in range(rounds):
+            self.gated.set_masks(self._masks(self.kept))
+            model = self.gated.extract(verify=False)
+            self.gated.clear_masks()
+            ratio, spread = settled(self.measure, model)
+            with torch.no_grad():
+                predicted = float(self.cost(self.gated.kept_counts()))
+            self.calibration.append({"step": self.step, "predicted": predicted,
+                                     "measured": ratio, "spread": spread})
+            if low <= ratio <= high:
+                return
+            goal = predicted * (low + high) / 2 / ratio
+            self.kept = self.kept_at(goal, start=self.kept)
+            self.gated.set_kept_units(self.kept)
+
     def state_dict(self) -> dict:
         return {"step": self.step, "kept": list(self.kept), "last_aim": self.last_aim,
-                "importance": self.importance.state_dict()}
+                "importance": self.importance.state_dict(), "calibration": self.calibration}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.kept = int(state["step"]), [int(k) for k in state["kept"]]
         self.last_aim = float(state["last_aim"])
         self.importance.load_state_dict(state["importance"])
+        self.calibration = list(state.get("calibration", []))
         self.gated.set_kept_units(self.kept)
 
     def __call__(self) -> tuple[torch.Tensor, dict]:
@@ -169,6 +207,8 @@ class KnapsackSchedule:
             self.last_aim = self.aim()
             self.kept = self.kept_at(self.last_aim)
             self.gated.set_kept_units(self.kept)
+            if self.last_aim <= self.target and self.measure is not None:
+                self.calibrate()
         self.step += 1
         with torch.no_grad():
             predicted = float(self.cost(self.gated.kept_counts()))
@@ -177,13 +217,15 @@ class KnapsackSchedule:
 
 def latency_control(gated: GatedModel, cost: Cost, target: float, steps: int,
                     allocation: str = "knapsack", ramp: float | None = None,
-                    floor: float = 0.0) -> LatencyLoss | KnapsackSchedule:
+                    floor: float = 0.0, measure: Measure | None = None,
+                    band: tuple[float, float] | None = None) -> LatencyLoss | KnapsackSchedule:
     """What steers the search to the target: the knapsack schedule or the latency loss.
     `ramp` (fraction of the steps over which the aim falls to the target) defaults to 0.5
-    for the knapsack and 0 (the target from step one) for the latency loss."""
+    for the knapsack and 0 (the target from step one) for the latency loss. `measure` and
+    `band`: the knapsack measures its widths when the ramp ends (`KnapsackSchedule`)."""
     if allocation == "knapsack":
         return KnapsackSchedule(gated, cost, target, steps, 0.5 if ramp is None else ramp,
-                                floor=floor)
+                                floor=floor, measure=measure, band=band)
     if allocation == "gradient":
         return LatencyLoss(gated, cost, target, ramp=round((ramp or 0.0) * steps))
     raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
@@ -222,20 +264,24 @@ def search(
     allocation: str = "knapsack",
     ramp: float | None = None,
     floor: float = 0.0,
+    measure: Measure | None = None,
+    band: tuple[float, float] | None = None,
     **train_kwargs,
 ) -> tuple[History, LatencyLoss | KnapsackSchedule]:
     """Train weights and gates jointly so that the predicted cost settles at `target`.
 
-    `allocation`, `ramp` and `floor`: see `latency_control`. `regulariser`, called once per
-    step, adds a term of its own (GDP's polariser). `optimizers` (from `search_optimizers`)
-    and `loss` (from `latency_control`) are made here unless given: a resumed search passes
-    them in with their checkpointed state. `train_kwargs` go to `wgates.train.train`
-    (`teacher=` distils from the dense model during the search)."""
+    `allocation`, `ramp`, `floor`, `measure` and `band`: see `latency_control`.
+    `regulariser`, called once per step, adds a term of its own (GDP's polariser).
+    `optimizers` (from `search_optimizers`) and `loss` (from `latency_control`) are made here
+    unless given: a resumed search passes them in with their checkpointed state.
+    `train_kwargs` go to `wgates.train.train` (`teacher=` distils from the dense model
+    during the search)."""
     steps = epochs * len(train_loader)
     optimizers = optimizers or search_optimizers(gated, steps, lr, gate_lr)
     if loss is None:
         gated.clear_masks()
-        loss = latency_control(gated, cost, target, steps, allocation, ramp, floor)
+        loss = latency_control(gated, cost, target, steps, allocation, ramp, floor, measure,
+                               band)
 
     def extra() -> tuple[torch.Tensor, dict]:
         value, stats = loss()
@@ -300,6 +346,7 @@ def closed_loop(
     tolerance: float = 0.05,
     max_steps: int = 8,
     propose: Callable[[float], dict[str, torch.Tensor]] | None = None,
+    loader=None,
 ) -> tuple[nn.Module, list[LoopStep]]:
     """Extract, measure (`measure(model) -> (ratio, spread)`), correct, until the measured
     ratio lies in [(1 - tolerance) * target, target]. Returns the last extracted model and
@@ -310,26 +357,30 @@ def closed_loop(
     The search's own widths are kept when they measure under the target by up to twice the
     tolerance: any other widths are ones the weights were not trained at (measured on the
     digits default, a re-proposal 1.1% under the band dropped the accuracy before the
-    fine-tune from 98.6% to 75.8%)."""
+    fine-tune from 98.6% to 75.8%). A reading near the band, on either side, is confirmed
+    by `settled` before it decides. When other widths are delivered and `loader` is given,
+    their BatchNorm statistics are re-estimated on it (`recalibrate_bn`): those gathered in
+    the search describe the searched widths (measured on ResNet-20: 18.1% -> 46.5%)."""
     aim = target * (1 - tolerance / 2)
     steps: list[LoopStep] = []
     masks, tau = gated.masks(), float("nan")  # first: the search's own decision
-    best: tuple[float, nn.Module] | None = None
+    best: tuple[float, nn.Module, int] | None = None  # distance, model, step number
     for _ in range(max_steps):
         low = (1 - (1 if steps else 2) * tolerance) * target  # the searched widths: 2x slack
         gated.clear_masks()
         gated.set_masks(masks)
         model = gated.extract()
         ratio, spread = measure(model)
-        if low <= ratio <= target:  # confirm: noise must not decide
+        if low <= ratio <= target * (1 + tolerance):  # near: noise must not decide
             ratio, spread = settled(measure, model)
         with torch.no_grad():
             predicted = float(cost(gated.kept_counts()))
         steps.append(LoopStep(tau, predicted, ratio, spread))
-        if best is None or abs(ratio - aim) < best[0]:
-            best = (abs(ratio - aim), model)
-        if low <= ratio <= target:
-            return model, steps
+        in_band = low <= ratio <= target
+        if best is None or in_band or abs(ratio - aim) < best[0]:
+            best = (0.0 if in_band else abs(ratio - aim), model, len(steps))
+        if in_band:
+            break
         gated.clear_masks()
         goal = predicted * aim / ratio  # the cost model, recalibrated by the measurement
         if propose is None:
@@ -337,4 +388,7 @@ def closed_loop(
             masks = threshold_masks(gated, tau)
         else:
             tau, masks = goal, propose(goal)
-    return best[1], steps
+    _, model, step = best
+    if loader is not None and step > 1:  # not the searched widths
+        recalibrate_bn(model, loader)
+    return model, steps

@@ -62,6 +62,32 @@ def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> floa
     return correct / max(total, 1)
 
 
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on `batches` training batches (a
+    cumulative mean, no gradient, no weight change) and return `model` in eval mode.
+
+    Why: statistics gathered while the network had other widths (a search whose widths moved,
+    a closed loop that re-proposed them) describe activations that no longer occur; pruning
+    papers that score candidates without training (MetaPruning, EagleEye) do this first."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return model.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    device = next(model.parameters()).device
+    model.train()
+    with torch.no_grad(), autocast(device):
+        for i, (x, _) in enumerate(loader):
+            if i >= batches:
+                break
+            model(x.to(device))
+    for m, momentum in zip(norms, saved):
+        m.momentum = momentum
+    return model.eval()
+
+
 def make_optimizer(params, lr: float, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
 
