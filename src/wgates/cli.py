@@ -286,11 +286,18 @@ SUBCOMMANDS.append(add_measure)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Under torchrun (`torchrun --nproc_per_node=N -m wgates ...`) every
+    rank runs this; `train` and `prune` join the process group first (`wgates.distributed`)."""
     args = build_parser().parse_args(argv)
+    from wgates import distributed
+
     try:
+        if getattr(args, "distributed", False) and distributed.launched():
+            distributed.setup(_device(getattr(args, "device", "cpu")))
         return int(args.func(args) or 0)
     except WgatesError as err:
-        print(f"wgates: error: {err}", file=sys.stderr)
+        who = f"rank {distributed.rank()}: " if distributed.active() else ""
+        print(f"wgates: error: {who}{err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wgates: interrupted", file=sys.stderr)
@@ -302,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
               "then run the same command with --resume (files are written whole or not at "
               "all, so what is on disk is intact)", file=sys.stderr)
         return 2
+    finally:
+        distributed.teardown()
 
 
 def _add_model_data_args(p: argparse.ArgumentParser) -> None:
@@ -327,8 +336,11 @@ def _model_and_loaders(args):
 
 
 def _device(name: str):
-    """The torch device `name`, refused up front when it is not there (not after minutes)."""
+    """The torch device `name`, refused up front when it is not there (not after minutes);
+    under torchrun, `cuda` is this rank's GPU (cuda:LOCAL_RANK)."""
     import torch
+
+    from wgates import distributed
 
     try:
         device = torch.device(name)
@@ -336,7 +348,7 @@ def _device(name: str):
         raise WgatesError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WgatesError(f"--device {name}: this machine has no CUDA GPU; use --device cpu")
-    return device
+    return distributed.device_for("cuda") if name == "cuda" else device
 
 
 def add_train(sub) -> None:
@@ -350,7 +362,7 @@ def add_train(sub) -> None:
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint <out>.ckpt written after every epoch")
-    p.set_defaults(func=_run_train)
+    p.set_defaults(func=_run_train, distributed=True)
 
 
 def _run_train(args) -> int:
@@ -362,6 +374,7 @@ def _run_train(args) -> int:
     import torch
     from safetensors.torch import save_file
 
+    from wgates import distributed
     from wgates.files import atomic_path, load_checkpoint, save_checkpoint, write_json
     from wgates.train import evaluate, make_optimizer, train
 
@@ -371,17 +384,21 @@ def _run_train(args) -> int:
     ckpt = out.with_name(out.name + ".ckpt")
     settings = {k: getattr(args, k) for k in
                 ("model", "weights", "data", "batch_size", "subset", "epochs", "lr", "seed")}
-    if ckpt.exists() and not args.resume:
-        raise WgatesError(f"{ckpt} exists (an unfinished training): pass --resume to continue "
-                          "it, or delete it to start over")
-    blob = load_checkpoint(ckpt) if args.resume and ckpt.exists() else None
-    if blob is not None:
+
+    def read_checkpoint() -> dict | None:
+        if ckpt.exists() and not args.resume:
+            raise WgatesError(f"{ckpt} exists (an unfinished training): pass --resume to "
+                              "continue it, or delete it to start over")
+        blob = load_checkpoint(ckpt) if args.resume and ckpt.exists() else None
         differ = {k: (blob["settings"].get(k), v) for k, v in settings.items()
-                  if blob["settings"].get(k) != v}
+                  if blob is not None and blob["settings"].get(k) != v}
         if differ:
             raise WgatesError("--resume with other settings than the checkpoint's: " + ", ".join(
                 f"{k} was {a!r}, now {b!r}" for k, (a, b) in differ.items())
                 + f"; use the same ones, or delete {ckpt} to start over")
+        return blob
+
+    blob = distributed.once("read the checkpoint", read_checkpoint)  # every rank: rank 0's
     device = _device(args.device)
     torch.manual_seed(args.seed)
     model, train_loader, val_loader, _ = _model_and_loaders(args)
@@ -395,22 +412,31 @@ def _run_train(args) -> int:
         model.load_state_dict(blob["model"])
         optimizer.load_state_dict(blob["optimizer"])
         history, start = list(blob["history"]), int(blob["epoch"])
-        print(f"resuming {ckpt} after epoch {start}/{args.epochs}")
+        if distributed.is_main():
+            print(f"resuming {ckpt} after epoch {start}/{args.epochs}")
 
     def checkpoint(epoch: int, record: dict) -> None:
         history.append(record)
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch + 1, "history": history, "settings": settings}, ckpt)
+        if distributed.is_main():
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "epoch": epoch + 1, "history": history, "settings": settings},
+                            ckpt)
 
     train(model, train_loader, args.epochs, lr=args.lr, val_loader=val_loader,
           optimizers=[optimizer], start_epoch=start, on_epoch_end=checkpoint)
-    with atomic_path(out) as tmp:
-        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     accuracy = evaluate(model, val_loader)
-    write_json(out.with_suffix(".json"), {"settings": settings, "val_accuracy": accuracy,
-                                          "history": history})
-    ckpt.unlink(missing_ok=True)
-    print(f"wrote {out}: val accuracy {accuracy:.4f}")
+
+    def write() -> None:
+        with atomic_path(out) as tmp:
+            save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()},
+                      str(tmp))
+        write_json(out.with_suffix(".json"), {
+            "settings": settings, "val_accuracy": accuracy, "history": history,
+            "ranks": distributed.world_size()})
+        ckpt.unlink(missing_ok=True)
+        print(f"wrote {out}: val accuracy {accuracy:.4f}")
+
+    distributed.once("write the weights", write)
     return 0
 
 
@@ -449,12 +475,13 @@ def add_prune(sub) -> None:
     p.add_argument("--run-dir", default="runs/prune")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --run-dir")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run_prune)
+    p.set_defaults(func=_run_prune, distributed=True)
 
 
 def _run_prune(args) -> int:
     import torch
 
+    from wgates import distributed
     from wgates.pipeline import prune
     from wgates.search import parse_target
     from wgates.train import train
@@ -463,8 +490,9 @@ def _run_prune(args) -> int:
     torch.manual_seed(args.seed)
     model, train_loader, val_loader, info = _model_and_loaders(args)
     if args.weights is None and args.dense_epochs > 0:
-        print(f"no --weights: training {args.model} on {info.name} for {args.dense_epochs} "
-              "epochs first")
+        if distributed.is_main():
+            print(f"no --weights: training {args.model} on {info.name} for "
+                  f"{args.dense_epochs} epochs first")
         train(model, train_loader, args.dense_epochs, lr=0.05, val_loader=val_loader)
     example = torch.randn(args.latency_batch, *info.input_shape)
     result = prune(
@@ -475,10 +503,11 @@ def _run_prune(args) -> int:
         allocation=args.allocation, ramp=args.ramp, floor=args.floor,
         resume=args.resume, seed=args.seed,
     )
-    print(f"\npruned for and measured on {args.backend}, batch {args.latency_batch}, "
-          f"{args.threads} thread(s); target "
-          f"{result.target_ratio:.3f} of dense:\n{result.table()}")
-    print(f"\nrun directory: {result.run_dir} (report.md, model/, model.onnx)")
+    if distributed.is_main():
+        print(f"\npruned for and measured on {args.backend}, batch {args.latency_batch}, "
+              f"{args.threads} thread(s); target "
+              f"{result.target_ratio:.3f} of dense:\n{result.table()}")
+        print(f"\nrun directory: {result.run_dir} (report.md, model/, model.onnx)")
     return 0
 
 

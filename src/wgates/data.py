@@ -18,9 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    Subset,
+    TensorDataset,
+)
 from tqdm import tqdm
 
+from wgates import distributed
 from wgates.errors import WgatesError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -283,6 +291,9 @@ def make_loaders(
 ) -> tuple[DataLoader, DataLoader, DataInfo]:
     """Train and validation loaders for `digits`, `cifar10:<root>` or `imagefolder:<root>`.
 
+    `batch_size` is the global batch: under torchrun each rank loads its share of it from
+    its own shard of the training set (`DistributedSampler`, seeded; `train` sets its epoch).
+    Every rank validates on the whole validation set (the same weights give the same figure).
     `image_size` applies to digits (default 32) and imagefolder (default 224); CIFAR is 32.
     `subset` keeps that many samples of each split, for quick runs and tests.
     """
@@ -305,8 +316,15 @@ def make_loaders(
         raise WgatesError(
             f"unknown data spec {spec!r}: use 'digits', 'cifar10:<root>' or 'imagefolder:<root>'"
         )
-    common = {"batch_size": batch_size, "num_workers": workers, "persistent_workers": workers > 0}
+    ranks = distributed.world_size()
+    if batch_size % ranks:
+        raise WgatesError(f"batch size {batch_size} is the global batch: it must divide "
+                          f"evenly over the {ranks} ranks")
+    common = {"batch_size": batch_size // ranks, "num_workers": workers,
+              "persistent_workers": workers > 0}
     train = subset_of(train, subset)
-    train_loader = DataLoader(train, sampler=EpochShuffle(len(train), seed), **common)
+    sampler = (DistributedSampler(train, ranks, distributed.rank(), shuffle=True, seed=seed)
+               if ranks > 1 else EpochShuffle(len(train), seed))
+    train_loader = DataLoader(train, sampler=sampler, **common)
     val_loader = DataLoader(subset_of(val, subset), shuffle=False, **common)
     return train_loader, val_loader, DataInfo(kind, len(classes), shape, classes)

@@ -8,6 +8,8 @@ killed run from its last finished stage (and the search / fine-tune from their l
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import json
 import time
@@ -17,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wgates import distributed
 from wgates.defaults import PRUNE
 from wgates.errors import WgatesError
 from wgates.export import export_onnx
-from wgates.extract import load_pruned, save_pruned
+from wgates.extract import PLAN_ATTR, PruningPlan, apply_plan, load_pruned, save_pruned
 from wgates.files import load_checkpoint, save_checkpoint, write_json
 from wgates.gated import gate
 from wgates.groups import as_input_tuple
@@ -89,12 +92,17 @@ class _Run:
 
     def __init__(self, path: Path, resume: bool, settings: dict) -> None:
         self.path = path
+        self.state_file = path / "state.json"
+        self.state = distributed.once("open the run directory",
+                                      lambda: self._open(resume, settings))
+
+    def _open(self, resume: bool, settings: dict) -> dict:
+        path = self.path
         if path.exists() and any(path.iterdir()) and not resume:
             raise WgatesError(f"run directory {path} is not empty: pass resume=True (--resume) "
                               "to continue it, or choose another directory")
-        self.state_file = path / "state.json"
-        self.state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
-        before = self.state.get("settings", settings)
+        state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+        before = state.get("settings", settings)
         differ = [f"{k} was {before.get(k)!r}, now {v!r}" for k, v in settings.items()
                   if before.get(k) != v]
         if differ:
@@ -102,11 +110,15 @@ class _Run:
                               + "; ".join(differ) + ": use the same ones, or another run "
                               "directory")
         path.mkdir(parents=True, exist_ok=True)
-        self.save(settings=settings)
+        state["settings"] = settings
+        write_json(self.state_file, state)
+        return state
 
     def save(self, **values) -> None:
+        """Every rank updates its copy of the state (they agree); rank 0 writes it."""
         self.state.update(values)
-        write_json(self.state_file, self.state)
+        if distributed.is_main():
+            write_json(self.state_file, self.state)
 
 
 def prune(
@@ -160,15 +172,18 @@ def prune(
         "finetune_lr": finetune_lr, "tolerance": tolerance, "seed": seed,
     })
     dense = model.eval()
-    meter = Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
+    @functools.cache
+    def meter() -> Meter:  # made where it is first used: on rank 0, the one that measures
+        return Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
 
     def measure(candidate: nn.Module) -> tuple[float, float]:
-        m = meter.measure(meter_backend.prepare(candidate.eval(), inputs))
+        m = meter().measure(meter_backend.prepare(candidate.eval(), inputs))
         return m.ratio, m.spread
 
     if "dense_ms" not in run.state:
-        m = meter.measure(meter_backend.prepare(dense, inputs))
-        run.save(dense_ms=m.dense_ms, dense_accuracy=evaluate(dense, val_loader),
+        dense_ms = distributed.once("measure the dense model", lambda: meter().measure(
+            meter_backend.prepare(dense, inputs)).dense_ms)
+        run.save(dense_ms=dense_ms, dense_accuracy=evaluate(dense, val_loader),
                  backend=backend, threads=threads, input_shapes=[list(x.shape) for x in inputs])
     target = parse_target(target_latency, run.state["dense_ms"])
     run.save(target_ratio=target, target_latency=str(target_latency), proxy=proxy, kind=kind,
@@ -192,15 +207,21 @@ def prune(
                                 val_loader=val_loader, **resume))
 
     pruned_dir = run.path / "pruned"
-    if not (pruned_dir / "pruning.json").exists():
+
+    def close_the_loop() -> dict:
+        """On rank 0: the closed loop, its pruned model saved; the state's new entries."""
+        if (pruned_dir / "pruning.json").exists():
+            return {}
         small, steps = closed_loop(gated.eval(), cost, measure, target, tolerance,
                                    propose=getattr(control, "masks_at", None),
                                    loader=train_loader)
-        run.save(loop=[asdict(s) for s in steps],
-                 calibration=getattr(control, "calibration", []),
-                 accuracy_before_finetune=evaluate(small, val_loader))
         save_pruned(small, pruned_dir)
-    small = load_pruned(gated.plain_copy(), pruned_dir)  # the dense architecture, re-pruned
+        return {"loop": [asdict(s) for s in steps],
+                "calibration": getattr(control, "calibration", []),
+                "accuracy_before_finetune": evaluate(small, val_loader)}
+
+    run.save(**distributed.once("closed loop on the hardware", close_the_loop))
+    small = _shared_pruned(gated.plain_copy(), pruned_dir)  # the dense architecture, re-pruned
 
     optimizer = make_optimizer(small.parameters(), finetune_lr)
     _resumable_stage(run, "finetune", {"model": small, "optimizer": optimizer}, finetune_epochs,
@@ -209,7 +230,8 @@ def prune(
                          optimizers=[optimizer], teacher=teacher,
                          desc="fine-tune", progress=progress, **resume))
 
-    final_ratio, spread = settled(measure, small)
+    final_ratio, spread = distributed.once("measure the pruned model",
+                                           lambda: settled(measure, small))
     macs, params = count(small, inputs)
     dense_macs, dense_params = count(dense, inputs)
     widths = {n: len(k) for n, k in small.wgates_plan.kept.items()}
@@ -222,14 +244,18 @@ def prune(
         loop=run.state.get("loop", []),
         accuracy_before_finetune=run.state.get("accuracy_before_finetune", float("nan")),
     )
-    save_pruned(small, run.path / "model")
-    if export:
-        export_onnx(small, inputs, run.path / "model.onnx")
     run.save(result={k: v for k, v in asdict(result).items() if k != "model"},
              final_spread=spread, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    from wgates.report import write_report
 
-    write_report(run.path, result, run.state)
+    def deliver() -> None:
+        from wgates.report import write_report
+
+        save_pruned(small, run.path / "model")
+        if export:
+            export_onnx(small, inputs, run.path / "model.onnx")
+        write_report(run.path, result, run.state)
+
+    distributed.once("write the pruned model", deliver)
     return result
 
 
@@ -248,8 +274,9 @@ def _resumable_stage(run: _Run, name: str, parts: dict, epochs: int, fit) -> Non
     epoch to `<run>/<name>.pt`, and continuing from there when the file exists."""
     file = run.path / f"{name}.pt"
     start = 0
-    if file.exists():
-        blob = load_checkpoint(file)
+    blob = distributed.once(f"read {file.name}",
+                            lambda: load_checkpoint(file) if file.exists() else None)
+    if blob is not None:  # every rank continues from rank 0's copy
         for key, part in parts.items():
             part.load_state_dict(blob["state"][key])
         start = int(blob["epoch"])
@@ -257,15 +284,41 @@ def _resumable_stage(run: _Run, name: str, parts: dict, epochs: int, fit) -> Non
         return
 
     def checkpoint(epoch: int, record: dict) -> None:
-        state = {key: part.state_dict() for key, part in parts.items()}
-        save_checkpoint({"state": state, "epoch": epoch + 1}, file)
+        if distributed.is_main():
+            state = {key: part.state_dict() for key, part in parts.items()}
+            save_checkpoint({"state": state, "epoch": epoch + 1}, file)
         run.save(**{name: run.state.get(name, [])[:epoch] + [record]})
 
     fit(start_epoch=start, on_epoch_end=checkpoint)
 
 
+def _shared_pruned(base: nn.Module, path: Path) -> nn.Module:
+    """`load_pruned(base, path)` of rank 0's saved model, on every rank (no shared disk
+    needed: rank 0 reads it and sends plan and weights)."""
+    def read() -> tuple[dict, dict]:
+        small = load_pruned(copy.deepcopy(base), path)
+        return asdict(getattr(small, PLAN_ATTR)), small.state_dict()
+
+    plan, state = distributed.once(f"read {path}", read)
+    small = apply_plan(base, PruningPlan(**plan))
+    small.load_state_dict(state)
+    return small
+
+
 def _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress):
-    """A callable kept-counts -> cost ratio, differentiable, for the search and the loop."""
+    """A callable kept-counts -> cost ratio, differentiable, for the search and the loop:
+    made on rank 0 (profiling measures the hardware) and sent to the others."""
+    net = distributed.once("latency predictor", lambda: _fit_cost_model(
+        gated, proxy, predictor, run, inputs, backend, threads, samples, progress))
+    run.state.update(distributed.broadcast({k: run.state[k] for k in ("lpnet",)
+                                            if k in run.state}))
+    check_groups(net, [g.name for g in gated.groups])
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress):
     lpnet_file = run.path / "lpnet.pt"
     if predictor is not None:
         net = LatencyPredictor.load(predictor)
@@ -288,7 +341,4 @@ def _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
         from wgates.predictor import plot_comparison
 
         plot_comparison(comparison, run.path / "lpnet_fit.png")
-    check_groups(net, [g.name for g in gated.groups])
-    for p in net.parameters():
-        p.requires_grad_(False)
     return net

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from wgates import distributed
 from wgates.allocate import TaylorImportance, allocate
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel
@@ -191,6 +192,11 @@ class KnapsackSchedule:
             self.kept = self.kept_at(goal, start=self.kept)
             self.gated.set_kept_units(self.kept)
 
+    def _calibrated(self) -> tuple[list[int], list[dict]]:
+        self.gated.set_kept_units(self.kept)
+        self.calibrate()
+        return self.kept, self.calibration
+
     def state_dict(self) -> dict:
         return {"step": self.step, "kept": list(self.kept), "last_aim": self.last_aim,
                 "importance": self.importance.state_dict(), "calibration": self.calibration}
@@ -204,11 +210,13 @@ class KnapsackSchedule:
 
     def __call__(self) -> tuple[torch.Tensor, dict]:
         if self.step % self.every == 0 and self.step > 0 and self.last_aim > self.target:
+            # made on rank 0 and sent: each rank's importance comes from its own data shard
             self.last_aim = self.aim()
-            self.kept = self.kept_at(self.last_aim)
-            self.gated.set_kept_units(self.kept)
+            self.kept = distributed.broadcast(self.kept_at(self.last_aim))
             if self.last_aim <= self.target and self.measure is not None:
-                self.calibrate()
+                self.kept, self.calibration = distributed.once(
+                    "measure the searched widths", self._calibrated)
+            self.gated.set_kept_units(self.kept)
         self.step += 1
         with torch.no_grad():
             predicted = float(self.cost(self.gated.kept_counts()))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from wgates import distributed
 from wgates.errors import WgatesError
 
 KD_TEMPERATURE = 4.0
@@ -109,10 +110,14 @@ def train(
     """Train `model` for `epochs` (cosine learning rate per step) and evaluate each epoch.
 
     `optimizers` defaults to SGD on all parameters; `start_epoch` and `on_epoch_end` (called
-    with the epoch index and its record, e.g. to checkpoint) make runs resumable.
+    with the epoch index and its record, e.g. to checkpoint) make runs resumable. Under
+    torchrun the steps run in DistributedDataParallel (`wgates.distributed`); progress is
+    shown by rank 0 only.
     """
     device = next(model.parameters()).device
     optimizers = optimizers or [make_optimizer(model.parameters(), lr)]
+    stepper = distributed.wrap(model)  # DDP under torchrun: gradients averaged over ranks
+    progress = progress and distributed.is_main()
     for o in optimizers:  # a resumed optimizer's lr is annealed: the schedule starts over it
         for group in o.param_groups:
             group["lr"] = group.setdefault("initial_lr", group["lr"])
@@ -135,7 +140,7 @@ def train(
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast(device):
-                logits = logits_of(model(x)).float()
+                logits = logits_of(stepper(x)).float()
                 if teacher is not None:
                     with torch.no_grad():
                         target = logits_of(teacher(x)).float()
@@ -146,7 +151,7 @@ def train(
             if extra_loss is not None:
                 extra, stats = extra_loss()
                 loss = loss + extra
-            if not torch.isfinite(loss):
+            if distributed.any_rank(not bool(torch.isfinite(loss))):
                 raise WgatesError(
                     f"{desc}: the loss became {loss.item()} in epoch {epoch + 1}; the last "
                     "finished epoch's checkpoint is kept: lower the learning rate and resume"
@@ -162,6 +167,8 @@ def train(
             for k, v in stats.items():
                 totals[k] = float(v)
             bar.set_postfix({k: f"{v:.3g}" for k, v in {"loss": loss.item(), **stats}.items()})
+        totals["loss"] = distributed.all_mean(totals["loss"])
+        distributed.sync_buffers(model)
         record = {"epoch": epoch + 1, **totals}
         if val_loader is not None:
             record["val_accuracy"] = evaluate(model, val_loader)

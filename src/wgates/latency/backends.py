@@ -9,6 +9,7 @@ the primary figure is the ratio of the two; milliseconds are kept too. See `Prot
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import platform
@@ -96,13 +97,21 @@ class Backend(ABC):
         }
 
 
+def on_device(model: nn.Module, device: str) -> nn.Module:
+    """`model` when it is on `device` already, else a copy moved there: measuring a model
+    must not move the one being trained (on a GPU) to the CPU, or the other way round."""
+    if next(model.parameters()).device.type == device:
+        return model
+    return copy.deepcopy(model).to(device)
+
+
 class TorchCPU(Backend):
     """Eager PyTorch on CPU, inference mode, `threads` intra-op threads."""
 
     name = "torch-cpu"
 
     def prepare(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Runner:
-        model = model.eval()
+        model = on_device(model, "cpu").eval()
         inputs = tuple(x.cpu() for x in example_inputs)
 
         def run() -> object:
@@ -118,9 +127,8 @@ class OnnxRuntimeCPU(Backend):
     name = "onnxruntime-cpu"
 
     def prepare(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Runner:
-        session = onnx_session(
-            onnx_bytes(model, tuple(example_inputs), dynamic_batch=False), self.threads
-        )
+        session = onnx_session(onnx_bytes(on_device(model, "cpu"), tuple(
+            x.cpu() for x in example_inputs), dynamic_batch=False), self.threads)
         names = [i.name for i in session.get_inputs()]
         feeds = {n: x.detach().cpu().numpy() for n, x in zip(names, example_inputs, strict=True)}
         return lambda: session.run(None, feeds)
@@ -137,7 +145,7 @@ class TorchCUDA(Backend):
         super().__init__(threads)
 
     def prepare(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Runner:
-        model = model.eval().cuda()
+        model = on_device(model, "cuda").eval()
         inputs = tuple(x.cuda() for x in example_inputs)
 
         def run() -> object:
