@@ -121,8 +121,9 @@ def _reopen(cost: Cost, kept: list[int], n_units: Sequence[int], scale: torch.Te
         growable = [i for i in range(len(kept)) if kept[i] + step[i] <= n_units[i]]
         if not growable:
             return kept
-        trials = torch.stack([counts + torch.nn.functional.one_hot(
-            torch.tensor(i), len(kept)).float() * step[i] * scale[i] for i in growable])
+        trials = counts.repeat(len(growable), 1)
+        for row, i in enumerate(growable):
+            trials[row, i] += step[i] * scale[i]
         predicted = _each(cost, trials).tolist()
         choices = sorted(
             (-float(ranked_value[i][kept[i]: kept[i] + step[i]].sum())

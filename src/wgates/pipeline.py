@@ -8,7 +8,6 @@ killed run from its last finished stage (and the search / fine-tune from their l
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import json
@@ -295,11 +294,15 @@ def _resumable_stage(run: _Run, name: str, parts: dict, epochs: int, fit) -> Non
 def _shared_pruned(base: nn.Module, path: Path) -> nn.Module:
     """`load_pruned(base, path)` of rank 0's saved model, on every rank (no shared disk
     needed: rank 0 reads it and sends plan and weights)."""
+    loaded: list[nn.Module] = []  # rank 0's model, read once
+
     def read() -> tuple[dict, dict]:
-        small = load_pruned(copy.deepcopy(base), path)
-        return asdict(getattr(small, PLAN_ATTR)), small.state_dict()
+        loaded.append(load_pruned(base, path))
+        return asdict(getattr(loaded[0], PLAN_ATTR)), loaded[0].state_dict()
 
     plan, state = distributed.once(f"read {path}", read)
+    if loaded:
+        return loaded[0]
     small = apply_plan(base, PruningPlan(**plan))
     small.load_state_dict(state)
     return small
