@@ -37,6 +37,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -46,7 +47,7 @@ from torch.utils.data import DataLoader
 
 from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import EpochShuffle, make_loaders, subset_of
-from wgates.extract import PLAN_ATTR, save_pruned
+from wgates.extract import PLAN_ATTR, load_pruned, save_pruned
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, settled
 from wgates.models import create_model
 from wgates.predictor import count, fit_and_compare
@@ -83,6 +84,7 @@ class Settings:
     allocation: str = "knapsack"  # how the gate searches set the widths
     ramp: float | None = None
     floor: float = 0.0
+    importance: str = "taylor"
     tolerance: float = 0.05
     lpnet_samples: int = 150
     protocol_rounds: int = 60
@@ -211,11 +213,19 @@ def conv_widths(model: nn.Module) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
 
 
+def model_dir(models: Path, row: dict) -> Path:
+    """Where a row's pruned model is kept (`save_pruned`), under its run's models folder."""
+    return models / (f"{row['model']}_{row['backend']}@{row.get('batch', 1)}_{row['target']}_"
+                     f"{row['method']}_{row['seed']}")
+
+
 def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: Path,
-              shape: list[int], log=print, on_row=None, done: list[dict] = ()) -> list[dict]:
+              shape: list[int], log=print, on_row=None, done: list[dict] = (),
+              models: Path | None = None) -> list[dict]:
     """Every (regime, target, method, seed) of one dense model: one row each; `on_row(rows)`
     after each, so that a long run's results are on disk as they come. Rows in `done` (a
-    resumed run's) are kept and not run again."""
+    resumed run's) are kept and not run again. The pruned models are kept in `models`
+    (default <cache>/models) for `--remeasure`."""
     train_loader, val_loader = loaders
     rows = [r for r in done if r["model"] == label]
     have = {row_key(r) for r in rows}
@@ -246,7 +256,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                           lr=settings.lr, gate_lr=settings.gate_lr,
                           tolerance=settings.tolerance, seed=seed, distill=settings.distill,
                           allocation=settings.allocation, ramp=settings.ramp,
-                          floor=settings.floor, val_loader=val_loader)
+                          floor=settings.floor, importance=settings.importance,
+                          val_loader=val_loader)
             torch.manual_seed(seed)
             if isinstance(train_loader.sampler, EpochShuffle):  # the data order is the seed's
                 train_loader.sampler.seed = seed
@@ -266,9 +277,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                    "ratio": settled(measure, small)[0], "macs": macs,
                    "params": params, "wall_s": wall, "widths": conv_widths(small),
                    "finetune_epochs": settings.finetune_for(method), **ctx.notes}
-            if hasattr(small, PLAN_ATTR):  # kept for re-measuring later (`wgates measure`)
-                save_pruned(small, cache / "models" / f"{label}_{backend}@{batch}_{target}_"
-                            f"{method}_{seed}")
+            if hasattr(small, PLAN_ATTR):  # kept for re-measuring later (--remeasure)
+                save_pruned(small, model_dir(models or cache / "models", row))
             rows.append(row)
             log(json.dumps(row))
             if on_row is not None:
@@ -297,6 +307,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                for k in ("acc_pruned", "acc_pruned_bn")},
             **{k: statistics.mean(r[k] for r in rs) for k in ("ratio", "macs", "params",
                                                               "wall_s")},
+            "ratio_quiet": statistics.mean(r.get("ratio_quiet", float("nan")) for r in rs),
         })
     return out
 
@@ -337,13 +348,14 @@ def widths_table(rows: list[dict]) -> str:
 
 def table(summary: list[dict]) -> str:
     head = ("| model | backend | target | method | seeds | accuracy (%) | before fine-tune (%) "
-            "| before f-t, BN re-estimated (%) | measured latency ratio | MMACs | params (K) "
-            "| method wall (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "| before f-t, BN re-estimated (%) | measured latency ratio | re-measured alone "
+            "| MMACs | params (K) | method wall (s) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
         f"| {s['model']} | {s['backend']} | {s['target']:.2f} | {s['method']} | {s['n']} | "
         f"{100 * s['acc']:.2f} ± {100 * s['acc_std']:.2f} | {100 * s['acc_pruned']:.2f} | "
         f"{100 * s['acc_pruned_bn']:.2f} | "
-        f"{s['ratio']:.3f} | "
+        f"{s['ratio']:.3f} | {s['ratio_quiet']:.3f} | "
         f"{s['macs'] / 1e6:.2f} | {s['params'] / 1e3:.1f} | {s['wall_s']:.0f} |\n"
         for s in summary
     )
@@ -414,7 +426,9 @@ def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
         "closed loop); 'BN re-estimated': the same model after its BatchNorm statistics are "
         "re-estimated on 50 training batches, no training (the gate methods do this themselves "
         "when the closed loop changed the searched widths). Latency "
-        "ratio: re-measured after fine-tuning, interleaved with the dense model. Method wall "
+        "ratio: re-measured after fine-tuning, interleaved with the dense model; 're-measured "
+        "alone': the kept model measured again afterwards with nothing else running "
+        "(`--remeasure`; nan: not kept or not re-measured). Method wall "
         "time excludes the shared fine-tune and the shared LPNet profiling. "
         + ("" if settings.budget_epochs is None else
            f"Budget: {settings.budget_epochs} epochs after the dense model for every method "
@@ -458,9 +472,38 @@ def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache
         before = list(rows)
         rows = before + run_model(
             label, dense, (train_loader, val_loader), settings, cache, [1, *info.input_shape],
-            done=done, on_row=lambda new, before=before: write_results(
-                before + new, settings, out, name, command, dataset))
+            done=done, models=cache / "models" / name, on_row=lambda new, before=before:
+            write_results(before + new, settings, out, name, command, dataset))
     return write_results(rows, settings, out, name, command, dataset)
+
+
+def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: list[str],
+              cache: Path, repeats: int = 5) -> None:
+    """Re-measure every kept pruned model of the results files `names` against its dense
+    model, one after another in this process (run it with nothing else on the machine), and
+    add the figure to each row as `ratio_quiet`. Why: rows run side by side measure their
+    latency while the other lane trains; on this 2-core machine ResNet-20 widths that
+    measured 0.49 in such a run measured 0.40 alone (`benchmarks/widths.py`)."""
+    for name in names:
+        rows = json.loads((out / f"{name}.json").read_text())
+        for label in sorted({r["model"] for r in rows}):
+            entry = settings.models[label]
+            build = partial(create_model, entry["spec"], settings.num_classes or 10,
+                            **entry.get("kwargs", {}))
+            dense = build(weights.get(label) or entry.get("weights")).eval()
+            for row in rows:
+                found = [d for d in (model_dir(cache / "models" / name, row),
+                                     model_dir(cache / "models", row)) if d.exists()]
+                if row["model"] != label or row["method"] == "dense" or not found:
+                    continue
+                small = load_pruned(build(), found[0]).eval()
+                inputs = (torch.randn(row.get("batch", 1), *getattr(
+                    small, PLAN_ATTR).input_shapes[0][1:]),)
+                measure = make_measure(dense, inputs, row["backend"], settings.protocol())
+                row["ratio_quiet"] = settled(measure, small, repeats=repeats)[0]
+                print(f"{name}: {label} {row['method']} seed {row['seed']}: "
+                      f"{row['ratio']:.3f} in the run, {row['ratio_quiet']:.3f} alone")
+        (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
 
 
 def merged(files: list[Path]) -> list[dict]:
@@ -536,6 +579,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="only measure (or resume) the latency profiles of every model and "
                         "regime, into --cache: they depend on the architecture, not the weights, "
                         "so they can run beside the dense training")
+    parser.add_argument("--remeasure", nargs="+", default=[], metavar="NAME",
+                        help="re-measure the kept pruned models of these results files one by "
+                        "one (run it alone on the machine), add the figures to their rows and "
+                        "rewrite them")
     parser.add_argument("--merge", nargs="+", default=[], metavar="NAME",
                         help="only combine the rows of these results files (e.g. of two runs "
                         "side by side, one thread each) into <name>, and write it")
@@ -549,6 +596,9 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     weights = dict(w.split("=", 1) for w in args.dense_weights)
+    if args.remeasure:
+        remeasure(settings, weights, args.out, args.remeasure, args.cache)
+        args.merge = args.merge or args.remeasure
     if args.merge:
         rows = merged([args.out / f"{n}.json" for n in args.merge])
         command = shlex.join([Path(sys.executable).name, *sys.argv])

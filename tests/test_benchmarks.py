@@ -137,3 +137,23 @@ def test_profile_only_fills_the_cache_without_weights_or_data(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resnet20 torch-cpu@1: profile + fit" in result.stdout
     assert (tmp_path / "resnet20_torch-cpu_(1, 3, 32, 32).sqlite").is_file()
+
+
+def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
+    tiny = {"tiny": {"spec": "small_cnn", "kwargs": {"width_mult": 0.25}}}
+    overrides = {"models": tiny, "backends": {"tiny": ["torch-cpu@1"]}, "methods": ["uniform"],
+                 "subset": 64, "val_subset": 64, "dense_epochs": 1, "lpnet_samples": 10,
+                 "protocol_rounds": 6, "max_wait_s": 2.0, "tolerance": 0.5}
+    common = ["--quick", "--data", "digits", "--name", "smoke", "--out", str(tmp_path / "out"),
+              "--cache", str(tmp_path / "cache"),
+              *[f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]]
+    result = run("cifar10.py", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "cache" / "models" / "smoke" / "tiny_torch-cpu@1_0.5_uniform_0").is_dir()
+    result = run("cifar10.py", *common, "--remeasure", "smoke")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "smoke: tiny uniform seed 0:" in result.stdout
+    rows = json.loads((tmp_path / "out" / "smoke.json").read_text())
+    (pruned,) = [r for r in rows if r["method"] == "uniform"]
+    assert 0 < pruned["ratio_quiet"] < 1
+    assert "re-measured alone" in (tmp_path / "out" / "smoke.md").read_text()

@@ -14,9 +14,12 @@ from wgates.gated import gate
 from wgates.latency import Meter, Protocol, get_backend
 from wgates.models import create_model
 from wgates.search import (
+    CURVE_MEASURES,
     KnapsackSchedule,
     LatencyLoss,
+    calibration_batches,
     closed_loop,
+    loss_curves,
     parse_target,
     predicted_at,
     search,
@@ -162,6 +165,53 @@ def test_knapsack_schedule_resumes_from_its_state():
     assert fresh.last_aim == control.last_aim == pytest.approx(0.5)
     assert fresh.aim() == pytest.approx(control.aim())
     assert [int(m.sum()) for m in gated.masks().values()] == control.kept
+
+
+def test_loss_curves_value_each_group_by_the_loss_its_narrowing_costs():
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False)
+    buffers = {k: v.clone() for k, v in gated.model.state_dict().items() if "running" in k}
+    n = [g.n_units for g in gated.channel_groups]
+    lowest = [2] * len(n)
+    kept = [k - 1 for k in n]
+    gated.set_kept_units(kept)
+    batches = calibration_batches(tiny_loader(), 2)
+    values = loss_curves(gated, batches, kept, lowest)
+    assert [len(v) for v in values] == n
+    assert all(float(v.min()) >= 0 and float(v[:2].abs().sum()) == 0 for v in values)
+    assert any(float(v.sum()) > 0 for v in values)  # a measured loss rise, not a constant
+    after = {k: v for k, v in gated.model.state_dict().items() if "running" in k}
+    assert all(torch.equal(buffers[k], after[k]) for k in buffers)  # running stats untouched
+    assert [int(m.sum()) for m in gated.masks().values()] == kept  # the widths put back
+    last = [m for m in gated.model.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    with torch.no_grad():  # the last conv's outputs all zero: its width cannot matter
+        last.weight.zero_()
+        last.bias.zero_()
+    assert float(loss_curves(gated, batches, kept, lowest)[-1].sum()) == 0
+
+
+def test_knapsack_with_loss_importance_reaches_target_measuring_curves_a_few_times(
+        monkeypatch):
+    import wgates.search as search_module
+
+    calls = []
+    real = search_module.loss_curves
+    monkeypatch.setattr(search_module, "loss_curves",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False)
+    cost = macs_cost(gated)
+    _, control = search(gated, cost, 0.5, tiny_loader(n=160), epochs=4, ramp=0.5,
+                        progress=False, importance="loss")  # 10 allocations in the ramp
+    with torch.no_grad():
+        assert 0.4 <= float(cost(gated.kept_counts())) <= 0.5 + 1e-6
+    assert 1 <= len(calls) <= CURVE_MEASURES + 1
+
+
+@pytest.mark.parametrize("kwargs", [{"importance": "fisher"}, {"importance": "loss"}])
+def test_knapsack_refuses_an_unknown_importance_or_loss_without_batches(gated_cnn, kwargs):
+    with pytest.raises(WgatesError, match="importance"):
+        KnapsackSchedule(gated_cnn, mean_width_cost(gated_cnn), 0.5, steps=10, **kwargs)
 
 
 # -- thresholding ------------------------------------------------------------------------

@@ -58,6 +58,11 @@ class TaylorImportance:
         self.updates = [int(n) for n in state["updates"]]
 
 
+def lowest_units(n_units: Sequence[int], min_units: Sequence[int], floor: float) -> list[int]:
+    """The fewest units each group may keep: `floor` of its units, at least `min_units`."""
+    return [max(m, math.ceil(floor * u)) for m, u in zip(min_units, n_units)]
+
+
 def allocate(
     cost: Cost,
     sizes: Sequence[int],
@@ -78,7 +83,7 @@ def allocate(
     holds: a correction changes the fewest widths, which the weights were trained at."""
     n = len(sizes)
     kept = list(n_units if start is None else start)
-    lowest = [max(m, math.ceil(floor * u)) for m, u in zip(min_units, n_units)]
+    lowest = lowest_units(n_units, min_units, floor)
     scale = torch.tensor([s / u for s, u in zip(sizes, n_units)], dtype=torch.float32)
     ranked_value = [imp[o] for imp, o in zip(importance, order)]  # value of the k-th best unit
     step = [max(1, u // 64) for u in n_units]  # wide groups close a few units per decision

@@ -74,6 +74,7 @@ class Context:
     allocation: str = "knapsack"  # how a gate search sets the widths (wgates.search)
     ramp: float | None = None  # fraction of the search over which the aim reaches the target
     floor: float = 0.0  # no group below this fraction of its width during the search
+    importance: str = "taylor"  # what a unit is worth to a knapsack search (wgates.search)
     val_loader: Iterable | None = None  # a gate search reports its accuracy per epoch on it
     notes: dict = field(default_factory=dict)  # what a method reports beside its model
 
@@ -285,8 +286,9 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
     history, control = trainer(
         gated, cost, middle, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,
         progress=ctx.progress, allocation=allocation or ctx.allocation, ramp=ctx.ramp,
-        floor=ctx.floor, teacher=model if ctx.distill else None, measure=ctx.measure,
-        band=((1 - ctx.tolerance) * target, target), val_loader=ctx.val_loader)
+        floor=ctx.floor, importance=ctx.importance, teacher=model if ctx.distill else None,
+        measure=ctx.measure, band=((1 - ctx.tolerance) * target, target),
+        val_loader=ctx.val_loader)
     small, steps = closed_loop(gated.eval(), cost, ctx.measure, target, ctx.tolerance,
                                propose=getattr(control, "masks_at", None), loader=train_loader)
     ctx.notes.update(search=history.epochs, calibration=getattr(control, "calibration", []),

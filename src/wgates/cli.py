@@ -465,6 +465,9 @@ def add_prune(sub) -> None:
                    help="fraction of the search over which the aim falls to the target")
     p.add_argument("--floor", type=float, default=PRUNE.floor,
                    help="no group below this fraction of its width")
+    p.add_argument("--importance", default=PRUNE.importance, choices=["taylor", "loss"],
+                   help="what a unit is worth to the knapsack: the Taylor estimate from the "
+                   "gate gradients, or the measured loss rise of each group's width")
     p.add_argument("--predictor", help="an LPNet file from `wgates fit-latency` (skips profiling)")
     p.add_argument("--proxy", default="latency", choices=["latency", "flops", "params"])
     p.add_argument("--gates", default="wgates", choices=["wgates", "plain"])
@@ -501,6 +504,7 @@ def _run_prune(args) -> int:
         run_dir=args.run_dir, proxy=args.proxy, kind=args.gates, samples=args.samples,
         predictor=args.predictor, threads=args.threads, distill=args.distill,
         allocation=args.allocation, ramp=args.ramp, floor=args.floor,
+        importance=args.importance,
         resume=args.resume, seed=args.seed,
     )
     if distributed.is_main():

@@ -37,6 +37,7 @@ from wgates.latency import (
 from wgates.predictor import LatencyPredictor, check_groups, count, fit_and_compare, fit_proxy
 from wgates.search import (
     ALLOCATIONS,
+    calibration_batches,
     closed_loop,
     latency_control,
     parse_target,
@@ -143,6 +144,7 @@ def prune(
     allocation: str = PRUNE.allocation,
     ramp: float = PRUNE.ramp,
     floor: float = PRUNE.floor,
+    importance: str = PRUNE.importance,
     resume: bool = False,
     export: bool = True,
     progress: bool = True,
@@ -151,7 +153,8 @@ def prune(
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
     `backend`, keeping as much accuracy as the given epochs allow. See the module docstring.
 
-    `allocation`, `ramp`, `floor`: how the search sets the widths (`wgates.search`);
+    `allocation`, `ramp`, `floor`, `importance`: how the search sets the widths
+    (`wgates.search`);
     `distill`: the dense model teaches the search and the fine-tune."""
     if proxy not in PROXIES:
         raise WgatesError(f"proxy must be one of {PROXIES}, got {proxy!r}")
@@ -166,7 +169,8 @@ def prune(
         "input_shapes": [list(x.shape) for x in inputs], "target_latency": str(target_latency),
         "backend": backend, "threads": threads, "kind": kind, "proxy": proxy,
         "predictor": None if predictor is None else str(predictor), "samples": samples,
-        "allocation": allocation, "ramp": ramp, "floor": floor, "distill": distill,
+        "allocation": allocation, "ramp": ramp, "floor": floor, "importance": importance,
+        "distill": distill,
         "epochs": epochs, "finetune_epochs": finetune_epochs, "lr": lr, "gate_lr": gate_lr,
         "finetune_lr": finetune_lr, "tolerance": tolerance, "seed": seed,
     })
@@ -186,7 +190,8 @@ def prune(
                  backend=backend, threads=threads, input_shapes=[list(x.shape) for x in inputs])
     target = parse_target(target_latency, run.state["dense_ms"])
     run.save(target_ratio=target, target_latency=str(target_latency), proxy=proxy, kind=kind,
-             allocation=allocation, ramp=ramp, floor=floor, distill=distill)
+             allocation=allocation, ramp=ramp, floor=floor, importance=importance,
+             distill=distill)
 
     gated = gate(model, inputs, kind=kind)
     cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress)
@@ -196,7 +201,8 @@ def prune(
     # the search aims at the middle of the band the closed loop accepts, not at its edge
     middle = target * (1 - tolerance / 2)
     control = latency_control(gated, cost, middle, total, allocation, ramp, floor, measure,
-                              band=((1 - tolerance) * target, target))
+                              band=((1 - tolerance) * target, target), importance=importance,
+                              batches=calibration_batches(train_loader))
     teacher = dense if distill else None
     _resumable_stage(
         run, "search", {"model": gated, "loss": control,
