@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--widths", nargs="+", default=[],
                         help="conv widths given directly, comma-separated in module order")
     parser.add_argument("--results", type=Path, default=HERE / "results")
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=1, help="0: only measure the latency")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="append one JSON record per row to this file")
@@ -76,10 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     for spec, widths in given:
         small = cut(dense, inputs, widths)
         ratio, spread = settled(measure, small)
-        torch.manual_seed(args.seed)
-        train(small, train_loader, args.epochs, lr=args.lr, teacher=dense, progress=False)
         record = {"row": spec, "widths": widths, "ratio": ratio, "spread": spread,
-                  "epochs": args.epochs, "accuracy": evaluate(small, val_loader)}
+                  "epochs": args.epochs}
+        if args.epochs:
+            torch.manual_seed(args.seed)
+            train(small, train_loader, args.epochs, lr=args.lr, teacher=dense, progress=False)
+            record["accuracy"] = evaluate(small, val_loader)
         print(json.dumps(record), flush=True)
         if args.out:
             with args.out.open("a") as f:
