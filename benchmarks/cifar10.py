@@ -185,7 +185,10 @@ def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Pat
 
 
 def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: Protocol):
-    """ratio of a model's latency to the dense one's, timed interleaved on `backend_name`."""
+    """ratio of a model's latency to the dense one's, timed interleaved on `backend_name`;
+    the dense model's time of the last measurement is kept as `measure.dense_ms` (rows
+    record it: ratios taken in sessions whose dense model timed differently, on another
+    host, are not comparable)."""
     backend = get_backend(backend_name)
     device = "cuda" if backend_name == "torch-cuda" else "cpu"
     on = tuple(x.to(device) for x in inputs)
@@ -199,8 +202,10 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
 
     def measure(model: nn.Module) -> tuple[float, float]:
         m = meter.measure(runner(model))
+        measure.dense_ms = m.dense_ms
         return m.ratio, m.spread
 
+    measure.dense_ms = float("nan")
     return measure
 
 
@@ -274,7 +279,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
             row = {"model": label, "backend": backend, "batch": batch, "target": target,
                    "method": method, "seed": seed, "accuracy": evaluate(small, val_loader),
                    "accuracy_pruned": before, "accuracy_pruned_bn": before_bn,
-                   "ratio": settled(measure, small)[0], "macs": macs,
+                   "ratio": settled(measure, small)[0], "dense_ms": measure.dense_ms,
+                   "macs": macs,
                    "params": params, "wall_s": wall, "widths": conv_widths(small),
                    "finetune_epochs": settings.finetune_for(method), **ctx.notes}
             if hasattr(small, PLAN_ATTR):  # kept for re-measuring later (--remeasure)
@@ -338,12 +344,16 @@ def paired(rows: list[dict], ours: str = "wgates") -> str:
 
 
 def widths_table(rows: list[dict]) -> str:
-    """Kept conv widths per row, where a method's allocation shows."""
+    """Kept conv widths per row, where a method's allocation shows, with the dense model's
+    time in the run and alone (which host and conditions the ratios belong to)."""
+    nan = float("nan")
     lines = [f"| {r['model']} | {regime_label(r)} | {r['target']:.2f} | {r['method']} | "
-             f"{r['seed']} | {' '.join(map(str, r['widths']))} |"
+             f"{r['seed']} | {' '.join(map(str, r['widths']))} | "
+             f"{r.get('dense_ms', nan):.3f} / {r.get('dense_ms_quiet', nan):.3f} |"
              for r in rows if "widths" in r]
-    return ("Kept conv widths per row:\n\n| model | regime | target | method | seed | widths |\n"
-            "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n\n") if lines else ""
+    return ("Kept conv widths per row:\n\n| model | regime | target | method | seed | widths "
+            "| dense ms (run / alone) |\n|---|---|---|---|---|---|---|\n" + "\n".join(lines)
+            + "\n\n") if lines else ""
 
 
 def table(summary: list[dict]) -> str:
@@ -501,6 +511,7 @@ def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: lis
                     small, PLAN_ATTR).input_shapes[0][1:]),)
                 measure = make_measure(dense, inputs, row["backend"], settings.protocol())
                 row["ratio_quiet"] = settled(measure, small, repeats=repeats)[0]
+                row["dense_ms_quiet"] = measure.dense_ms
                 print(f"{name}: {label} {row['method']} seed {row['seed']}: "
                       f"{row['ratio']:.3f} in the run, {row['ratio_quiet']:.3f} alone")
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
