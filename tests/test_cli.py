@@ -210,3 +210,141 @@ def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch,
     err = capsys.readouterr().err
     assert code == 2 and "disk is full" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # no half-written checkpoint or weights
+
+
+# -- bad input (issue 14): one line, exit 2, no traceback, before any long work ------------
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.rsplit("\r", 1)[-1]  # after a cleared progress bar
+    assert err.startswith("wgates: error: ") and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Dense training (and, for the data checks, loading data) would fail the test."""
+    import wgates.train
+
+    def trained(*args, **kwargs):
+        raise AssertionError("dense training started before the input was checked")
+
+    monkeypatch.setattr(wgates.train, "train", trained)
+
+
+NETS = '''
+import torch
+from torch import nn
+
+class OnlyClassifier(nn.Module):
+    default_input_shape = (1, 32, 32)
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.fc = nn.Linear(32 * 32, num_classes)
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+class ColourNet(nn.Module):
+    default_input_shape = (3, 32, 32)
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+'''
+
+
+@pytest.fixture
+def nets(tmp_path):
+    path = tmp_path / "nets.py"
+    path.write_text(NETS)
+    return path
+
+
+@pytest.mark.parametrize("command", ["prune", "train"])
+def test_unknown_model_is_refused_before_any_data(command, tmp_path, monkeypatch, capsys):
+    import wgates.data
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("data loaded before the model spec was checked")
+
+    monkeypatch.setattr(wgates.data, "make_loaders", loaded)
+    run_dir, out = tmp_path / "run", tmp_path / "w.safetensors"
+    where = ["--run-dir", str(run_dir)] if command == "prune" else ["--out", str(out)]
+    assert main([command, "--model", "nosuchnet", *where]) == 2
+    err = _one_line_error(capsys)
+    assert "unknown model 'nosuchnet'" in err and "resnet20" in err and "file.py:ClassName" in err
+    assert not run_dir.exists() and not out.exists()
+
+
+def test_model_with_nothing_to_prune_is_refused_before_training(nets, tmp_path, no_training,
+                                                                 capsys):
+    run_dir = tmp_path / "run"
+    code = main(["prune", "--model", f"{nets}:OnlyClassifier", "--subset", "10",
+                 "--run-dir", str(run_dir)])
+    assert code == 2
+    err = _one_line_error(capsys)
+    assert "no prunable channel group" in err and "wgates inspect" in err
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "prune"])
+def test_wrong_input_shape_is_refused_before_training(command, nets, tmp_path, no_training,
+                                                      capsys):
+    run_dir, out = tmp_path / "run", tmp_path / "w.safetensors"
+    where = ["--run-dir", str(run_dir)] if command == "prune" else ["--out", str(out)]
+    code = main([command, "--model", f"{nets}:ColourNet", "--data", "digits", "--subset", "10",
+                 *where])
+    assert code == 2
+    err = _one_line_error(capsys)
+    assert "input of shape 1x1x32x32" in err  # what was given
+    assert "takes 3 input channels" in err and "meant for 3x32x32" in err  # what it expects
+    assert not run_dir.exists() and not out.exists()
+    assert list(tmp_path.iterdir()) == [nets]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("0.01", "below the fastest this model gets"),  # under every group at its floor
+    ("1000ms", "nothing to prune"),  # at or above the dense latency
+])
+def test_unreachable_target_is_refused_before_training(target, message, tmp_path, monkeypatch,
+                                                       no_training, capsys):
+    import wgates.pipeline
+    from wgates.latency import Protocol
+
+    fast = Protocol(rounds=10, min_block_s=0.0005, retries=0, busy_sleep_s=0.2, max_wait_s=5.0)
+    monkeypatch.setattr(wgates.pipeline, "Protocol", lambda: fast)
+    run_dir = tmp_path / "run"
+    code = main(["prune", "--target-latency", target, "--subset", "10", "--samples", "10",
+                 "--run-dir", str(run_dir)])
+    assert code == 2
+    err = _one_line_error(capsys)
+    assert message in err
+    if target == "0.01":  # says what the floor is and what to give instead
+        assert "every channel group at 0.25 of its width" in err and "at least 0." in err
+    assert not run_dir.exists()
+
+
+def test_bad_image_found_by_a_loader_worker_is_one_line(tmp_path, capsys):
+    """A file that is not an image, read in a DataLoader worker process: the worker's error
+    comes back with its traceback in the message; the command prints the message alone."""
+    from PIL import Image
+
+    (tmp_path / "nets.py").write_text(NETS)
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (24, 24), (60 * i, 0, 0)).save(folder / f"{i}.png")
+    bad = tmp_path / "data" / "train" / "dog" / "1.png"  # not the first of its class
+    bad.write_bytes(b"not an image")
+    out = tmp_path / "w.safetensors"
+    code = main(["train", "--model", f"{tmp_path / 'nets.py'}:ColourNet", "--data",
+                 f"imagefolder:{tmp_path / 'data'}", "--workers", "1", "--epochs", "1",
+                 "--out", str(out)])
+    assert code == 2
+    err = _one_line_error(capsys)
+    assert f"cannot read image {bad}" in err and "delete or replace" in err
+    assert not out.exists()

@@ -194,3 +194,27 @@ def test_real_cifar10_test_split(tmp_path):
     assert torch.bincount(ds.targets).tolist() == [1000] * 10
     x = torch.stack([ds[i][0] for i in range(0, 10_000, 50)])
     assert abs(x.mean().item()) < 0.2 and 0.8 < x.std().item() < 1.2
+
+
+def test_folder_of_files_that_are_not_images_is_refused_when_loading(tmp_path):
+    """Files named like images that are not (an HTML page, a Git LFS pointer): refused when
+    the loaders are made, naming a file and the folder, not when training draws them."""
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            folder = tmp_path / split / name
+            folder.mkdir(parents=True)
+            for i in range(2):
+                (folder / f"{i}.jpg").write_text("version https://git-lfs.github.com/spec/v1\n")
+    with pytest.raises(WgatesError, match="not an image") as err:
+        data.make_loaders(f"imagefolder:{tmp_path}")
+    assert str(tmp_path / "train" / "cat" / "0.jpg") in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_cifar10_root_without_data_says_what_it_expected(tmp_path):
+    (tmp_path / "cifar").mkdir()  # exists, but empty
+    with pytest.raises(WgatesError, match="neither cifar-10-batches-py/ nor a train/") as err:
+        data.make_loaders(f"cifar10:{tmp_path / 'cifar'}")
+    assert str(tmp_path / "cifar" / "train") + "/<class>/<image>" in str(err.value)
+    with pytest.raises(WgatesError, match="has no train/ folder"):
+        data.make_loaders(f"imagefolder:{tmp_path / 'cifar'}")

@@ -219,3 +219,65 @@ def test_killed_search_resumes_with_its_latency_weight_and_optimisers(dense, dat
     assert resumed["lam"] == pytest.approx(first["killed_lam"])
     assert resumed["adam_steps"] > 0  # Adam's moments came back
     assert resumed["lr"] == pytest.approx(lr / 2, rel=0.05)  # cosine half-way, not restarted
+
+
+# -- bad input (issue 14): refused before profiling, no run directory left behind ----------
+
+def _no_cost_model(mp: pytest.MonkeyPatch) -> None:
+    def started(*args, **kwargs):
+        raise AssertionError("profiling / fitting the cost model started")
+
+    mp.setattr(pipeline, "fit_proxy", started)
+    mp.setattr(pipeline, "profile", started)
+
+
+@pytest.mark.parametrize("target, message", [
+    (0.01, "below the fastest this model gets on torch-cpu"),
+    ("1000ms", "nothing to prune"),
+])
+def test_unreachable_target_is_refused_before_profiling(target, message, dense, data, tmp_path,
+                                                        monkeypatch):
+    """A target under the latency of the narrowest model the search may deliver (every group
+    at the floor), or a time at or above the dense latency: refused right after measuring,
+    and the run directory this call made is gone (a rerun is not blocked by it)."""
+    _fast(monkeypatch)
+    _no_cost_model(monkeypatch)
+    run_dir = tmp_path / "run"
+    with pytest.raises(WgatesError, match=message) as err:
+        _prune(dense, data, run_dir, target_latency=target)
+    assert len(str(err.value).splitlines()) == 1
+    if target == 0.01:  # names the narrowest model's measured ratio and what to give
+        ratio = float(str(err.value).split("gets on torch-cpu: ")[1].split()[0])
+        assert 0.01 < ratio < 1 and "give a target of at least" in str(err.value)
+    assert not run_dir.exists()
+    empty = tmp_path / "empty"  # a directory found empty is left empty, not removed
+    empty.mkdir()
+    with pytest.raises(WgatesError, match=message):
+        _prune(dense, data, empty, target_latency=target, allocation="gradient")
+    assert empty.is_dir() and not any(empty.iterdir())
+
+
+def test_model_with_nothing_to_prune_is_refused_before_the_run_directory(data, tmp_path):
+    class OnlyClassifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(32 * 32, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(WgatesError, match="no prunable channel group") as err:
+        _prune(OnlyClassifier(), data, run_dir)
+    assert len(str(err.value).splitlines()) == 1
+    assert not run_dir.exists()
+
+
+def test_wrong_input_shape_is_refused_before_the_run_directory(data, tmp_path):
+    colour = create_model("small_cnn", in_channels=3, width_mult=0.25)
+    run_dir = tmp_path / "run"
+    with pytest.raises(WgatesError, match="input of shape 1x1x32x32") as err:
+        _prune(colour, data, run_dir)  # digits: one channel
+    assert "takes 3 input channels" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+    assert not run_dir.exists()

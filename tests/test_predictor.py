@@ -127,3 +127,67 @@ def test_check_groups_refuses_a_predictor_of_other_groups():
     check_groups(lambda kept: kept.sum(), ["a", "b"])  # a plain callable is trusted
     with pytest.raises(WgatesError, match="other channel groups"):
         check_groups(SimpleNamespace(group_names=["b", "a"]), ["a", "b"])
+
+
+def _small_cnn_lpnet(path, **changed) -> dict:
+    """An LPNet file for small_cnn on digits, as if measured here with torch-cpu, one thread,
+    batch 1, except for `changed` fingerprint fields. Returns its fingerprint."""
+    from wgates.gated import gate
+    from wgates.latency import get_backend
+    from wgates.models import create_model
+
+    gated = gate(create_model("small_cnn"), torch.zeros(1, 1, 32, 32))
+    fingerprint = {**get_backend("torch-cpu", 1).fingerprint(), "batch": 1,
+                   "input_shape": [1, 1, 32, 32], "model": "small_cnn", **changed}
+    LatencyPredictor([g.name for g in gated.groups], [g.size for g in gated.groups],
+                     dense_ms=2.0, fingerprint=fingerprint).save(path)
+    return fingerprint
+
+
+def test_predictor_from_another_machine_is_refused_unless_forced(tmp_path):
+    from wgates.models import create_model
+    from wgates.pipeline import preflight
+
+    model, x = create_model("small_cnn"), torch.zeros(1, 1, 32, 32)
+    here = tmp_path / "here.pt"
+    _small_cnn_lpnet(here)
+    preflight(model, x, predictor=here)  # measured here: accepted
+    elsewhere = tmp_path / "elsewhere.pt"
+    _small_cnn_lpnet(elsewhere, cpu="Some Other CPU @ 3.0GHz", threads=4)
+    with pytest.raises(WgatesError) as err:
+        preflight(model, x, predictor=elsewhere)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and str(elsewhere) in message
+    assert "cpu was 'Some Other CPU @ 3.0GHz'" in message and "threads was 4, here 1" in message
+    assert "--force-predictor" in message
+    with pytest.raises(WgatesError, match="batch was 1, here 8"):  # batch, backend: the same
+        preflight(model, torch.zeros(8, 1, 32, 32), predictor=here)
+    with pytest.warns(UserWarning, match="measured elsewhere"):
+        preflight(model, x, predictor=elsewhere, force_predictor=True)
+
+
+@pytest.mark.parametrize("weights", [False, True])  # dense training first / no training
+def test_cli_refuses_a_predictor_from_elsewhere_before_any_work(weights, tmp_path, monkeypatch,
+                                                               capsys):
+    from safetensors.torch import save_file
+
+    import wgates.train
+    from wgates.models import create_model
+
+    def trained(*args, **kwargs):
+        raise AssertionError("dense training started before the predictor was checked")
+
+    monkeypatch.setattr(wgates.train, "train", trained)
+    lpnet = tmp_path / "lpnet.pt"
+    _small_cnn_lpnet(lpnet, backend="onnxruntime-cpu")
+    args = ["prune", "--predictor", str(lpnet), "--subset", "10", "--run-dir",
+            str(tmp_path / "run")]
+    if weights:
+        save_file(create_model("small_cnn").state_dict(), str(tmp_path / "w.safetensors"))
+        args += ["--weights", str(tmp_path / "w.safetensors")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wgates: error: ") and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert "backend was 'onnxruntime-cpu', here 'torch-cpu'" in err
+    assert not (tmp_path / "run").exists()

@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except WgatesError as err:
         who = f"rank {distributed.rank()}: " if distributed.active() else ""
-        print(f"wgates: error: {who}{err}", file=sys.stderr)
+        print(f"wgates: error: {who}{_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wgates: interrupted", file=sys.stderr)
@@ -313,6 +313,16 @@ def main(argv: list[str] | None = None) -> int:
         distributed.teardown()
 
 
+def _one_line(err: WgatesError) -> str:
+    """The error's message; one raised in a DataLoader worker process comes back re-raised
+    with the worker's traceback in its text, of which only the last line is the message."""
+    text = str(err)
+    if "Traceback (most recent call last)" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split("WgatesError: ", 1)[-1]
+
+
 def _add_model_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="small_cnn", help="registered name, torchvision:<name> "
                    "or path/to/file.py:Class (default: small_cnn)")
@@ -324,14 +334,20 @@ def _add_model_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=int, help="use only this many samples per split")
 
 
-def _model_and_loaders(args):
-    from wgates.data import make_loaders
-    from wgates.models import create_model
+def _model_and_loaders(args, batch: int = 1):
+    """The model and the data, each refused in one line when wrong: the model spec before
+    any data is loaded, then one forward pass on the data's shape (at batch `batch`)."""
+    import torch
 
+    from wgates.data import make_loaders
+    from wgates.models import check_forward, check_spec, create_model
+
+    check_spec(args.model)
     train_loader, val_loader, info = make_loaders(
         args.data, batch_size=args.batch_size, workers=args.workers, subset=args.subset
     )
     model = create_model(args.model, num_classes=info.num_classes, weights=args.weights)
+    check_forward(model, torch.zeros(batch, *info.input_shape), args.model)
     return model, train_loader, val_loader, info
 
 
@@ -469,6 +485,9 @@ def add_prune(sub) -> None:
                    help="what a unit is worth to the knapsack: the Taylor estimate from the "
                    "gate gradients, or the measured loss rise of each group's width")
     p.add_argument("--predictor", help="an LPNet file from `wgates fit-latency` (skips profiling)")
+    p.add_argument("--force-predictor", action="store_true",
+                   help="use --predictor even though it was measured on another machine, "
+                   "backend, thread count or batch (refused by default)")
     p.add_argument("--proxy", default="latency", choices=["latency", "flops", "params"])
     p.add_argument("--gates", default="wgates", choices=["wgates", "plain"])
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=PRUNE.distill,
@@ -485,14 +504,23 @@ def _run_prune(args) -> int:
     import torch
 
     from wgates import distributed
-    from wgates.pipeline import prune
+    from wgates.pipeline import preflight, prune
     from wgates.search import parse_target
     from wgates.train import train
 
     parse_target(args.target_latency)  # refused before any training or measuring
     torch.manual_seed(args.seed)
-    model, train_loader, val_loader, info = _model_and_loaders(args)
+    model, train_loader, val_loader, info = _model_and_loaders(args, args.latency_batch)
     if args.weights is None and args.dense_epochs > 0:
+        # what `prune` would refuse after the dense training, refused before it: a model with
+        # nothing to prune, a predictor from elsewhere, a target out of reach (measured on
+        # the untrained model: latency does not depend on the weights' values)
+        with torch.random.fork_rng(devices=[]):
+            preflight(model, torch.randn(args.latency_batch, *info.input_shape),
+                      target_latency=args.target_latency, backend=args.backend,
+                      threads=args.threads, kind=args.gates, predictor=args.predictor,
+                      force_predictor=args.force_predictor, allocation=args.allocation,
+                      floor=args.floor, measure=True)
         if distributed.is_main():
             print(f"no --weights: training {args.model} on {info.name} for "
                   f"{args.dense_epochs} epochs first")
@@ -505,7 +533,7 @@ def _run_prune(args) -> int:
         predictor=args.predictor, threads=args.threads, distill=args.distill,
         allocation=args.allocation, ramp=args.ramp, floor=args.floor,
         importance=args.importance,
-        resume=args.resume, seed=args.seed,
+        resume=args.resume, seed=args.seed, force_predictor=args.force_predictor,
     )
     if distributed.is_main():
         print(f"\npruned for and measured on {args.backend}, batch {args.latency_batch}, "

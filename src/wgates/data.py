@@ -218,6 +218,12 @@ def cifar10(
         root = root.parent
     if (root / _CIFAR_BATCHES).is_dir():
         images, labels, classes = _load_cifar_batches(root, split)
+    elif not (root / split).exists():
+        raise WgatesError(
+            f"CIFAR-10 root {root} holds neither {_CIFAR_BATCHES}/ nor a {split}/ folder: give "
+            f"the folder that holds {_CIFAR_BATCHES} (torchvision's download) or an ImageFolder "
+            f"tree {root / split}/<class>/<image>"
+        )
     else:
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         images, labels, classes = _cached_folder(root / split, cache)
@@ -235,6 +241,9 @@ def image_folder(
     root = Path(root).expanduser()
     _require_dir(root, "image folder root")
     split_dir = root / split
+    if not split_dir.exists():
+        raise WgatesError(f"image folder root {root} has no {split}/ folder: lay images out as "
+                          f"{split_dir}/<class>/<image>")
     _require_dir(split_dir, "data folder")
     augment = split == "train" if augment is None else augment
     if augment:
@@ -243,12 +252,34 @@ def image_folder(
         resize = [T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)]
     transform = T.Compose([*resize, T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     try:
-        return ImageFolder(str(split_dir), transform=transform, loader=_open_rgb)
+        folder = ImageFolder(str(split_dir), transform=transform, loader=_open_rgb)
     except FileNotFoundError as err:  # no class folders, or no images in them
         raise WgatesError(
             f"{split_dir} holds no usable images ({err}): "
             f"lay them out as {split_dir}/<class>/<image>"
         ) from err
+    _check_first_images(folder.samples)
+    return folder
+
+
+def _check_first_images(samples: list[tuple[str, int]]) -> None:
+    """Open the header of the first file of each class, so that a folder of files that are
+    not images (an HTML error page or a Git LFS pointer saved as .jpg) is refused before
+    training rather than when its first batch is drawn. Images are otherwise decoded as
+    training reads them: a later bad file stops training with its name."""
+    seen: set[int] = set()
+    for path, label in samples:
+        if label in seen:
+            continue
+        seen.add(label)
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, ValueError, SyntaxError) as err:
+            raise WgatesError(
+                f"cannot read image {path} ({err}): not an image; delete or replace the files "
+                f"that are not images in {Path(path).parent}"
+            ) from None
 
 
 def subset_of(ds: Dataset, n: int | None) -> Dataset:

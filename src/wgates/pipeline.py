@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from wgates import distributed
+from wgates.allocate import lowest_units
 from wgates.defaults import PRUNE
 from wgates.errors import WgatesError
 from wgates.export import export_onnx
@@ -34,7 +37,15 @@ from wgates.latency import (
     profile,
     settled,
 )
-from wgates.predictor import LatencyPredictor, check_groups, count, fit_and_compare, fit_proxy
+from wgates.models import check_forward
+from wgates.predictor import (
+    LatencyPredictor,
+    check_fingerprint,
+    check_groups,
+    count,
+    fit_and_compare,
+    fit_proxy,
+)
 from wgates.search import (
     ALLOCATIONS,
     calibration_batches,
@@ -149,22 +160,37 @@ def prune(
     export: bool = True,
     progress: bool = True,
     seed: int = 0,
+    force_predictor: bool = False,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
     `backend`, keeping as much accuracy as the given epochs allow. See the module docstring.
 
     `allocation`, `ramp`, `floor`, `importance`: how the search sets the widths
     (`wgates.search`);
-    `distill`: the dense model teaches the search and the fine-tune."""
+    `distill`: the dense model teaches the search and the fine-tune;
+    `force_predictor`: use a `predictor` file measured on another machine, backend, thread
+    count or batch (refused by default, naming what differs).
+
+    Bad input is refused before the run directory is made (`preflight`); a target the model
+    cannot reach here (below the latency with every group at its narrowest, or a time at or
+    above the dense latency) right after measuring, before profiling, and a run directory
+    this call made is then removed."""
     if proxy not in PROXIES:
         raise WgatesError(f"proxy must be one of {PROXIES}, got {proxy!r}")
     if allocation not in ALLOCATIONS:
         raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    parse_target(target_latency)  # its form and range, before any work or run directory
     meter_backend = get_backend(backend, threads)
     torch.manual_seed(seed)
     inputs = as_input_tuple(example_inputs)
-    run = _Run(Path(run_dir), resume, {
+    dense = model.eval()
+    preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
+              kind=kind, predictor=predictor, force_predictor=force_predictor)
+    path = Path(run_dir)
+    # a run directory this call makes (or finds empty) is emptied again if the target is
+    # refused after measuring: it would hold nothing but block the next run
+    made_here = distributed.is_main() and (not path.exists() or not any(path.iterdir()))
+    keep_dir = path.is_dir()
+    run = _Run(path, resume, {
         "model": f"{type(model).__name__} {weights_digest(model)}",
         "input_shapes": [list(x.shape) for x in inputs], "target_latency": str(target_latency),
         "backend": backend, "threads": threads, "kind": kind, "proxy": proxy,
@@ -174,7 +200,7 @@ def prune(
         "epochs": epochs, "finetune_epochs": finetune_epochs, "lr": lr, "gate_lr": gate_lr,
         "finetune_lr": finetune_lr, "tolerance": tolerance, "seed": seed,
     })
-    dense = model.eval()
+
     @functools.cache
     def meter() -> Meter:  # made where it is first used: on rank 0, the one that measures
         return Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
@@ -183,17 +209,29 @@ def prune(
         m = meter().measure(meter_backend.prepare(candidate.eval(), inputs))
         return m.ratio, m.spread
 
-    if "dense_ms" not in run.state:
-        dense_ms = distributed.once("measure the dense model", lambda: meter().measure(
-            meter_backend.prepare(dense, inputs)).dense_ms)
-        run.save(dense_ms=dense_ms, dense_accuracy=evaluate(dense, val_loader),
-                 backend=backend, threads=threads, input_shapes=[list(x.shape) for x in inputs])
-    target = parse_target(target_latency, run.state["dense_ms"])
-    run.save(target_ratio=target, target_latency=str(target_latency), proxy=proxy, kind=kind,
-             allocation=allocation, ramp=ramp, floor=floor, importance=importance,
-             distill=distill)
+    try:  # what needs a measurement: a target this model cannot reach is refused here
+        if "dense_ms" not in run.state:
+            dense_ms = distributed.once("measure the dense model", lambda: meter().measure(
+                meter_backend.prepare(dense, inputs)).dense_ms)
+            run.save(dense_ms=dense_ms, dense_accuracy=evaluate(dense, val_loader),
+                     backend=backend, threads=threads,
+                     input_shapes=[list(x.shape) for x in inputs])
+        target = parse_target(target_latency, run.state["dense_ms"])
+        run.save(target_ratio=target, target_latency=str(target_latency), proxy=proxy,
+                 kind=kind, allocation=allocation, ramp=ramp, floor=floor,
+                 importance=importance, distill=distill)
 
-    gated = gate(model, inputs, kind=kind)
+        gated = gate(model, inputs, kind=kind)
+        if "min_ratio" not in run.state:
+            run.save(min_ratio=distributed.once("measure the narrowest model", lambda: (
+                smallest_ratio(gated, measure, lowest_floor(allocation, floor), target,
+                               tolerance))))
+        refuse_unreachable(target_latency, target, run.state["min_ratio"],
+                           run.state["dense_ms"], lowest_floor(allocation, floor), backend)
+    except WgatesError:
+        if made_here:
+            _discard(path, keep_dir)
+        raise
     cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress)
 
     total = epochs * len(train_loader)
@@ -262,6 +300,139 @@ def prune(
 
     distributed.once("write the pruned model", deliver)
     return result
+
+
+def preflight(
+    model: nn.Module,
+    example_inputs: torch.Tensor | tuple,
+    *,
+    target_latency: float | str = 0.5,
+    backend: str = "torch-cpu",
+    threads: int = PRUNE.threads,
+    kind: str = "wgates",
+    predictor: str | Path | None = None,
+    force_predictor: bool = False,
+    allocation: str = PRUNE.allocation,
+    floor: float = PRUNE.floor,
+    tolerance: float = PRUNE.tolerance,
+    measure: bool = False,
+) -> None:
+    """The checks `prune` makes before any work, each refusing in one line: the target's form
+    and range; that the model runs on the inputs (`check_forward`); that it has channel groups
+    to prune (`gate`); that a `predictor` file was measured for this model on this machine,
+    backend, thread count and batch (unless `force_predictor`). With `measure` (the command
+    line, before it trains a dense model) the untrained model's dense latency and the latency
+    with every group at its narrowest are measured too, and a target they put out of reach
+    is refused: latency does not depend on the weights' values.
+
+    The global random state is left as it was (the gates made here are thrown away)."""
+    parse_target(target_latency)  # its form and range, before any work or run directory
+    meter_backend = get_backend(backend, threads)
+    inputs = as_input_tuple(example_inputs)
+    check_forward(model, inputs)
+    with torch.random.fork_rng(devices=[]):
+        modes = [(m, m.training) for m in model.modules()]
+        try:
+            gated = gate(model.eval(), inputs, kind=kind)
+        except WgatesError as err:
+            if "no prunable channel group" not in str(err):
+                raise
+            raise WgatesError(
+                f"{err}: wgates prunes the output channels of convolutions (and linear layers) "
+                "that feed other layers; give a model with such layers, and check what it "
+                "finds with `wgates inspect --model ...`") from None
+        finally:
+            for module, training in modes:
+                module.training = training
+        if predictor is not None:
+            expected = {**meter_backend.fingerprint(), "batch": int(inputs[0].shape[0]),
+                        "input_shape": list(inputs[0].shape)}
+            names = [g.name for g in gated.groups]
+            distributed.once("check the latency predictor", lambda: _check_predictor(
+                predictor, expected, names, force_predictor))
+        if measure:
+            distributed.once("measure the dense and the narrowest model", lambda: (
+                _measure_reachable(gated, inputs, meter_backend, target_latency, backend,
+                                   lowest_floor(allocation, floor), tolerance)))
+
+
+def _check_predictor(path, expected: dict, names: list[str], force: bool) -> None:
+    net = LatencyPredictor.load(path)
+    check_fingerprint(net, expected, path, force=force)
+    check_groups(net, names)
+
+
+def _measure_reachable(gated, inputs, meter_backend, target_latency, backend, floor,
+                       tolerance) -> None:
+    dense = gated.plain_copy().eval()
+    meter = Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
+    dense_ms = meter.measure(meter_backend.prepare(dense, inputs)).dense_ms
+    target = parse_target(target_latency, dense_ms)
+
+    def measure(candidate: nn.Module) -> tuple[float, float]:
+        m = meter.measure(meter_backend.prepare(candidate.eval(), inputs))
+        return m.ratio, m.spread
+
+    low = smallest_ratio(gated, measure, floor, target, tolerance)
+    refuse_unreachable(target_latency, target, low, dense_ms, floor, backend)
+
+
+def lowest_floor(allocation: str, floor: float) -> float:
+    """The floor the search and the closed loop keep to: the knapsack's `floor`; the latency
+    gradient has none (groups may fall to their minimum channels)."""
+    return floor if allocation == "knapsack" else 0.0
+
+
+def smallest_ratio(gated, measure, floor: float, target: float = math.nan,
+                   tolerance: float = PRUNE.tolerance) -> float:
+    """The measured latency ratio of the narrowest model the search may deliver: every group
+    at `floor` of its width (at least its minimum channels). A reading near `target` is
+    confirmed by `settled` (noise must not decide). The global random state is untouched."""
+    n_units = [g.n_units for g in gated.channel_groups]
+    min_units = [gated._min_units(i) for i in range(len(gated.channel_groups))]
+    units = lowest_units(n_units, min_units, floor)
+    widths = {g.name: u * g.size // g.n_units
+              for g, u in zip(gated.channel_groups, units, strict=True)}
+    with torch.random.fork_rng(devices=[]):
+        gated.clear_masks()
+        gated.set_masks(gated.masks_for_widths(widths))
+        try:
+            narrow = gated.extract(verify=False).eval()
+        finally:
+            gated.clear_masks()
+        ratio = measure(narrow)[0]
+        if (1 - tolerance) * target <= ratio <= (1 + tolerance) * target:
+            ratio = settled(measure, narrow)[0]
+    return float(ratio)
+
+
+def refuse_unreachable(target_latency, target: float, min_ratio: float, dense_ms: float,
+                       floor: float, backend: str) -> None:
+    """Refuse a target under `min_ratio`, the measured latency of the narrowest model."""
+    if target >= min_ratio:
+        return
+    narrowest = (f"{floor:g} of its width (--floor {floor:g})" if floor > 0
+                 else "its minimum channels")
+    least = math.ceil(min_ratio * 100) / 100
+    raise WgatesError(
+        f"target latency {target_latency!r} is {target:.3f} of the dense latency, below the "
+        f"fastest this model gets on {backend}: {min_ratio:.3f} of the dense {dense_ms:.3f} ms, "
+        f"measured with every channel group at {narrowest}; give a target of at least "
+        f"{least:.2f}" + (", or a lower --floor" if floor > 0 else "")
+    )
+
+
+def _discard(path: Path, keep_dir: bool) -> None:
+    """Empty a run directory this call made or found empty; remove it if it made it."""
+    if not distributed.is_main() or not path.is_dir():
+        return
+    for child in path.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    if not keep_dir:
+        path.rmdir()
 
 
 def weights_digest(model: nn.Module) -> str:

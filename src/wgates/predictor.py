@@ -193,6 +193,46 @@ def check_groups(cost, group_names: Sequence[str]) -> None:
                           "model has: profile this model (wgates profile) and fit it again")
 
 
+# What a latency file's or LPNet's fingerprint records about where it was measured, as the
+# command line names it: a difference in any of these makes its latencies another machine's.
+FINGERPRINT_FIELDS = ("cpu", "cpu_count", "gpu", "backend", "threads", "clock", "torch",
+                      "onnxruntime", "batch", "input_shape")
+
+
+def check_fingerprint(cost, expected: Mapping, source: str | Path = "the latency predictor",
+                      force: bool = False) -> list[str]:
+    """Refuse a predictor measured elsewhere: `expected` is this run's fingerprint (the
+    backend's `fingerprint()` plus `batch` and `input_shape`); every field of it that the
+    predictor's fingerprint records differently (or not at all) is named. With `force` the
+    differences are only returned (and warned about). A plain callable is trusted."""
+    recorded = getattr(cost, "fingerprint", None)
+    if recorded is None:
+        return []
+    differ = [
+        f"{key} was {recorded[key]!r}, here {expected[key]!r}" if key in recorded
+        else f"{key} not recorded, here {expected[key]!r}"
+        for key in FINGERPRINT_FIELDS
+        if key in expected and recorded.get(key, _MISSING) != expected[key]
+    ]
+    if not differ:
+        return []
+    what = "; ".join(differ)
+    if force:
+        import warnings
+
+        warnings.warn(f"wgates: using {source} although it was measured elsewhere: {what}",
+                      stacklevel=2)
+        return differ
+    raise WgatesError(
+        f"{source} was measured on another machine or setting ({what}): its latencies do not "
+        "hold here; profile this machine (wgates profile, fit-latency) or leave out "
+        "--predictor, or pass --force-predictor (force_predictor=True) to use it anyway"
+    )
+
+
+_MISSING = object()
+
+
 def _relative_error(predicted: torch.Tensor, measured: torch.Tensor) -> torch.Tensor:
     return ((predicted - measured) / measured).abs().mean()
 

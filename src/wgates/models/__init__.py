@@ -218,6 +218,86 @@ def create_model(
     return model
 
 
+def check_spec(spec: str) -> None:
+    """Refuse a model spec that names no model, without building it: called before any data
+    is loaded, so a typo is reported at once, not after minutes of decoding."""
+    if spec in _REGISTRY:
+        return
+    if spec.startswith("torchvision:"):
+        import torchvision
+
+        name = spec.removeprefix("torchvision:")
+        if name not in torchvision.models.list_models():
+            raise WgatesError(
+                f"torchvision has no model {name!r}: see torchvision.models.list_models()"
+            )
+        return
+    file_spec = _split_file_spec(spec)
+    if file_spec is None:
+        raise _unknown_model(spec)
+    _load_class(*file_spec)
+
+
+def _shape_text(shape) -> str:
+    return "x".join(str(int(n)) for n in shape)
+
+
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first convolution or linear layer, in definition order (the one that reads the
+    input, for the plain feed-forward models this is about)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd | nn.Linear):
+            return name, module
+    return None
+
+
+def check_forward(model: nn.Module, example_inputs, spec: str | None = None) -> None:
+    """Run `model` once on `example_inputs` (eval mode, no gradients; its mode is restored).
+    If the model's own code fails (the data's images do not fit it: 1-channel digits into a
+    3-channel first conv), refuse in one line naming the shape given and what the model
+    expects, before any training or measuring."""
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(
+        example_inputs)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as err:  # noqa: BLE001 - arbitrary user code; reported in one line
+        given = ", ".join(_shape_text(x.shape) for x in inputs)
+        first = (str(err).strip().splitlines() or [""])[0]
+        expects = []
+        layer = _first_layer(model)
+        if layer is not None and inputs and inputs[0].dim() >= 2:
+            name, module = layer
+            wanted = getattr(module, "in_channels", getattr(module, "in_features", None))
+            kind = "channels" if hasattr(module, "in_channels") else "features"
+            if wanted is not None and (kind == "features" or wanted != inputs[0].shape[1]):
+                expects.append(f"its first layer {name} ({type(module).__name__}) takes "
+                               f"{wanted} input {kind}")
+        meant = _meant_shape(model, spec)
+        if meant is not None:
+            expects.append(f"it is meant for {_shape_text(meant)} inputs")
+        what = f"; {' and '.join(expects)}" if expects else ""
+        label = spec or type(model).__name__
+        raise WgatesError(
+            f"model {label} fails on input of shape {given} ({type(err).__name__}: {first})"
+            f"{what}: give data of the shape the model expects, or a model made for "
+            f"{_shape_text(inputs[0].shape[1:]) if inputs else 'this'} inputs"
+        ) from None
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _meant_shape(model: nn.Module, spec: str | None) -> tuple[int, ...] | None:
+    """(C, H, W) the model says it is for: its registration, or its class attribute."""
+    if spec in _INPUT_SHAPES:
+        return _INPUT_SHAPES[spec]
+    meant = getattr(type(model), "default_input_shape", None)
+    return tuple(meant) if isinstance(meant, tuple | list) else None
+
+
 def default_input_shape(spec: str) -> tuple[int, ...]:
     """(C, H, W) a model is meant for: recorded at registration, 224 (or 299) for torchvision,
     or the `default_input_shape` class attribute for file specs (else (3, 224, 224))."""
