@@ -134,6 +134,17 @@ def test_resume_with_other_settings_is_refused_before_any_work(flops_run, dense,
     assert (run_dir / "state.json").read_text() == state
 
 
+def test_prune_with_loss_importance(dense, data, tmp_path, monkeypatch):
+    """The knapsack valued by measured loss curves runs end to end and is recorded."""
+    import json
+
+    _fast(monkeypatch)
+    result = _prune(dense, data, tmp_path / "run", importance="loss", export=False)
+    assert 0 < result.latency_ratio < 1 and result.macs < result.dense_macs
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["settings"]["importance"] == "loss" and state["importance"] == "loss"
+
+
 def test_bad_proxy(dense, data, tmp_path):
     with pytest.raises(WgatesError, match="proxy"):
         _prune(dense, data, tmp_path / "r", proxy="energy")
