@@ -15,6 +15,7 @@ from torch import nn
 
 import wgates
 from wgates.errors import WgatesError
+from wgates.extract import verify_groups
 from wgates.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -210,3 +211,77 @@ def test_save_dense_model_refused(resnet20, tmp_path):
 def test_load_missing_directory(tmp_path):
     with pytest.raises(WgatesError, match="not found"):
         wgates.load_pruned(create_model("resnet20"), tmp_path / "nothing")
+
+
+# -- structures found by tests/test_properties.py ------------------------------------------
+
+
+class ConcatResidualNet(nn.Module):
+    """cat(a, b) (8 channels), then a residual whose last conv is grouped (groups=2) and
+    writes onto the concatenation: a's channel i and b's channel i sit at the same offset of
+    its two conv-groups, so they must go together, across the two groups."""
+
+    def __init__(self, grouped: int = 2, split: int = 4):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, split, 3, padding=1), nn.BatchNorm2d(split))
+        self.b = nn.Sequential(nn.Conv2d(3, 8 - split, 3, padding=1), nn.BatchNorm2d(8 - split))
+        self.c1 = nn.Conv2d(8, 4, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 8, 3, padding=1, groups=grouped)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        y = torch.relu(y + self.c2(torch.relu(self.c1(y))))
+        return self.head(y.mean((2, 3)))
+
+
+def test_grouped_conv_tying_channels_across_groups_is_found_for_every_seed(warm):
+    """verify_groups used to find this by a random mask, which could miss it; now it comes
+    from the structure (ChannelGroup.unsafe), whatever the seed."""
+    shape = (2, 3, 8, 8)
+    torch.manual_seed(0)
+    model = warm(ConcatResidualNet(), shape)
+    gated = wgates.GatedModel(model, torch.randn(shape))
+    unsafe = {g.name: g.unsafe for g in gated.channel_groups if g.unsafe}
+    assert set(unsafe) == {"a.0", "b.0"}
+    assert "grouped conv c2 (groups=2) ties channels across groups" in unsafe["a.0"]
+    for seed in range(5):
+        assert set(verify_groups(gated, seed=seed)) == {"a.0", "b.0"}
+    with pytest.raises(WgatesError, match="a.0.*ties channels across groups"):
+        wgates.gate(model, torch.randn(shape), strict=True)
+    with pytest.warns(UserWarning, match="leaving 2 channel group"):
+        gated = wgates.gate(model, torch.randn(shape))
+    assert {g.name for g in gated.groups} == {"c1"}
+    # the same net with an ungrouped conv there is pruned everywhere, exactly
+    plain = warm(ConcatResidualNet(grouped=1), shape)
+    gated = wgates.gate(plain, torch.randn(shape), strict=True)
+    assert {g.name for g in gated.groups} == {"a.0", "b.0", "c1"}
+
+
+class ConcatInResidualNet(nn.Module):
+    """x + cat(a(x), b(x)): the stem, a and b are one group, but a writes only channels 0-1 of
+    it; a mask dropping both would leave a conv with no output channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6))
+        self.a = nn.Conv2d(6, 2, 3, padding=1)
+        self.b = nn.Conv2d(6, 4, 1)
+        self.mid = nn.Conv2d(6, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + torch.cat([self.a(x), self.b(x)], 1))
+        return self.head(torch.relu(self.mid(x)).mean((2, 3)))
+
+
+def test_concat_inside_residual_is_left_dense(warm):
+    shape = (2, 3, 8, 8)
+    torch.manual_seed(0)
+    model = warm(ConcatInResidualNet(), shape)
+    with pytest.raises(WgatesError, match="stem.0.*a writes only 2 of its 6 coupled channels"):
+        wgates.gate(model, torch.randn(shape), strict=True)
+    with pytest.warns(UserWarning, match="leaving 1 channel group"):
+        gated = wgates.gate(model, torch.randn(shape))
+    assert {g.name for g in gated.groups} == {"mid"}

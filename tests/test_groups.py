@@ -134,3 +134,76 @@ def test_bad_example_inputs():
         find_groups(create_model("resnet20"), [1, 2, 3][:0])
     with pytest.raises(WgatesError, match="channels"):  # the real error, on one line
         find_groups(create_model("resnet20"), torch.randn(1, 1, 32, 32))
+
+
+# -- structures found by tests/test_properties.py ------------------------------------------
+
+
+class DepthwiseMultiplierNet(nn.Module):
+    """A depthwise conv with a channel multiplier (groups == in_channels < out_channels) reads
+    the stem: pruning one of its inputs would have to drop a whole conv-group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.dw = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.dw(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_depthwise_multiplier_ties_all_its_input_channels():
+    with pytest.warns(UserWarning, match="leaving stem unpruned: grouped convolutions .*dw"):
+        groups = _by_name(find_groups(DepthwiseMultiplierNet(), X32))
+    assert "stem" not in groups
+    assert groups["dw"].n_units == 2  # 8 outputs in 4 conv-groups of 2: offsets 0 and 1
+
+
+class OneOutputPerGroupNet(nn.Module):
+    """Conv(8 -> 4, groups=4): each output reads two inputs. Torch-Pruning takes it for a
+    depthwise conv (groups == out_channels) and maps 8 channels onto its 4 outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mix = nn.Conv2d(8, 4, 3, padding=1, groups=4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(self.mix(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_conv_with_one_output_per_group_is_refused_not_crashed():
+    with pytest.warns(UserWarning, match="leaving stem unpruned: Torch-Pruning takes mix"):
+        groups = find_groups(OneOutputPerGroupNet(), X32)
+    assert "stem" not in {g.name for g in groups}
+
+
+class ConcatFlattenNet(nn.Module):
+    """cat of two branches, then flatten of a 2x2 map into a linear: Torch-Pruning compared
+    the concat's 6 channels with the linear's 24 inputs and gave the concat no index mapping,
+    so each branch was mapped onto all six channels (an IndexError when gating)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(6 * 2 * 2, 3)
+
+    def forward(self, x):
+        x = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)
+        return self.fc(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+def test_concat_then_flatten_into_linear_maps_each_branch_to_its_channels():
+    groups = _by_name(find_groups(ConcatFlattenNet(), X32))
+    a, b = groups["a"], groups["b"]
+    assert [p.module for p in a.producers] == ["a"] and [p.module for p in b.producers] == ["b"]
+    (fc_a,), (fc_b,) = a.consumers, b.consumers
+    assert sorted(fc_a.idxs) == list(range(0, 8))  # channels 0-1, 4 positions each
+    assert sorted(fc_b.idxs) == list(range(8, 24))
+    gated = wgates.gate(ConcatFlattenNet(), X32, strict=True)
+    gated.set_masks(gated.masks_for_widths({"a": 1, "b": 2}))
+    small = gated.extract()  # verify=True: exact
+    assert small.fc.in_features == 3 * 4

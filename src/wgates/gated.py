@@ -332,7 +332,8 @@ def gate(
     if not bad:
         return gated
     described = "; ".join(
-        f"{g.name} (layers {', '.join(g.modules)})" for g in gated.channel_groups if g.name in bad
+        f"{g.name} (layers {', '.join(g.modules)}{': ' + g.unsafe if g.unsafe else ''})"
+        for g in gated.channel_groups if g.name in bad
     )
     if strict or len(bad) == len(gated.channel_groups):
         raise WgatesError(

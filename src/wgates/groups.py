@@ -42,8 +42,32 @@ def _tolerant(mapping_fn):
     return wrapped
 
 
+def _channel_concat_through_flatten(mapping_fn):
+    """Torch-Pruning checks a concatenation's width against the input width of the layer it
+    reaches, to tell a channel concat from one along another dim. After a flatten that is a
+    Linear's C*H*W inputs, so a channel concat followed by flatten -> linear got no index
+    mapping, and each of its inputs was mapped onto every concatenated channel. When the
+    autograd node records the dim as 1 (channels), skip that check (no width to compare)."""
+
+    def wrapped(graph, node):
+        if getattr(node.grad_fn, "_saved_dim", None) != 1:
+            return mapping_fn(graph, node)
+        shape_infer = tp.dependency.index_mapping.shape_infer
+        infer = shape_infer.infer_in_channels_recursively
+        shape_infer.infer_in_channels_recursively = lambda *args, **kwargs: None
+        try:
+            return mapping_fn(graph, node)
+        finally:
+            shape_infer.infer_in_channels_recursively = infer
+
+    return wrapped
+
+
 tp.dependency.index_mapping.update_reshape_index_mapping = _tolerant(
     tp.dependency.index_mapping.update_reshape_index_mapping
+)
+tp.dependency.index_mapping.update_concat_index_mapping = _channel_concat_through_flatten(
+    tp.dependency.index_mapping.update_concat_index_mapping
 )
 
 
@@ -68,6 +92,9 @@ class ChannelGroup:
     consumers: list[Placement] = field(default_factory=list)
     channelwise: list[Placement] = field(default_factory=list)
     ties: tuple[int, ...] | None = None
+    # why some valid masks of this group would not extract (exactly), or None; such groups
+    # are left dense by gate(verify=True) (see `wgates.extract.verify_groups`)
+    unsafe: str | None = None
 
     @property
     def n_units(self) -> int:
@@ -179,8 +206,78 @@ def find_groups(
             continue
         if ignored & set(group.modules):
             continue
+        problem = _unprunable(graph.model, group)
+        if problem:
+            warnings.warn(f"wgates: leaving {group.name} unpruned: {problem}", stacklevel=3)
+            continue
+        group.unsafe = _unsafe(graph.model, group)
         groups.append(group)
     return groups
+
+
+def _unprunable(model: nn.Module, group: ChannelGroup) -> str | None:
+    """Why this group cannot be gated at all, or None.
+
+    - a conv with groups == out_channels < in_channels, which Torch-Pruning prunes as a
+      depthwise conv (inputs and outputs together);
+    - a placement outside its module's channels: Torch-Pruning mis-mapped the coupling;
+    - grouped convs whose ties join all the channels (e.g. a depthwise conv with a channel
+      multiplier reading the group) leave nothing to prune.
+    """
+    for place in group.producers:
+        module = model.get_submodule(place.module)
+        groups = getattr(module, "groups", 1)
+        if 1 < groups == module.out_channels != module.in_channels:
+            return (f"Torch-Pruning takes {place.module} (groups = out_channels = {groups}, "
+                    f"in_channels = {module.in_channels}) for a depthwise conv, which it is "
+                    "not, and would prune its inputs with its outputs")
+    for places, attrs in ((group.producers, ("out_channels", "out_features")),
+                          (group.consumers, ("in_channels", "in_features")),
+                          (group.channelwise, ("num_features",))):
+        for place in places:
+            module = model.get_submodule(place.module)
+            dim = next((getattr(module, a) for a in attrs if hasattr(module, a)), None)
+            if dim is not None and (len(set(place.idxs)) != len(place.idxs)
+                                    or any(not 0 <= i < dim for i in place.idxs)):
+                return (f"Torch-Pruning mapped its channels onto positions "
+                        f"{list(place.idxs)} of {place.module}, which has {dim}")
+    if group.n_units == 1:
+        grouped = sorted({p.module for p in group.producers + group.consumers
+                          if getattr(model.get_submodule(p.module), "groups", 1) > 1})
+        return (f"grouped convolutions ({', '.join(grouped)}) tie all its channels together, "
+                "so none can be removed alone")
+    return None
+
+
+def _unsafe(model: nn.Module, group: ChannelGroup) -> str | None:
+    """Why some valid masks of this group would not extract (exactly), or None.
+
+    - a producer that writes only some of the group's channels (a concatenation inside a
+      residual add) loses all of them under some masks, and a layer with no output channels
+      cannot exist in the extracted model;
+    - a grouped conv that ties channels of this group to channels outside it (it reads or
+      writes a concatenation): per-group ties cannot express that constraint.
+    """
+    for place in group.producers:
+        if len(set(place.root_idxs)) <= group.size - group.min_channels:
+            return (f"{place.module} writes only {len(set(place.root_idxs))} of its "
+                    f"{group.size} coupled channels and would lose all of them under some "
+                    "masks")
+    positions: dict[tuple[str, str], set[int]] = {}
+    for places, attr in ((group.producers, "out_channels"), (group.consumers, "in_channels")):
+        for place in places:
+            positions.setdefault((place.module, attr), set()).update(place.idxs)
+    for (name, attr), idxs in positions.items():
+        module = model.get_submodule(name)
+        groups, dim = getattr(module, "groups", 1), getattr(module, attr, 0)
+        if groups <= 1 or (attr == "out_channels" and groups == dim):
+            continue
+        period = dim // groups
+        if any(q not in idxs for p in idxs for q in range(p % period, dim, period)):
+            return (f"grouped conv {name} (groups={groups}) ties channels across groups: its "
+                    f"{attr} at the same offset in every conv-group must go together, and "
+                    "some of them are not in this group")
+    return None
 
 
 def _reaches_output(tp_group: tp.dependency.Group) -> bool:
@@ -239,7 +336,10 @@ def _grouped_conv_ties(model: nn.Module, group: ChannelGroup) -> tuple[int, ...]
     ]:
         module = model.get_submodule(place.module)
         groups = getattr(module, "groups", 1)
-        if groups <= 1 or groups == getattr(module, attr):
+        # a depthwise conv (groups == out_channels, Torch-Pruning's definition) is channelwise
+        # and needs no tie; a conv *reading* the group never is, even with groups ==
+        # in_channels (a depthwise conv with a channel multiplier): its inputs are tied too
+        if groups <= 1 or (attr == "out_channels" and groups == module.out_channels):
             continue
         period = getattr(module, attr) // groups
         first: dict[int, int] = {}
