@@ -5,9 +5,11 @@
    - `knapsack` (default): the gates rank the filters inside each group (trained by the task
      loss through the straight-through gradient) and the widths come from `wgates.allocate`,
      a latency-aware allocation over the whole network on the cost model's marginal costs
-     and the measured Taylor importance of every unit. The aim falls from the dense model to
-     the target along a cubic over the first `ramp` of the steps (gradual pruning, Zhu &
-     Gupta 2017), then holds so the weights adapt to the final widths (`KnapsackSchedule`).
+     and what every unit is worth (`IMPORTANCES`: the Taylor estimate from the gate
+     gradients, or per-group loss curves measured on calibration batches, `loss_curves`).
+     The aim falls from the dense model to the target along a cubic over the first `ramp`
+     of the steps (gradual pruning, Zhu & Gupta 2017), then holds so the weights adapt to
+     the final widths (`KnapsackSchedule`).
    - `gradient`: the paper's form, the widths moved by a latency loss (`LatencyLoss`),
      `lam * (predicted_ratio / target - 1) ** 2`, differentiable in the gates' kept counts
      through the cost model (LPNet, or a FLOPs / parameter-count net for the proxy
