@@ -84,7 +84,7 @@ class Settings:
     allocation: str = "knapsack"  # how the gate searches set the widths
     ramp: float | None = None
     floor: float = 0.0
-    importance: str = "loss"  # as wgates.prune (PRUNE.importance)
+    importance: str = "taylor"
     tolerance: float = 0.05
     lpnet_samples: int = 150
     protocol_rounds: int = 60
@@ -120,7 +120,7 @@ MODES = {
         models={"resnet20": CIFAR_MODELS["resnet20"]}, targets=[0.5, 0.7],
         methods=["wgates", "uniform", "l1", "tp-l2", "tp-taylor"], seeds=[0, 1, 2],
         backends={"resnet20": ["torch-cpu@1", "torch-cpu@32", "onnxruntime-cpu@1"]},
-        search_epochs=3, budget_epochs=6, distill=True, lpnet_samples=150, floor=0.05,
+        search_epochs=3, budget_epochs=6, distill=True, lpnet_samples=150, floor=0.25,
     ),
     "full": Settings(
         models=CIFAR_MODELS, targets=[0.7, 0.5, 0.35], methods=list(METHODS), seeds=[0, 1, 2],

@@ -14,9 +14,8 @@ class PruneDefaults:
     samples: int = 150  # measured variants LPNet is fitted on
     allocation: str = "knapsack"  # how the search sets widths (wgates.search.ALLOCATIONS)
     ramp: float = 0.5  # fraction of the search over which the aim falls to the target
-    floor: float = 0.05  # no group below this fraction of its width (docs/design.md)
-    importance: str = "loss"  # what a unit is worth to the knapsack (wgates.search.IMPORTANCES;
-    # measured loss curves against the Taylor estimate: docs/design.md, "What a unit is worth")
+    floor: float = 0.25  # no group below this fraction of its width (docs/design.md: 0.1 vs 0.25)
+    importance: str = "taylor"  # what a unit is worth to the knapsack (wgates.search.IMPORTANCES)
     distill: bool = True  # distil from the dense model in the search and the fine-tune
     tolerance: float = 0.05
     lr: float = 0.01
