@@ -491,9 +491,10 @@ def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: lis
               cache: Path, repeats: int = 5) -> None:
     """Re-measure every kept pruned model of the results files `names` against its dense
     model, one after another in this process (run it with nothing else on the machine), and
-    add the figure to each row as `ratio_quiet`. Why: rows run side by side measure their
-    latency while the other lane trains; on this 2-core machine ResNet-20 widths that
-    measured 0.49 in such a run measured 0.40 alone (`benchmarks/widths.py`)."""
+    add the figure to each row as `ratio_quiet` (and the dense model's time, `dense_ms_quiet`).
+    Why: a row's ratio is measured while the run goes on, often beside another run, and
+    ratios from another session (another host) are not comparable; a figure taken alone, with
+    the host's dense time beside it, says which latency the rows really compare at."""
     for name in names:
         rows = json.loads((out / f"{name}.json").read_text())
         for label in sorted({r["model"] for r in rows}):

@@ -40,7 +40,7 @@ from wgates.errors import WgatesError
 from wgates.gated import GatedModel, gate
 from wgates.groups import Ignore, as_input_tuple, resolve_ignore
 from wgates.predictor import check_groups, fit_proxy
-from wgates.search import Cost, LatencyLoss, closed_loop, search
+from wgates.search import Cost, LatencyLoss, calibration_batches, closed_loop, search
 from wgates.train import History, logits_of
 
 Measure = Callable[[nn.Module], tuple[float, float]]  # model -> (latency / dense, spread)
@@ -131,7 +131,7 @@ def match_latency(
 
 # -- channel-ranking methods ---------------------------------------------------------------
 def _calibration(loader: Iterable, ctx: Context) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(itertools.islice(loader, ctx.calib_batches))
+    return calibration_batches(loader, ctx.calib_batches)
 
 
 def _loss(model: nn.Module, batches: list) -> torch.Tensor:

@@ -48,7 +48,6 @@ from wgates.predictor import (
 )
 from wgates.search import (
     ALLOCATIONS,
-    calibration_batches,
     closed_loop,
     latency_control,
     parse_target,
@@ -205,9 +204,7 @@ def prune(
     def meter() -> Meter:  # made where it is first used: on rank 0, the one that measures
         return Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
 
-    def measure(candidate: nn.Module) -> tuple[float, float]:
-        m = meter().measure(meter_backend.prepare(candidate.eval(), inputs))
-        return m.ratio, m.spread
+    measure = _ratio_measure(meter, meter_backend, inputs)
 
     try:  # what needs a measurement: a target this model cannot reach is refused here
         if "dense_ms" not in run.state:
@@ -240,7 +237,7 @@ def prune(
     middle = target * (1 - tolerance / 2)
     control = latency_control(gated, cost, middle, total, allocation, ramp, floor, measure,
                               band=((1 - tolerance) * target, target), importance=importance,
-                              batches=calibration_batches(train_loader))
+                              loader=train_loader)
     teacher = dense if distill else None
     _resumable_stage(
         run, "search", {"model": gated, "loss": control,
@@ -368,13 +365,19 @@ def _measure_reachable(gated, inputs, meter_backend, target_latency, backend, fl
     meter = Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
     dense_ms = meter.measure(meter_backend.prepare(dense, inputs)).dense_ms
     target = parse_target(target_latency, dense_ms)
-
-    def measure(candidate: nn.Module) -> tuple[float, float]:
-        m = meter.measure(meter_backend.prepare(candidate.eval(), inputs))
-        return m.ratio, m.spread
-
+    measure = _ratio_measure(lambda: meter, meter_backend, inputs)
     low = smallest_ratio(gated, measure, floor, target, tolerance)
     refuse_unreachable(target_latency, target, low, dense_ms, floor, backend)
+
+
+def _ratio_measure(meter, meter_backend, inputs: tuple):
+    """candidate -> (latency ratio to the dense model, spread), timed by `meter()` (a callable,
+    so that `prune` makes its meter only where it first measures: on rank 0)."""
+    def measure(candidate: nn.Module) -> tuple[float, float]:
+        m = meter().measure(meter_backend.prepare(candidate.eval(), inputs))
+        return m.ratio, m.spread
+
+    return measure
 
 
 def lowest_floor(allocation: str, floor: float) -> float:

@@ -313,14 +313,15 @@ def latency_control(gated: GatedModel, cost: Cost, target: float, steps: int,
                     allocation: str = "knapsack", ramp: float | None = None,
                     floor: float = 0.0, measure: Measure | None = None,
                     band: tuple[float, float] | None = None, importance: str = "taylor",
-                    batches: list | None = None) -> LatencyLoss | KnapsackSchedule:
+                    loader=None) -> LatencyLoss | KnapsackSchedule:
     """What steers the search to the target: the knapsack schedule or the latency loss.
     `ramp` (fraction of the steps over which the aim falls to the target) defaults to 0.5
     for the knapsack and 0 (the target from step one) for the latency loss. `measure` and
     `band`: the knapsack measures its widths when the ramp ends (`KnapsackSchedule`);
-    `importance` ("taylor" or "loss", on the calibration `batches`): what a unit is worth to
-    the knapsack."""
+    `importance` ("taylor" or "loss", measured on the first `CURVE_BATCHES` batches of
+    `loader`, read only then): what a unit is worth to the knapsack."""
     if allocation == "knapsack":
+        batches = calibration_batches(loader) if importance == "loss" and loader else None
         return KnapsackSchedule(gated, cost, target, steps, 0.5 if ramp is None else ramp,
                                 floor=floor, measure=measure, band=band,
                                 importance=importance, batches=batches)
@@ -382,7 +383,7 @@ def search(
     if loss is None:
         gated.clear_masks()
         loss = latency_control(gated, cost, target, steps, allocation, ramp, floor, measure,
-                               band, importance, calibration_batches(train_loader))
+                               band, importance, train_loader)
 
     def extra() -> tuple[torch.Tensor, dict]:
         value, stats = loss()
