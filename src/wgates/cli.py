@@ -294,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "distributed", False) and distributed.launched():
             distributed.setup(_device(getattr(args, "device", "cpu")))
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        # every rank leaves together: a gloo process group destroyed while the other rank
+        # still sends (rank 0 writing the files) aborted the process at exit, 1 run in 4
+        distributed.barrier("the end of the command")
+        return code
     except WgatesError as err:
         who = f"rank {distributed.rank()}: " if distributed.active() else ""
         print(f"wgates: error: {who}{_one_line(err)}", file=sys.stderr)
