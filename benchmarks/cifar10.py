@@ -35,12 +35,15 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 
 import torch
+from lanes import Lanes
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -184,8 +187,10 @@ def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Pat
     return cache / f"{label}_{backend}_{tuple(shape)}.sqlite"
 
 
-def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: Protocol):
-    """ratio of a model's latency to the dense one's, timed interleaved on `backend_name`;
+def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: Protocol,
+                 alone: Callable[[], AbstractContextManager] = nullcontext):
+    """ratio of a model's latency to the dense one's, timed interleaved on `backend_name`,
+    each measurement inside `alone()` (`Lanes.alone`: the other benchmark lanes paused);
     the dense model's time of the last measurement is kept as `measure.dense_ms` (rows
     record it: ratios taken in sessions whose dense model timed differently, on another
     host, are not comparable)."""
@@ -201,7 +206,9 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
     meter = Meter(backend, runner(dense), protocol)
 
     def measure(model: nn.Module) -> tuple[float, float]:
-        m = meter.measure(runner(model))
+        prepared = runner(model)
+        with alone():
+            m = meter.measure(prepared)
         measure.dense_ms = m.dense_ms
         return m.ratio, m.spread
 
@@ -226,11 +233,12 @@ def model_dir(models: Path, row: dict) -> Path:
 
 def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: Path,
               shape: list[int], log=print, on_row=None, done: list[dict] = (),
-              models: Path | None = None) -> list[dict]:
+              models: Path | None = None,
+              alone: Callable[[], AbstractContextManager] = nullcontext) -> list[dict]:
     """Every (regime, target, method, seed) of one dense model: one row each; `on_row(rows)`
     after each, so that a long run's results are on disk as they come. Rows in `done` (a
     resumed run's) are kept and not run again. The pruned models are kept in `models`
-    (default <cache>/models) for `--remeasure`."""
+    (default <cache>/models) for `--remeasure`. Latency is measured inside `alone()`."""
     train_loader, val_loader = loaders
     rows = [r for r in done if r["model"] == label]
     have = {row_key(r) for r in rows}
@@ -255,7 +263,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
         cost = latency_predictor(dense, at, backend, settings,
                                  profile_path(cache, label, backend, at))
         log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
-        measure = make_measure(dense, inputs, backend, settings.protocol())
+        measure = make_measure(dense, inputs, backend, settings.protocol(), alone)
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
                           lr=settings.lr, gate_lr=settings.gate_lr,
@@ -465,9 +473,11 @@ def limited(loader: DataLoader, n: int | None, shuffle: bool) -> DataLoader:
 
 
 def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache: Path,
-        dataset: str, resume: bool = False) -> Path:
+        dataset: str, resume: bool = False,
+        alone: Callable[[], AbstractContextManager] = nullcontext) -> Path:
     """Every model of `settings`; with `resume`, the rows already in <out>/<name>.json are
-    kept and not run again (the results files are rewritten after every row)."""
+    kept and not run again (the results files are rewritten after every row). Latency is
+    measured inside `alone()`."""
     train_loader, val_loader, info = make_loaders(
         settings.data, settings.batch_size, settings.workers, None, settings.image_size)
     train_loader = limited(train_loader, settings.subset, shuffle=True)
@@ -482,19 +492,22 @@ def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache
         before = list(rows)
         rows = before + run_model(
             label, dense, (train_loader, val_loader), settings, cache, [1, *info.input_shape],
-            done=done, models=cache / "models" / name, on_row=lambda new, before=before:
+            done=done, models=cache / "models" / name, alone=alone,
+            on_row=lambda new, before=before:
             write_results(before + new, settings, out, name, command, dataset))
     return write_results(rows, settings, out, name, command, dataset)
 
 
 def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: list[str],
-              cache: Path, repeats: int = 5) -> None:
+              cache: Path, repeats: int = 5,
+              alone: Callable[[], AbstractContextManager] = nullcontext) -> None:
     """Re-measure every kept pruned model of the results files `names` against its dense
     model, one after another in this process (run it with nothing else on the machine), and
     add the figure to each row as `ratio_quiet` (and the dense model's time, `dense_ms_quiet`).
     Why: a row's ratio is measured while the run goes on, often beside another run, and
     ratios from another session (another host) are not comparable; a figure taken alone, with
-    the host's dense time beside it, says which latency the rows really compare at."""
+    the host's dense time beside it, says which latency the rows really compare at. With
+    benchmark lanes, `alone` pauses them while each figure is taken."""
     for name in names:
         rows = json.loads((out / f"{name}.json").read_text())
         for label in sorted({r["model"] for r in rows}):
@@ -510,7 +523,8 @@ def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: lis
                 small = load_pruned(build(), found[0]).eval()
                 inputs = (torch.randn(row.get("batch", 1), *getattr(
                     small, PLAN_ATTR).input_shapes[0][1:]),)
-                measure = make_measure(dense, inputs, row["backend"], settings.protocol())
+                measure = make_measure(dense, inputs, row["backend"], settings.protocol(),
+                                       alone)
                 row["ratio_quiet"] = settled(measure, small, repeats=repeats)[0]
                 row["dense_ms_quiet"] = measure.dense_ms
                 print(f"{name}: {label} {row['method']} seed {row['seed']}: "
@@ -595,6 +609,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="re-measure the kept pruned models of these results files one by "
                         "one (run it alone on the machine), add the figures to their rows and "
                         "rewrite them")
+    parser.add_argument("--lanes", type=Path, default=None, metavar="DIR",
+                        help="run as one of several benchmark processes on this machine that "
+                        "share DIR: every latency measurement pauses the other lanes "
+                        "(benchmarks/lanes.py), so no figure is taken beside a training")
     parser.add_argument("--merge", nargs="+", default=[], metavar="NAME",
                         help="only combine the rows of these results files (e.g. of two runs "
                         "side by side, one thread each) into <name>, and write it")
@@ -608,8 +626,9 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
     weights = dict(w.split("=", 1) for w in args.dense_weights)
+    alone = Lanes(args.lanes).alone if args.lanes else nullcontext
     if args.remeasure:
-        remeasure(settings, weights, args.out, args.remeasure, args.cache)
+        remeasure(settings, weights, args.out, args.remeasure, args.cache, alone=alone)
         args.merge = args.merge or args.remeasure
     if args.merge:
         rows = merged([args.out / f"{n}.json" for n in args.merge])
@@ -622,7 +641,7 @@ def main(argv: list[str] | None = None) -> None:
         profile_all(settings, args.cache)
         return
     md = run(settings, weights, args.out, args.name or f"cifar10_{name}", args.cache, "CIFAR-10",
-             args.resume)
+             args.resume, alone)
     print(md.read_text())
 
 

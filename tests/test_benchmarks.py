@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,65 @@ def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
     (pruned,) = [r for r in rows if r["method"] == "uniform"]
     assert 0 < pruned["ratio_quiet"] < 1
     assert "re-measured alone" in (tmp_path / "out" / "smoke.md").read_text()
+
+
+TICKER = """
+import sys, time
+sys.path.insert(0, {bench!r})
+from lanes import Lanes
+Lanes({folder!r})
+with open({out!r}, "w") as f:
+    while True:
+        print(time.time(), file=f, flush=True)
+        time.sleep(0.005)
+"""
+
+MEASURER = """
+import os, sys, time
+sys.path.insert(0, {bench!r})
+from lanes import Lanes
+lanes = Lanes({folder!r})
+while not lanes.others():
+    time.sleep(0.01)
+with lanes.alone():
+    start = time.time()
+    time.sleep(0.6)
+    end = time.time()
+    print(start, end, lanes.paused, flush=True)
+    if {die}:
+        os.kill(os.getpid(), 9)  # killed while measuring: the ticker stays paused
+"""
+
+
+def lane(code: str, **fields) -> subprocess.Popen:
+    source = code.format(bench=str(BENCH), **{k: str(v) for k, v in fields.items()})
+    return subprocess.Popen([sys.executable, "-c", source], stdout=subprocess.PIPE, text=True)
+
+
+def ticks(path: Path) -> np.ndarray:
+    return np.array([float(t) for t in path.read_text().split()[:-1]])
+
+
+def test_lanes_pause_each_other_while_one_measures(tmp_path):
+    """A measurement inside `Lanes.alone()` runs while the other lane makes no progress at
+    all, and the other lane goes on afterwards; a lane killed while measuring leaves the
+    other paused until any lane starts again."""
+    out = tmp_path / "ticks"
+    ticker = lane(TICKER, folder=tmp_path / "lanes", out=out)
+    try:
+        for die in (False, True):
+            measurer = lane(MEASURER, folder=tmp_path / "lanes", die=die)
+            start, end, paused = measurer.communicate(timeout=60)[0].split()
+            seen = ticks(out)
+            assert int(paused) == 1
+            assert not ((seen > float(start) + 0.05) & (seen < float(end))).any()
+            before = len(seen)
+            time.sleep(0.3)
+            assert (len(ticks(out)) > before) != die  # killed mid-measurement: still paused
+        lane(MEASURER.replace("while not", "while False and not"), folder=tmp_path / "lanes",
+             die=False).communicate(timeout=60)  # any lane starting resumes the others
+        before = len(ticks(out))
+        time.sleep(0.3)
+        assert len(ticks(out)) > before
+    finally:
+        ticker.kill()
