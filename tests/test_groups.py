@@ -207,3 +207,51 @@ def test_concat_then_flatten_into_linear_maps_each_branch_to_its_channels():
     gated.set_masks(gated.masks_for_widths({"a": 1, "b": 2}))
     small = gated.extract()  # verify=True: exact
     assert small.fc.in_features == 3 * 4
+
+
+class SplitNet(nn.Module):
+    """CSP-style: the stem's 16 channels split in two; `mode` says how the chunks are used."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.mix = nn.Sequential(nn.Conv2d(16, 12, 1), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if self.mode == "residual":  # a chunk read twice, split with a negative dim
+            x1, x2 = x.split(8, dim=-3)
+            x = torch.cat([x1 + self.block(x1), x2], 1)
+        elif self.mode == "branch":  # the block's output concatenated with the other chunk
+            x1, x2 = x.chunk(2, 1)
+            x = torch.cat([self.block(x1), x2], 1)
+        else:  # along the width: the channels pass through unchanged
+            x1, x2 = x.split(4, dim=-1)
+            x = torch.cat([x1, x2], -1)
+        return self.fc(self.mix(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode, prunable", [
+    ("residual", {"mix.0"}), ("branch", {"block.0", "mix.0"}), ("spatial", {"stem.0", "mix.0"})])
+def test_channel_split_is_left_dense_and_the_rest_maps_by_chunk(mode, prunable, warm, make_masks):
+    """A split along the channels cuts at sizes fixed in the model's code: its group is left
+    dense, naming the layer split. Torch-Pruning mapped readers to chunks by their order (a
+    chunk read twice shifted the rest) and a concatenation back into a split with the chunk's
+    offset first: `block` landed in the stem's group. The rest must extract exactly."""
+    model = warm(SplitNet(mode), (2, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    if "stem.0" in prunable:
+        gated = wgates.gate(model, x, verify=False)
+    else:
+        with pytest.warns(UserWarning, match="leaving stem.0 unpruned: .*splits the channels "
+                                             "of stem.1 with torch.split/chunk"):
+            gated = wgates.gate(model, x, verify=False)
+    assert {g.name for g in gated.groups} == prunable
+    for seed in range(3):
+        gated.set_masks(make_masks(gated, seed))
+        small = gated.extract(verify=False)
+        with torch.no_grad():
+            assert (gated(x) - small(x)).abs().max() <= 1e-5

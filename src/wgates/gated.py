@@ -246,27 +246,33 @@ class GatedModel(nn.Module):
                 buf = f"_gather_{kind}_{n}"
                 self.register_buffer(buf, idx, persistent=False)
                 module = self.model.get_submodule(name)
+                # a Linear's features are its input's last dim (timm's ConvNeXt runs its MLP
+                # on channels-last maps); a conv's or BatchNorm's channels are dim 1
+                dim = -1 if isinstance(module, nn.Linear) else 1
                 if kind == "out":
-                    handle = module.register_forward_hook(self._out_hook(buf))
+                    handle = module.register_forward_hook(self._out_hook(buf, dim))
                 else:
-                    handle = module.register_forward_pre_hook(self._in_hook(buf))
+                    handle = module.register_forward_pre_hook(self._in_hook(buf, dim))
                 self._hook_ids.setdefault(name, []).append(handle.id)
 
-    def _scale(self, x: torch.Tensor, buf: str) -> torch.Tensor:
+    def _scale(self, x: torch.Tensor, buf: str, dim: int) -> torch.Tensor:
+        """x with its channels along `dim` multiplied by their gates."""
         mask = self._flat[getattr(self, buf)].to(x.dtype)
-        return x * mask.view(1, -1, *([1] * (x.dim() - 2)))
+        shape = [1] * x.dim()
+        shape[dim] = -1
+        return x * mask.view(shape)
 
-    def _out_hook(self, buf: str):
+    def _out_hook(self, buf: str, dim: int):
         def hook(module, args, output):
-            return None if self._flat is None else self._scale(output, buf)
+            return None if self._flat is None else self._scale(output, buf, dim)
 
         return hook
 
-    def _in_hook(self, buf: str):
+    def _in_hook(self, buf: str, dim: int):
         def hook(module, args):
             if self._flat is None:
                 return None
-            return (self._scale(args[0], buf), *args[1:])
+            return (self._scale(args[0], buf, dim), *args[1:])
 
         return hook
 

@@ -10,6 +10,7 @@ multiplies, and the *consumers* whose inputs must not see a pruned channel.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -63,11 +64,118 @@ def _channel_concat_through_flatten(mapping_fn):
     return wrapped
 
 
+def _split_spans(node) -> list[tuple[int, int]] | None:
+    """For a split along dim 1: the channel range (start, end) of the chunk that each entry of
+    `node.outputs` reads; None for another dim, or when the chunks cannot be told.
+
+    Torch-Pruning takes the i-th output node for the i-th chunk, which is wrong as soon as one
+    chunk is read twice (CSPNet's `x1, x2 = x.split(n, 1)` then `x1 + blocks(x1)`), and for
+    `split(int)` / `chunk` it infers the sizes from the readers, counting such a chunk twice.
+    Autograd knows both: the split's sizes, and which chunk (`output_nr`) each reader reads.
+    """
+    fn = node.grad_fn
+    shape = getattr(fn, "_saved_self_sym_sizes", None)
+    if shape is None or _split_dim(node) != 1:
+        return None
+    if hasattr(fn, "_saved_split_sizes"):
+        sizes = [int(n) for n in fn._saved_split_sizes]
+    elif hasattr(fn, "_saved_split_size"):
+        total, step = int(shape[1]), int(fn._saved_split_size)
+        sizes = [min(step, total - start) for start in range(0, total, step)]
+    else:
+        return None
+    offsets = [0, *itertools.accumulate(sizes)]
+    chunks: dict[int, list[int]] = {}  # reader node id -> chunks it reads, in its input order
+    spans = []
+    for out in node.outputs:
+        read = chunks.setdefault(
+            id(out), [nr for f, nr in getattr(out.grad_fn, "next_functions", ()) if f is fn])
+        if not read:
+            return None
+        nr = read.pop(0)
+        spans.append((offsets[nr], offsets[nr + 1]))
+    return spans
+
+
+def _split_dim(node) -> int | None:
+    """The dim a split node cuts, made non-negative (autograd saves `dim=-3` as 2**64 - 3);
+    None when autograd did not save it."""
+    dim = getattr(node.grad_fn, "_saved_dim", None)
+    if dim is None:
+        return None
+    dim = dim - 2**64 if dim >= 2**63 else dim
+    rank = len(getattr(node.grad_fn, "_saved_self_sym_sizes", ()))
+    return dim + rank if dim < 0 and rank else dim
+
+
+def _split_sizes_per_reader(init_fn):
+    """Torch-Pruning's shape inference reads `split_sizes[i]` as the width of the split's i-th
+    output node: give it exactly that (a concatenation of a chunk with another branch, as in
+    CSPNet, was otherwise given wrong offsets)."""
+
+    def wrapped(graph):
+        init_fn(graph)
+        for node in graph.module2node.values():
+            spans = _split_spans(node) if node.type == tp.ops.OPTYPE.SPLIT else None
+            if spans:
+                node.module.split_sizes = [end - start for start, end in spans]
+
+    return wrapped
+
+
+def _split_by_chunk(update_fn):
+    """Map each reader of a split along the channels onto the chunk it reads (`_split_spans`),
+    after Torch-Pruning's own mappings: its split mapping is applied before a concatenation's
+    (slots 0 and 1 of a dependency), which is right from a split into a concatenation, but not
+    back from a concatenation into a split (CSPNet's `cat([x1, blocks(x2)])`), where the
+    concatenation's offsets must come off before the chunk's offset goes on. A split along
+    another dim passes the channels through unchanged (Torch-Pruning took `dim=-1` for one
+    along the channels)."""
+
+    def wrapped(graph):
+        update_fn(graph)
+        mapping = tp.dependency.index_mapping._SplitIndexMapping
+        concat = tp.dependency.index_mapping._ConcatIndexMapping
+        for node in graph.module2node.values():
+            if node.type != tp.ops.OPTYPE.SPLIT or not node.enable_index_mapping:
+                continue
+            readers = list({id(o): o for o in node.outputs}.values())
+            forward = [d for d in node.dependencies if any(d.target is o for o in readers)]
+            back = {id(o): [d for d in o.dependencies if d.target is node] for o in readers}
+            if _split_dim(node) not in (1, None):
+                for dep in forward + [d for deps in back.values() for d in deps]:
+                    dep.index_mapping[0] = None
+                continue
+            spans = _split_spans(node)
+            if spans is None:
+                continue
+            # the split's dependencies on its readers were made in `node.outputs` order, and
+            # each reader's on the split in its input order, the order `_split_spans` follows
+            for dep, span in zip(forward, spans):
+                dep.index_mapping[0] = mapping(offset=list(span), reverse=False)
+            for out in readers:
+                mine = [span for o, span in zip(node.outputs, spans) if o is out]
+                for dep, span in zip(back[id(out)], mine):
+                    # [concatenation -> its input, chunk -> the split tensor]; this runs again
+                    # for every group, so only a concatenation's own mapping goes first
+                    first = dep.index_mapping[1]
+                    first = first if isinstance(first, concat) else None
+                    dep.index_mapping = [first, mapping(offset=list(span), reverse=True)]
+
+    return wrapped
+
+
 tp.dependency.index_mapping.update_reshape_index_mapping = _tolerant(
     tp.dependency.index_mapping.update_reshape_index_mapping
 )
 tp.dependency.index_mapping.update_concat_index_mapping = _channel_concat_through_flatten(
     tp.dependency.index_mapping.update_concat_index_mapping
+)
+tp.dependency.index_mapping.update_index_mapping = _split_by_chunk(
+    tp.dependency.index_mapping.update_index_mapping
+)
+tp.dependency.shape_infer.init_shape_information = _split_sizes_per_reader(
+    tp.dependency.shape_infer.init_shape_information
 )
 
 
@@ -206,7 +314,7 @@ def find_groups(
             continue
         if ignored & set(group.modules):
             continue
-        problem = _unprunable(graph.model, group)
+        problem = _channel_split(tp_group, name_of) or _unprunable(graph.model, group)
         if problem:
             warnings.warn(f"wgates: leaving {group.name} unpruned: {problem}", stacklevel=3)
             continue
@@ -215,15 +323,43 @@ def find_groups(
     return groups
 
 
+def _channel_split(tp_group: tp.dependency.Group, name_of: dict[nn.Module, str]) -> str | None:
+    """Why a group read through `torch.split` / `chunk` along the channels cannot be pruned:
+    the chunk sizes are numbers in the model's code (CSPNet's `x.split(n // 2, dim=1)`), which
+    pruning cannot change, so the smaller model would cut its channels in the wrong places."""
+    for item in tp_group:
+        node = item.dep.target
+        if (node.type != tp.ops.OPTYPE.SPLIT or _split_dim(node) not in (1, None)
+                or not item.idxs):  # reached with no channels: through a concat's other input
+            continue
+        writer, todo, seen = None, list(node.inputs), set()
+        while todo and writer is None:  # the nearest named module before the split
+            prev = todo.pop(0)
+            if id(prev) not in seen:
+                seen.add(id(prev))
+                writer = name_of.get(prev.module)
+                todo += prev.inputs
+        return (f"the model's forward splits the channels of {writer or 'a layer'} with "
+                "torch.split/chunk at sizes fixed in its code, which pruning cannot change")
+    return None
+
+
 def _unprunable(model: nn.Module, group: ChannelGroup) -> str | None:
     """Why this group cannot be gated at all, or None.
 
+    - a LayerNorm or GroupNorm normalizing over the group's channels (ConvNeXt's residual
+      stream): the statistics of the kept channels would change with the pruned ones;
     - a conv with groups == out_channels < in_channels, which Torch-Pruning prunes as a
       depthwise conv (inputs and outputs together);
     - a placement outside its module's channels: Torch-Pruning mis-mapped the coupling;
     - grouped convs whose ties join all the channels (e.g. a depthwise conv with a channel
       multiplier reading the group) leave nothing to prune.
     """
+    for place in group.channelwise:
+        module = model.get_submodule(place.module)
+        if isinstance(module, nn.LayerNorm | nn.GroupNorm):
+            return (f"{place.module} ({type(module).__name__}) normalizes over its channels, "
+                    "so removing some would change what the others compute")
     for place in group.producers:
         module = model.get_submodule(place.module)
         groups = getattr(module, "groups", 1)
