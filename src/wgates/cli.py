@@ -48,8 +48,8 @@ def add_inspect(sub) -> None:
         "gate: its size, how many layers produce and consume it, and grouped-conv ties.",
     )
     p.add_argument("--model", default="small_cnn",
-                   help="model spec, e.g. resnet20, torchvision:resnet18 or net.py:Net "
-                   "(default small_cnn)")
+                   help="model spec, e.g. resnet20, torchvision:resnet18, timm:resnet18 or "
+                   "net.py:Net (default small_cnn)")
     p.add_argument("--input-shape", type=_shape, help="N,C,H,W (default: 1 x the model's)")
     p.add_argument("--min-channels", type=int, default=1,
                    help="never prune a group below this many channels (default 1)")
@@ -328,8 +328,8 @@ def _one_line(err: WgatesError) -> str:
 
 
 def _add_model_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="small_cnn", help="registered name, torchvision:<name> "
-                   "or path/to/file.py:Class (default: small_cnn)")
+    p.add_argument("--model", default="small_cnn", help="registered name, torchvision:<name>, "
+                   "timm:<name> or path/to/file.py:Class (default: small_cnn)")
     p.add_argument("--weights", help="trained weights (.safetensors or .pt state dict)")
     p.add_argument("--data", default="digits",
                    help="digits | cifar10:<root> | imagefolder:<root> (default: digits)")

@@ -1,7 +1,8 @@
 """Model registry and `create_model`: one string names any model the pipeline can prune.
 
-A spec is a registered name (`resnet20`), a torchvision model (`torchvision:resnet18`) or a
-class in a user's file (`path/to/net.py:Net`), so the CLI can take models as plain strings.
+A spec is a registered name (`resnet20`), a model of a library (`torchvision:resnet18`,
+`timm:convnext_atto`) or a class in a user's file (`path/to/net.py:Net`), so the CLI can take
+models as plain strings.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import inspect
 import pickle
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,8 +23,94 @@ from wgates.errors import WgatesError
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 _INPUT_SHAPES: dict[str, tuple[int, ...]] = {}
 
+
+@dataclass(frozen=True)
+class _Library:
+    """A model library behind `<prefix>:<name>` specs, imported only when a spec names it."""
+
+    has: Callable[[str], bool]
+    build: Callable[[str, int, str | None, dict], nn.Module]  # name, num_classes, weights, opts
+    input_shape: Callable[[str], tuple[int, ...]]
+    missing: str  # the refusal of a name the library does not have
+    named_weights: bool = False  # `weights` may name the library's own (downloaded) weights
+
+
+_LIBRARIES: dict[str, _Library] = {}
+
 # torchvision classification models that were trained at a size other than 224.
 _TORCHVISION_SIZES = {"inception_v3": 299}
+
+
+def _torchvision_has(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models()
+
+
+def _torchvision_build(name: str, num_classes: int, weights: str | None,
+                       kwargs: dict) -> nn.Module:
+    import torchvision
+
+    try:
+        return torchvision.models.get_model(
+            name, weights=weights, num_classes=num_classes, **kwargs
+        )
+    except (ValueError, TypeError, KeyError) as err:
+        raise WgatesError(
+            f"cannot build torchvision:{name} ({err}): check weights and num_classes"
+        ) from err
+
+
+def _timm():
+    """timm is an optional extra: say how to get it instead of an ImportError."""
+    try:
+        import timm
+    except ImportError:
+        raise WgatesError(
+            "'timm:' model specs need timm, which is not installed: pip install 'wgates[timm]'"
+        ) from None
+    return timm
+
+
+def _timm_build(name: str, num_classes: int, weights: str | None, kwargs: dict) -> nn.Module:
+    # pretrained=False: trained weights come from a file (`weights`), never from a download
+    try:
+        return _timm().create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    except (ValueError, TypeError, KeyError, RuntimeError) as err:
+        raise WgatesError(
+            f"cannot build timm:{name} with options {kwargs} ({err}): drop or fix them"
+        ) from err
+
+
+def _timm_input_shape(name: str) -> tuple[int, ...]:
+    cfg = _timm().models.get_pretrained_cfg(name)
+    return tuple(cfg.input_size) if cfg is not None else (3, 224, 224)
+
+
+_LIBRARIES["torchvision"] = _Library(
+    has=_torchvision_has,
+    build=_torchvision_build,
+    input_shape=lambda name: (3, *[_TORCHVISION_SIZES.get(name, 224)] * 2),
+    missing="torchvision has no model {name!r}: see torchvision.models.list_models()",
+    named_weights=True,
+)
+_LIBRARIES["timm"] = _Library(
+    has=lambda name: _timm().is_model(name),
+    build=_timm_build,
+    input_shape=_timm_input_shape,
+    missing="timm has no model {name!r}: see timm.list_models()",
+)
+
+
+def _library(spec: str) -> tuple[_Library, str] | None:
+    """(library, model name) for a `<prefix>:<name>` spec, checked to exist; None otherwise."""
+    prefix, sep, name = spec.partition(":")
+    library = _LIBRARIES.get(prefix) if sep else None
+    if library is None:
+        return None
+    if not library.has(name):
+        raise WgatesError(library.missing.format(name=name))
+    return library, name
 
 
 def register_model(
@@ -93,29 +181,18 @@ def _accepts_num_classes(cls: type) -> bool:
 
 
 def _unknown_model(spec: str) -> WgatesError:
+    libraries = ", ".join(f"'{prefix}:<name>'" for prefix in _LIBRARIES)
     return WgatesError(
         f"unknown model {spec!r}: use one of {', '.join(list_models())}, "
-        "'torchvision:<name>' or 'path/to/file.py:ClassName'"
+        f"{libraries} or 'path/to/file.py:ClassName'"
     )
 
 
-def _build(spec: str, num_classes: int, tv_weights: str | None, kwargs: dict) -> nn.Module:
-    if spec.startswith("torchvision:"):
-        import torchvision
-
-        name = spec.removeprefix("torchvision:")
-        if name not in torchvision.models.list_models():
-            raise WgatesError(
-                f"torchvision has no model {name!r}: see torchvision.models.list_models()"
-            )
-        try:
-            return torchvision.models.get_model(
-                name, weights=tv_weights, num_classes=num_classes, **kwargs
-            )
-        except (ValueError, TypeError, KeyError) as err:
-            raise WgatesError(
-                f"cannot build {spec} ({err}): check weights and num_classes"
-            ) from err
+def _build(spec: str, num_classes: int, lib_weights: str | None, kwargs: dict) -> nn.Module:
+    library = _library(spec)
+    if library is not None:
+        lib, name = library
+        return lib.build(name, num_classes, lib_weights, kwargs)
     file_spec = _split_file_spec(spec)
     if file_spec is not None:
         cls = _load_class(*file_spec)
@@ -201,18 +278,21 @@ def create_model(
     """Build the model named by `spec` and optionally load `weights` (a file path).
 
     For `torchvision:` specs, `weights` may also be a torchvision weights name
-    (e.g. `ResNet18_Weights.IMAGENET1K_V1`), which torchvision may download.
+    (e.g. `ResNet18_Weights.IMAGENET1K_V1`), which torchvision may download. `timm:` models
+    are built untrained (no download); give trained weights as a file.
     """
-    tv_weights = None
+    lib_weights = None
     weight_path = None
     if weights is not None:
         weight_path = Path(weights).expanduser()
         looks_like_file = weight_path.suffix in (".safetensors", ".pt", ".pth")
-        if spec.startswith("torchvision:") and not looks_like_file and not weight_path.exists():
-            tv_weights, weight_path = weights, None
+        prefix, sep, _ = spec.partition(":")
+        named = bool(sep) and getattr(_LIBRARIES.get(prefix), "named_weights", False)
+        if named and not looks_like_file and not weight_path.exists():
+            lib_weights, weight_path = weights, None
         elif not weight_path.is_file():
             raise WgatesError(f"weights file {weight_path} does not exist: check the path")
-    model = _build(spec, num_classes, tv_weights, kwargs)
+    model = _build(spec, num_classes, lib_weights, kwargs)
     if weight_path is not None:
         _load_weights(model, weight_path, spec)
     return model
@@ -221,16 +301,7 @@ def create_model(
 def check_spec(spec: str) -> None:
     """Refuse a model spec that names no model, without building it: called before any data
     is loaded, so a typo is reported at once, not after minutes of decoding."""
-    if spec in _REGISTRY:
-        return
-    if spec.startswith("torchvision:"):
-        import torchvision
-
-        name = spec.removeprefix("torchvision:")
-        if name not in torchvision.models.list_models():
-            raise WgatesError(
-                f"torchvision has no model {name!r}: see torchvision.models.list_models()"
-            )
+    if spec in _REGISTRY or _library(spec) is not None:
         return
     file_spec = _split_file_spec(spec)
     if file_spec is None:
@@ -300,12 +371,14 @@ def _meant_shape(model: nn.Module, spec: str | None) -> tuple[int, ...] | None:
 
 def default_input_shape(spec: str) -> tuple[int, ...]:
     """(C, H, W) a model is meant for: recorded at registration, 224 (or 299) for torchvision,
-    or the `default_input_shape` class attribute for file specs (else (3, 224, 224))."""
+    timm's pretrained config for timm, or the `default_input_shape` class attribute for file
+    specs (else (3, 224, 224))."""
     if spec in _INPUT_SHAPES:
         return _INPUT_SHAPES[spec]
-    if spec.startswith("torchvision:"):
-        size = _TORCHVISION_SIZES.get(spec.removeprefix("torchvision:"), 224)
-        return (3, size, size)
+    library = _library(spec)
+    if library is not None:
+        lib, name = library
+        return lib.input_shape(name)
     file_spec = _split_file_spec(spec)
     if file_spec is None:
         raise _unknown_model(spec)
