@@ -11,6 +11,7 @@ import functools
 import pytest
 import torch
 
+import wgates.parts
 import wgates.pipeline as pipeline
 from wgates.cli import main
 from wgates.data import make_loaders
@@ -104,7 +105,7 @@ def test_resume_finished_run_skips_search(flops_run, dense, data, monkeypatch):
         raise AssertionError("closed loop ran again on a finished run")
 
     monkeypatch.setattr(pipeline, "search", no_search)
-    monkeypatch.setattr(pipeline, "closed_loop", no_loop)
+    monkeypatch.setattr(wgates.parts, "closed_loop", no_loop)  # run by LatencyTerm.close_loop
     again = _prune(dense, data, run_dir, resume=True, export=False)
     assert again.widths == result.widths
     assert again.dense_latency_ms == result.dense_latency_ms
@@ -122,7 +123,7 @@ def test_resume_with_other_settings_is_refused_before_any_work(flops_run, dense,
     _, run_dir = flops_run
     before = sorted(p.name for p in run_dir.iterdir())
     state = (run_dir / "state.json").read_text()
-    monkeypatch.setattr(pipeline, "Meter", None)  # measuring anything would fail loudly
+    monkeypatch.setattr(wgates.parts, "Meter", None)  # measuring anything would fail loudly
     with pytest.raises(WgatesError, match="target_latency was '0.6', now '0.5'"):
         _prune(dense, data, run_dir, resume=True, target_latency=0.5)
     other = copy.deepcopy(dense)

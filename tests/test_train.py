@@ -127,3 +127,40 @@ def test_recalibrate_bn_restores_statistics_without_touching_weights(loaders):
     for k, v in weights.items():
         if k != "1.num_batches_tracked":
             assert torch.equal(net.state_dict()[k], v), k
+
+
+def test_default_loss_and_accuracy_per_pixel_for_a_dict_output():
+    """A torchvision-style segmentation output ({'out': [N, C, H, W]}) trains with the default
+    loss, distilled per pixel, and its accuracy is a fraction of the pixels."""
+
+    class Seg(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+                                      nn.Conv2d(8, 3, 1))
+
+        def forward(self, x):
+            return {"out": self.body(x)}
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 1, 8, 8, generator=gen)
+    masks = (x[:, 0] > 0).long() + (x[:, 0] > 1).long()  # 3 classes by brightness
+    data = DataLoader(TensorDataset(x, masks), batch_size=8)
+    torch.manual_seed(0)
+    teacher, student = Seg(), Seg()
+    train(teacher, data, 3, lr=0.05, progress=False)
+    history = train(student, data, 3, lr=0.05, teacher=teacher, progress=False)
+    assert history.epochs[-1]["loss"] < history.epochs[0]["loss"]
+    assert 0.5 < evaluate(student, data) <= 1.0
+    same = torch.randn(4, 3, 5, 5)
+    labels = torch.randint(0, 3, (4, 5, 5))
+    assert float(distillation_loss(same, same, labels)) == pytest.approx(
+        0.3 * float(nn.functional.cross_entropy(same, labels)), rel=1e-5)
+
+
+def test_a_dict_output_without_out_asks_for_a_loss():
+    from wgates.errors import WgatesError
+    from wgates.train import logits_of
+
+    with pytest.raises(WgatesError, match="loss_fn="):
+        logits_of({"boxes": torch.zeros(1, 4)})

@@ -12,6 +12,7 @@ from torch import nn
 
 from wgates.errors import WgatesError
 from wgates.extract import TOLERANCE, _flat_outputs
+from wgates.groups import as_input_tuple
 
 
 def onnx_bytes(
@@ -33,11 +34,13 @@ def onnx_bytes(
 
 
 def export_onnx(
-    model: nn.Module, example_inputs: tuple[torch.Tensor, ...], path: str | Path,
+    model: nn.Module, example_inputs: torch.Tensor | tuple[torch.Tensor, ...], path: str | Path,
     opset: int = 17, check: bool = True,
 ) -> Path:
     """Write `model` as ONNX (batch dimension dynamic) and, with `check`, compare ONNX Runtime's
-    outputs with PyTorch's on `example_inputs` (max |difference| <= 1e-4)."""
+    outputs with PyTorch's on `example_inputs` (max |difference| <= 1e-4). A dict output
+    (torchvision's segmentation models) becomes one ONNX output per value."""
+    example_inputs = as_input_tuple(example_inputs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(onnx_bytes(model, example_inputs, opset))

@@ -8,7 +8,6 @@ killed run from its last finished stage (and the search / fine-tune from their l
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -29,15 +28,9 @@ from wgates.extract import PLAN_ATTR, PruningPlan, apply_plan, load_pruned, save
 from wgates.files import load_checkpoint, save_checkpoint, write_json
 from wgates.gated import gate
 from wgates.groups import as_input_tuple
-from wgates.latency import (
-    LatencyStore,
-    Meter,
-    Protocol,
-    get_backend,
-    profile,
-    settled,
-)
+from wgates.latency import LatencyStore, Protocol, get_backend, profile, settled
 from wgates.models import check_forward
+from wgates.parts import PROXIES, LatencyMeter, LatencyTerm
 from wgates.predictor import (
     LatencyPredictor,
     check_fingerprint,
@@ -46,17 +39,8 @@ from wgates.predictor import (
     fit_and_compare,
     fit_proxy,
 )
-from wgates.search import (
-    ALLOCATIONS,
-    closed_loop,
-    latency_control,
-    parse_target,
-    search,
-    search_optimizers,
-)
-from wgates.train import evaluate, make_optimizer, train
-
-PROXIES = ("latency", "flops", "params")
+from wgates.search import ALLOCATIONS, parse_target, search, search_optimizers
+from wgates.train import LossFn, classification_loss, evaluate, finetune, make_optimizer
 
 
 @dataclass
@@ -160,6 +144,7 @@ def prune(
     progress: bool = True,
     seed: int = 0,
     force_predictor: bool = False,
+    loss_fn: LossFn = classification_loss,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
     `backend`, keeping as much accuracy as the given epochs allow. See the module docstring.
@@ -167,6 +152,10 @@ def prune(
     `allocation`, `ramp`, `floor`, `importance`: how the search sets the widths
     (`wgates.search`);
     `distill`: the dense model teaches the search and the fine-tune;
+    `loss_fn`: the task's loss for the search and the fine-tune, `loss_fn(output, target)`,
+    called as `loss_fn(output, target, teacher_output)` when distilling (default: cross-entropy
+    on the logits, distilled as in `wgates.train.distillation_loss`); `accuracy` stays
+    top-1 (per pixel for a segmentation target);
     `force_predictor`: use a `predictor` file measured on another machine, backend, thread
     count or batch (refused by default, naming what differs).
 
@@ -178,7 +167,7 @@ def prune(
         raise WgatesError(f"proxy must be one of {PROXIES}, got {proxy!r}")
     if allocation not in ALLOCATIONS:
         raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    meter_backend = get_backend(backend, threads)
+    get_backend(backend, threads)
     torch.manual_seed(seed)
     inputs = as_input_tuple(example_inputs)
     dense = model.eval()
@@ -200,16 +189,11 @@ def prune(
         "finetune_lr": finetune_lr, "tolerance": tolerance, "seed": seed,
     })
 
-    @functools.cache
-    def meter() -> Meter:  # made where it is first used: on rank 0, the one that measures
-        return Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
-
-    measure = _ratio_measure(meter, meter_backend, inputs)
+    measure = LatencyMeter(dense, inputs, backend, threads, Protocol())  # used on rank 0 only
 
     try:  # what needs a measurement: a target this model cannot reach is refused here
         if "dense_ms" not in run.state:
-            dense_ms = distributed.once("measure the dense model", lambda: meter().measure(
-                meter_backend.prepare(dense, inputs)).dense_ms)
+            dense_ms = distributed.once("measure the dense model", measure.dense_ms)
             run.save(dense_ms=dense_ms, dense_accuracy=evaluate(dense, val_loader),
                      backend=backend, threads=threads,
                      input_shapes=[list(x.shape) for x in inputs])
@@ -233,18 +217,16 @@ def prune(
 
     total = epochs * len(train_loader)
     optimizers = search_optimizers(gated, total, lr, gate_lr)
-    # the search aims at the middle of the band the closed loop accepts, not at its edge
-    middle = target * (1 - tolerance / 2)
-    control = latency_control(gated, cost, middle, total, allocation, ramp, floor, measure,
-                              band=((1 - tolerance) * target, target), importance=importance,
-                              loader=train_loader)
+    term = LatencyTerm(gated, cost, target, total, measure=measure, tolerance=tolerance,
+                       allocation=allocation, ramp=ramp, floor=floor, importance=importance,
+                       loader=train_loader, loss_fn=loss_fn)
     teacher = dense if distill else None
     _resumable_stage(
-        run, "search", {"model": gated, "loss": control,
+        run, "search", {"model": gated, "loss": term,
                         **{f"optimizer{i}": o for i, o in enumerate(optimizers)}}, epochs,
-        lambda **resume: search(gated, cost, middle, train_loader, epochs, progress=progress,
-                                optimizers=optimizers, loss=control, teacher=teacher,
-                                val_loader=val_loader, **resume))
+        lambda **resume: search(gated, cost, term.aim, train_loader, epochs, progress=progress,
+                                optimizers=optimizers, loss=term.control, teacher=teacher,
+                                val_loader=val_loader, loss_fn=loss_fn, **resume))
 
     pruned_dir = run.path / "pruned"
 
@@ -252,12 +234,9 @@ def prune(
         """On rank 0: the closed loop, its pruned model saved; the state's new entries."""
         if (pruned_dir / "pruning.json").exists():
             return {}
-        small, steps = closed_loop(gated.eval(), cost, measure, target, tolerance,
-                                   propose=getattr(control, "masks_at", None),
-                                   loader=train_loader)
+        small, steps = term.close_loop(loader=train_loader)
         save_pruned(small, pruned_dir)
-        return {"loop": [asdict(s) for s in steps],
-                "calibration": getattr(control, "calibration", []),
+        return {"loop": [asdict(s) for s in steps], "calibration": term.calibration,
                 "accuracy_before_finetune": evaluate(small, val_loader)}
 
     run.save(**distributed.once("closed loop on the hardware", close_the_loop))
@@ -265,10 +244,10 @@ def prune(
 
     optimizer = make_optimizer(small.parameters(), finetune_lr)
     _resumable_stage(run, "finetune", {"model": small, "optimizer": optimizer}, finetune_epochs,
-                     lambda **resume: train(
+                     lambda **resume: finetune(
                          small, train_loader, finetune_epochs, val_loader=val_loader,
-                         optimizers=[optimizer], teacher=teacher,
-                         desc="fine-tune", progress=progress, **resume))
+                         optimizers=[optimizer], teacher=teacher, loss_fn=loss_fn,
+                         progress=progress, **resume))
 
     final_ratio, spread = distributed.once("measure the pruned model",
                                            lambda: settled(measure, small))
@@ -349,7 +328,7 @@ def preflight(
                 predictor, expected, names, force_predictor))
         if measure:
             distributed.once("measure the dense and the narrowest model", lambda: (
-                _measure_reachable(gated, inputs, meter_backend, target_latency, backend,
+                _measure_reachable(gated, inputs, threads, target_latency, backend,
                                    lowest_floor(allocation, floor), tolerance)))
 
 
@@ -359,25 +338,13 @@ def _check_predictor(path, expected: dict, names: list[str], force: bool) -> Non
     check_groups(net, names)
 
 
-def _measure_reachable(gated, inputs, meter_backend, target_latency, backend, floor,
+def _measure_reachable(gated, inputs, threads, target_latency, backend, floor,
                        tolerance) -> None:
-    dense = gated.plain_copy().eval()
-    meter = Meter(meter_backend, meter_backend.prepare(dense, inputs), Protocol())
-    dense_ms = meter.measure(meter_backend.prepare(dense, inputs)).dense_ms
+    measure = LatencyMeter(gated.plain_copy().eval(), inputs, backend, threads, Protocol())
+    dense_ms = measure.dense_ms()
     target = parse_target(target_latency, dense_ms)
-    measure = _ratio_measure(lambda: meter, meter_backend, inputs)
     low = smallest_ratio(gated, measure, floor, target, tolerance)
     refuse_unreachable(target_latency, target, low, dense_ms, floor, backend)
-
-
-def _ratio_measure(meter, meter_backend, inputs: tuple):
-    """candidate -> (latency ratio to the dense model, spread), timed by `meter()` (a callable,
-    so that `prune` makes its meter only where it first measures: on rank 0)."""
-    def measure(candidate: nn.Module) -> tuple[float, float]:
-        m = meter().measure(meter_backend.prepare(candidate.eval(), inputs))
-        return m.ratio, m.spread
-
-    return measure
 
 
 def lowest_floor(allocation: str, floor: float) -> float:

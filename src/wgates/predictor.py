@@ -296,7 +296,8 @@ def fit_and_compare(
     store, run, holdout: float = 0.2, seed: int = 0, **fit_kwargs
 ) -> Comparison:
     """Fit LPNet and both baselines on a random (1 - holdout) split of the samples of `run`
-    (a `store.Run` of the `LatencyStore` `store`) and score all three on the rest.
+    (a `store.Run` of the `LatencyStore` `store`) and score all three on the rest (the
+    lookup table only when `run` was profiled with one).
 
     Samples measured while the machine was contended (dense reference slower than
     `Protocol.max_slowdown` x its 5th percentile, kept by profiling after `max_wait_s`) are
@@ -318,7 +319,6 @@ def fit_and_compare(
     kept = np.array([[s.widths[n] for n in names] for s in samples], dtype=np.float64)
     ratios = np.array([s.ratio for s in samples])
     flops = np.array([s.flops for s in samples])
-    lut = np.array([lut_latency(table, s.layers) for s in samples])
     order = np.random.default_rng(seed).permutation(len(samples))
     n_test = max(2, round(holdout * len(samples)))
     test, train = order[:n_test], order[n_test:]
@@ -332,8 +332,10 @@ def fit_and_compare(
     predictions = {
         "lpnet": lpnet,
         "flops": _affine(flops[train], ratios[train], flops[test]),
-        "lut": _affine(lut[train], ratios[train], lut[test]),
     }
+    if table:  # profiled with its lookup table
+        lut = np.array([lut_latency(table, s.layers) for s in samples])
+        predictions["lut"] = _affine(lut[train], ratios[train], lut[test])
     scores = {name: errors(p, ratios[test]) for name, p in predictions.items()}
     cv = noise_cv(repeats)
     metrics = {
@@ -342,7 +344,7 @@ def fit_and_compare(
         "mape_over_noise": scores["lpnet"]["mape"] / cv if cv else math.inf,
         "median_spread": float(np.median([s.spread for s in samples])),
         "flops_mape": scores["flops"]["mape"],
-        "lut_mape": scores["lut"]["mape"],
+        "lut_mape": scores["lut"]["mape"] if table else math.nan,
         "predictors": scores,
         "n_train": int(len(train)),
         "n_test": int(len(test)),

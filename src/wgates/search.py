@@ -41,7 +41,14 @@ from wgates.allocate import TaylorImportance, allocate, lowest_units
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel
 from wgates.latency import settled
-from wgates.train import History, logits_of, make_optimizer, recalibrate_bn, train
+from wgates.train import (
+    History,
+    LossFn,
+    classification_loss,
+    make_optimizer,
+    recalibrate_bn,
+    train,
+)
 
 Cost = Callable[[torch.Tensor], torch.Tensor]  # kept counts -> cost relative to dense
 Measure = Callable[[nn.Module], tuple[float, float]]  # model -> (latency / dense, spread)
@@ -126,7 +133,8 @@ def calibration_batches(loader, n: int = CURVE_BATCHES) -> list:
 
 
 def loss_curves(gated: GatedModel, batches: list, kept: list[int], lowest: list[int],
-                points: int = CURVE_POINTS) -> list[torch.Tensor]:
+                points: int = CURVE_POINTS,
+                loss_fn: LossFn = classification_loss) -> list[torch.Tensor]:
     """Per group, the loss on `batches` with that group alone moved to each of `points`
     unit counts (the others at `kept`), interpolated to every count and made non-increasing
     in it; returned per rank: the unit the gate ranks k-th (from 0) is worth
@@ -139,7 +147,7 @@ def loss_curves(gated: GatedModel, batches: list, kept: list[int], lowest: list[
     widths L1's sensitivity ranking picks at the same latency reached 64.7% after one
     distilled epoch against 48.8% for the Taylor knapsack's (`benchmarks/widths.py`).
     BatchNorm uses batch statistics, as in training, with its running statistics left
-    untouched."""
+    untouched. `loss_fn(output, target)` is the task's loss (`wgates.train.train`)."""
     norms = [m for m in gated.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
     was = gated.training
@@ -149,8 +157,7 @@ def loss_curves(gated: GatedModel, batches: list, kept: list[int], lowest: list[
         gated.set_kept_units(counts)
         total = 0.0
         for x, y in batches:
-            logits = logits_of(gated(x.to(device))).float()
-            total += float(nn.functional.cross_entropy(logits, y.to(device)))
+            total += float(loss_fn(gated(x.to(device)), y.to(device)))
         return total / len(batches)
 
     values = []
@@ -200,13 +207,13 @@ class KnapsackSchedule:
                  ramp: float = 0.5, every: int = REALLOCATE_EVERY, floor: float = 0.0,
                  measure: Measure | None = None,
                  band: tuple[float, float] | None = None, importance: str = "taylor",
-                 batches: list | None = None) -> None:
+                 batches: list | None = None, loss_fn: LossFn = classification_loss) -> None:
         if importance not in IMPORTANCES:
             raise WgatesError(f"importance must be one of {IMPORTANCES}, got {importance!r}")
         if importance == "loss" and not batches:
             raise WgatesError("importance='loss' needs calibration batches (batches=...)")
         self.gated, self.cost, self.target = gated, cost, target
-        self.kind, self.batches = importance, batches
+        self.kind, self.batches, self.loss_fn = importance, batches, loss_fn
         self.curves: list[torch.Tensor] | None = None  # loss importance per rank, measured at
         self.curve_step = 0  # this step, again once `curve_every` steps have passed
         self.ramp_steps = max(1, round(ramp * steps))
@@ -239,7 +246,7 @@ class KnapsackSchedule:
         if self.kind == "loss":
             if self.curves is None or self.step - self.curve_step >= self.curve_every:
                 self.curves = loss_curves(g, self.batches, self.kept, lowest_units(
-                    n_units, min_units, self.floor))
+                    n_units, min_units, self.floor), loss_fn=self.loss_fn)
                 self.curve_step = self.step
             values = [torch.zeros(len(o)).index_copy_(0, o, c)
                       for o, c in zip(order, self.curves)]
@@ -313,18 +320,19 @@ def latency_control(gated: GatedModel, cost: Cost, target: float, steps: int,
                     allocation: str = "knapsack", ramp: float | None = None,
                     floor: float = 0.0, measure: Measure | None = None,
                     band: tuple[float, float] | None = None, importance: str = "taylor",
-                    loader=None) -> LatencyLoss | KnapsackSchedule:
+                    loader=None,
+                    loss_fn: LossFn = classification_loss) -> LatencyLoss | KnapsackSchedule:
     """What steers the search to the target: the knapsack schedule or the latency loss.
     `ramp` (fraction of the steps over which the aim falls to the target) defaults to 0.5
     for the knapsack and 0 (the target from step one) for the latency loss. `measure` and
     `band`: the knapsack measures its widths when the ramp ends (`KnapsackSchedule`);
     `importance` ("taylor" or "loss", measured on the first `CURVE_BATCHES` batches of
-    `loader`, read only then): what a unit is worth to the knapsack."""
+    `loader`, read only then, with `loss_fn`): what a unit is worth to the knapsack."""
     if allocation == "knapsack":
         batches = calibration_batches(loader) if importance == "loss" and loader else None
         return KnapsackSchedule(gated, cost, target, steps, 0.5 if ramp is None else ramp,
                                 floor=floor, measure=measure, band=band,
-                                importance=importance, batches=batches)
+                                importance=importance, batches=batches, loss_fn=loss_fn)
     if allocation == "gradient":
         return LatencyLoss(gated, cost, target, ramp=round((ramp or 0.0) * steps))
     raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
@@ -383,7 +391,8 @@ def search(
     if loss is None:
         gated.clear_masks()
         loss = latency_control(gated, cost, target, steps, allocation, ramp, floor, measure,
-                               band, importance, train_loader)
+                               band, importance, train_loader,
+                               train_kwargs.get("loss_fn", classification_loss))
 
     def extra() -> tuple[torch.Tensor, dict]:
         value, stats = loss()

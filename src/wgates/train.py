@@ -1,12 +1,13 @@
 """The one training loop: dense training, the gate search and fine-tuning all run through it.
 
 `extra_loss` lets the search add its latency term; `teacher` turns on knowledge distillation
-(Hinton et al.: KL between temperature-softened outputs, mixed with the label loss).
+(Hinton et al.: KL between temperature-softened outputs, mixed with the label loss);
+`loss_fn` replaces the classification loss with the task's own (segmentation, detection...).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from wgates import distributed
+from wgates.defaults import PRUNE
 from wgates.errors import WgatesError
 
 KD_TEMPERATURE = 4.0
@@ -28,17 +30,48 @@ class History:
     epochs: list[dict] = field(default_factory=list)
 
 
+LossFn = Callable[..., torch.Tensor]  # (output, target[, teacher_output]) -> scalar loss
+
+
 def logits_of(output) -> torch.Tensor:
-    """The classification logits of a model output (GoogLeNet-style tuples: the first)."""
-    return output if isinstance(output, torch.Tensor) else output[0]
+    """The logits of a model output: GoogLeNet-style tuples give their first, torchvision's
+    segmentation dicts their 'out'."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, Mapping):
+        if "out" not in output:
+            raise WgatesError(f"the model returns a dict with keys {list(output)} and no 'out': "
+                              "pass loss_fn= to say how its outputs are scored")
+        return output["out"]
+    return output[0]
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor):
+    """KL to the teacher's softened outputs mixed with cross-entropy on the labels; the KL is
+    averaged over every position ([N, C] or [N, C, H, W]: per image, or per pixel)."""
     t = KD_TEMPERATURE
+    positions = student.numel() // student.shape[1]
     soft = F.kl_div(
-        F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean"
-    ) * (t * t)
+        F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="sum"
+    ) / positions * (t * t)
     return KD_ALPHA * soft + (1 - KD_ALPHA) * F.cross_entropy(student, labels)
+
+
+def classification_loss(output, target: torch.Tensor, teacher_output=None) -> torch.Tensor:
+    """The default `loss_fn`: cross-entropy on the logits, or, given the teacher's output,
+    `distillation_loss` (per pixel too: both take [N, C, ...] logits)."""
+    logits = logits_of(output).float()
+    if teacher_output is None:
+        return F.cross_entropy(logits, target)
+    return distillation_loss(logits, logits_of(teacher_output).float(), target)
+
+
+def task_loss(loss_fn: LossFn, output, target: torch.Tensor, teacher_output=None) -> torch.Tensor:
+    """`loss_fn(output, target)`, or with a teacher `loss_fn(output, target, teacher_output)`:
+    a loss written for plain training needs no teacher argument."""
+    if teacher_output is None:
+        return loss_fn(output, target)
+    return loss_fn(output, target, teacher_output)
 
 
 def autocast(device: torch.device):
@@ -49,7 +82,7 @@ def autocast(device: torch.device):
 
 
 def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> float:
-    """Top-1 accuracy (fraction) in eval mode."""
+    """Top-1 accuracy (fraction) in eval mode; per pixel for dense labels ([N, H, W])."""
     was = model.training
     model.eval()
     correct = total = 0
@@ -58,7 +91,7 @@ def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> floa
         for x, y in tqdm(loader, desc="eval", leave=False, disable=not progress):
             pred = logits_of(model(x.to(device))).argmax(1)
             correct += int((pred == y.to(device)).sum())
-            total += len(y)
+            total += y.numel()
     model.train(was)
     return correct / max(total, 1)
 
@@ -106,11 +139,14 @@ def train(
     on_epoch_end: Callable[[int, dict], None] | None = None,
     desc: str = "train",
     progress: bool = True,
+    loss_fn: LossFn = classification_loss,
 ) -> History:
     """Train `model` for `epochs` (cosine learning rate per step) and evaluate each epoch.
 
     `optimizers` defaults to SGD on all parameters; `start_epoch` and `on_epoch_end` (called
-    with the epoch index and its record, e.g. to checkpoint) make runs resumable. Under
+    with the epoch index and its record, e.g. to checkpoint) make runs resumable. `loss_fn`
+    scores the model's raw output against the loader's target, `loss_fn(output, target)`,
+    and with a `teacher` `loss_fn(output, target, teacher_output)` (see `task_loss`). Under
     torchrun the steps run in DistributedDataParallel (`wgates.distributed`); progress is
     shown by rank 0 only.
     """
@@ -138,15 +174,16 @@ def train(
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                    disable=not progress)
         for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x = x.to(device, non_blocking=True)
+            if isinstance(y, torch.Tensor):  # else the user's loss_fn reads it as it is
+                y = y.to(device, non_blocking=True)
             with autocast(device):
-                logits = logits_of(stepper(x)).float()
+                output = stepper(x)
+                taught = None
                 if teacher is not None:
                     with torch.no_grad():
-                        target = logits_of(teacher(x)).float()
-                    loss = distillation_loss(logits, target, y)
-                else:
-                    loss = F.cross_entropy(logits, y)
+                        taught = teacher(x)
+                loss = task_loss(loss_fn, output, y, taught)
             stats = {}
             if extra_loss is not None:
                 extra, stats = extra_loss()
@@ -179,3 +216,13 @@ def train(
             tqdm.write(f"{desc} epoch {epoch + 1}/{epochs}: " + ", ".join(
                 f"{k}={v:.4g}" for k, v in record.items() if k != "epoch"))
     return history
+
+
+def finetune(model: nn.Module, train_loader: Iterable, epochs: int,
+             lr: float = PRUNE.finetune_lr, teacher: nn.Module | None = None,
+             loss_fn: LossFn = classification_loss, **kwargs) -> History:
+    """The fine-tune `wgates.prune` gives the extracted model: `train` with its learning rate
+    (SGD, cosine), distilled from `teacher` (the dense model) when one is given, the teacher's
+    output reaching `loss_fn` as its third argument. `kwargs` go to `train`."""
+    return train(model, train_loader, epochs, lr=lr, teacher=teacher, loss_fn=loss_fn,
+                 **{"desc": "fine-tune", **kwargs})

@@ -182,11 +182,15 @@ def profile(
     protocol: Protocol = Protocol(),
     repeat_every: int = 10,
     progress: bool = True,
+    lookup_table: bool = True,
 ) -> Run:
     """Measure width configurations of `model` until `out` holds `samples` of them for this
     fingerprint (so re-running resumes, and a larger `samples` adds more).
 
     Every `repeat_every`-th sample also re-measures a probe configuration: the noise floor.
+    `lookup_table`: also time every conv alone at a grid of widths, for the lookup-table
+    predictor LPNet is compared with (930 timings for LRASPP-MobileNetV3 at 64x64; LPNet
+    needs none).
     """
     from wgates.gated import gate
 
@@ -215,10 +219,11 @@ def profile(
             return next(r for r in store.runs() if r.id == run_id)
         dense_model, dense = build({g.name: g.size for g in groups})
         reference = runner_backend.prepare(dense_model, example)
-        _measure_lut(
-            store, run_id, dense, Meter(runner_backend, reference, LUT_PROTOCOL),
-            int(input_shape[0]), runner_backend,
-        )
+        if lookup_table:
+            _measure_lut(
+                store, run_id, dense, Meter(runner_backend, reference, LUT_PROTOCOL),
+                int(input_shape[0]), runner_backend,
+            )
         meter = Meter(runner_backend, reference, protocol)
         probes: dict[int, Runner] = {}
         bar = tqdm(

@@ -1,0 +1,170 @@
+"""The parts of `wgates.prune` for a training loop of your own (any task, any loss):
+
+    gated = wgates.gate(model, example)                       # gates on a copy of the model
+    measure = wgates.LatencyMeter(model, example)             # latency / dense, on this machine
+    cost = wgates.fit_latency(gated, "latency.sqlite")        # LPNet: differentiable latency
+    term = wgates.LatencyTerm(gated, cost, 0.5, steps, measure=measure)
+    for x, y in loader:                                       # your loop, your loss
+        loss = my_loss(gated(x), y) + term()                  # one call per step
+        ...
+    small, loop = term.close_loop(loader)                     # measured on the hardware
+    wgates.finetune(small, loader, 3, teacher=model, loss_fn=my_loss)
+    wgates.save_pruned(small, "pruned/"); wgates.export_onnx(small, example, "small.onnx")
+
+Each piece is the one `wgates.prune` runs (`wgates.search`, `wgates.latency`,
+`wgates.predictor`); nothing here is a second implementation of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wgates.defaults import PRUNE
+from wgates.errors import WgatesError
+from wgates.gated import GatedModel
+from wgates.groups import as_input_tuple
+from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, settled
+from wgates.predictor import LatencyPredictor, fit_and_compare, fit_proxy
+from wgates.search import (
+    Cost,
+    KnapsackSchedule,
+    LatencyLoss,
+    LoopStep,
+    closed_loop,
+    latency_control,
+    parse_target,
+)
+from wgates.train import LossFn, classification_loss
+
+PROXIES = ("latency", "flops", "params")
+
+
+class LatencyMeter:
+    """`meter(model) -> (latency / dense latency, spread)`, measured on `backend` against
+    `dense` timed right beside it (`wgates.latency.Meter`: alternating rounds, so the ratio
+    holds where absolute times drift). The dense reference is prepared at the first
+    measurement, not before: under torchrun only the rank that measures pays for it."""
+
+    def __init__(self, dense: nn.Module, example_inputs: torch.Tensor | tuple,
+                 backend: str = "torch-cpu", threads: int = PRUNE.threads,
+                 protocol: Protocol = Protocol()) -> None:
+        self.backend = get_backend(backend, threads)
+        self.inputs = as_input_tuple(example_inputs)
+        self.dense, self.protocol = dense, protocol
+        self._meter: Meter | None = None
+
+    @property
+    def meter(self) -> Meter:
+        if self._meter is None:
+            self._meter = Meter(self.backend, self.backend.prepare(self.dense.eval(),
+                                                                   self.inputs), self.protocol)
+        return self._meter
+
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        m = self.meter.measure(self.backend.prepare(model.eval(), self.inputs))
+        return m.ratio, m.spread
+
+    def dense_ms(self) -> float:
+        """The dense model's latency in milliseconds (for a target given as a time)."""
+        return self.meter.measure(self.backend.prepare(self.dense.eval(), self.inputs)).dense_ms
+
+    def settled(self, model: nn.Module) -> tuple[float, float]:
+        """The figure to report: the settled median of several measurements (`settled`)."""
+        return settled(self, model)
+
+
+def fit_latency(gated: GatedModel, path: str | Path = "latency.sqlite", *,
+                backend: str = "torch-cpu", threads: int = PRUNE.threads,
+                samples: int = PRUNE.samples, proxy: str = "latency",
+                lookup_table: bool = False, protocol: Protocol = Protocol(),
+                progress: bool = True) -> LatencyPredictor:
+    """The cost model `LatencyTerm` reads: kept channels per group -> predicted latency /
+    dense latency, differentiable (its own parameters frozen).
+
+    `proxy="latency"`: LPNet fitted on `samples` width configurations measured on `backend`
+    (at least 10; kept in the SQLite file `path`, so a second call resumes or reuses them);
+    `"flops"` / `"params"`: the same net fitted on counted MACs or parameters, no
+    measurement. `lookup_table` also profiles the per-conv table LPNet is compared with
+    (`fit_and_compare`); off by default, since the fit does not use it."""
+    if proxy not in PROXIES:
+        raise WgatesError(f"proxy must be one of {PROXIES}, got {proxy!r}")
+    if proxy != "latency":
+        net = fit_proxy(gated, proxy)
+    else:
+        run = profile(gated.plain_copy(), list(gated.example_inputs[0].shape), path,
+                      samples=samples, backend=backend, threads=threads, protocol=protocol,
+                      progress=progress, lookup_table=lookup_table)
+        store = LatencyStore(path)
+        try:
+            net = fit_and_compare(store, run).predictor
+        finally:
+            store.close()
+    return net.requires_grad_(False)
+
+
+class LatencyTerm:
+    """The latency part of a training loss: call it once per training step of the gated
+    model and add what it returns to your loss; then `close_loop` measures and delivers.
+
+    `target`: the latency wanted, a fraction of the dense model's measured latency; `steps`:
+    how many training steps you will run (the aim falls from the dense model to the target
+    over the first `ramp` of them). With `allocation="knapsack"` (the default, as in
+    `wgates.prune`) the term is zero and sets the widths itself, from the importance the
+    gates' gradients show in your backward passes; with `"gradient"` it is the paper's
+    adaptive latency loss, whose gradient moves the widths (train the gate offsets with
+    `wgates.search.search_optimizers` then). The search aims at the middle of the band
+    [(1 - tolerance) * target, target] that the closed loop accepts, so that the cost
+    model's error and the measurement noise do not push its decision out of it; with
+    `measure` the knapsack measures its widths when the ramp ends (`KnapsackSchedule`).
+    `importance`, `loader`, `loss_fn`: `importance="loss"` values units by the `loss_fn`
+    (output, target) measured on two batches of `loader`. `stats` holds the last step's
+    predicted latency and aim (or latency weight)."""
+
+    def __init__(self, gated: GatedModel, cost: Cost, target: float, steps: int, *,
+                 measure: LatencyMeter | None = None, tolerance: float = PRUNE.tolerance,
+                 allocation: str = PRUNE.allocation, ramp: float | None = None,
+                 floor: float = PRUNE.floor, importance: str = PRUNE.importance,
+                 loader: Iterable | None = None,
+                 loss_fn: LossFn = classification_loss) -> None:
+        self.gated, self.cost, self.measure = gated, cost, measure
+        self.target, self.tolerance = parse_target(target), tolerance
+        self.aim = self.target * (1 - tolerance / 2)
+        self.control: LatencyLoss | KnapsackSchedule = latency_control(
+            gated, cost, self.aim, steps, allocation, ramp, floor, measure,
+            band=((1 - tolerance) * self.target, self.target), importance=importance,
+            loader=loader, loss_fn=loss_fn)
+        self.stats: dict = {}
+
+    def __call__(self) -> torch.Tensor:
+        value, self.stats = self.control()
+        return value
+
+    @property
+    def calibration(self) -> list[dict]:
+        """The knapsack's measurements when its ramp ended (predicted and measured)."""
+        return getattr(self.control, "calibration", [])
+
+    def close_loop(self, loader: Iterable | None = None,
+                   max_steps: int = 8) -> tuple[nn.Module, list[LoopStep]]:
+        """Extract, measure, correct until the measured latency lies in the band
+        (`wgates.search.closed_loop`); returns the extracted model and the loop's steps
+        (predicted and measured). A final miss is in the steps, not raised. `loader`
+        re-estimates BatchNorm statistics when the delivered widths are not the searched
+        ones. The gated model is left in eval mode, its masks at the loop's last step."""
+        if self.measure is None:
+            raise WgatesError("close_loop measures on the hardware: make the LatencyTerm "
+                              "with measure=wgates.LatencyMeter(model, example_inputs)")
+        return closed_loop(self.gated.eval(), self.cost, self.measure, self.target,
+                           self.tolerance, max_steps,
+                           propose=getattr(self.control, "masks_at", None), loader=loader)
+
+    def state_dict(self) -> dict:
+        return self.control.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a resumed loop where the term was (its step, widths, latency weight)."""
+        self.control.load_state_dict(state)
