@@ -175,6 +175,10 @@ def test_cli_and_api_share_the_prune_defaults():
     for name in ("epochs", "finetune_epochs", "samples", "allocation", "ramp", "floor",
                  "distill", "threads"):
         assert getattr(args, name) == api[name].default, name
+    assert tuple(args.check_threads) == api["check_threads"].default == (1, 2)
+    # `wgates measure` checks the same thread counts by default, the pruned-for one first
+    measure = build_parser().parse_args(["measure", "--model", "m", "--pruned", "d"])
+    assert measure.threads == [1, 2]
 
 
 def test_measure_re_measures_a_pruned_model(tmp_path, capsys):
@@ -183,10 +187,11 @@ def test_measure_re_measures_a_pruned_model(tmp_path, capsys):
     gated.set_masks(gated.masks_for_widths({g.name: g.size // 4 for g in gated.groups}))
     wgates.save_pruned(gated.extract(), tmp_path / "pruned")
     code = main(["measure", "--model", "small_cnn", "--pruned", str(tmp_path / "pruned"),
-                 "--batch", "1", "2", "--repeats", "1"])
+                 "--threads", "1", "--batch", "1", "2", "--repeats", "1"])
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].split()[:3] == ["threads", "batch", "latency"] and len(lines) == 3
+    assert [line.split()[:2] for line in lines[1:]] == [["1", "1"], ["1", "2"]]
     ratios = [float(line.split()[2]) for line in lines[1:]]
     assert all(0.0 < r < 0.8 for r in ratios), ratios  # a quarter of every width is faster
 

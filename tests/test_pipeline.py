@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 
 import pytest
 import torch
@@ -24,7 +25,8 @@ from wgates.train import train
 FAST = Protocol(rounds=10, min_block_s=0.0005, retries=0, busy_sleep_s=0.2, max_wait_s=5.0)
 _FIT_PROXY = pipeline.fit_proxy
 RUN_FILES = ["model/model.safetensors", "model/pruning.json", "model.onnx", "report.md",
-             "widths.png", "curves.png"]
+             "widths.png", "curves.png", "accuracy_latency.png", "search_trace.png",
+             "latency_check.png"]
 
 
 def _fast(mp: pytest.MonkeyPatch) -> None:
@@ -81,6 +83,18 @@ def test_prune_flops_result(flops_run, dense):
         assert (run_dir / name).is_file(), name
     report = (run_dir / "report.md").read_text()
     assert "latency (ms)" in report and "flops proxy" in report
+    assert "Pruned for and measured on torch-cpu, batch 1, 1 thread(s)" in report
+    assert result.threads_table() in report
+    # the delivered model at the pruned-for thread count (the delivered figure), then at 2
+    state = json.loads((run_dir / "state.json").read_text())
+    rows = state["result"]["at_threads"]
+    assert [r["threads"] for r in rows] == [1, 2]
+    assert rows[0]["ratio"] == result.latency_ratio and rows[1]["ratio"] > 0
+    assert all(r["dense_ms"] > 0 for r in rows)
+    # the search's per-step trace: every step of the one-epoch search here (4 batches)
+    trace = state["search_trace"]
+    assert [r["step"] for r in trace] == list(range(4))
+    assert all({"loss", "pred", "aim"} <= set(r) for r in trace)
     assert result.table().splitlines()[0].split() == ["dense", "pruned", "ratio"]
     # the dense model handed in is left untouched
     assert sum(p.numel() for p in dense.parameters()) == result.dense_params
@@ -106,7 +120,10 @@ def test_resume_finished_run_skips_search(flops_run, dense, data, monkeypatch):
 
     monkeypatch.setattr(pipeline, "search", no_search)
     monkeypatch.setattr(wgates.parts, "closed_loop", no_loop)  # run by LatencyTerm.close_loop
-    again = _prune(dense, data, run_dir, resume=True, export=False)
+    trace = json.loads((run_dir / "state.json").read_text())["search_trace"]
+    again = _prune(dense, data, run_dir, resume=True, export=False, check_threads=())
+    assert json.loads((run_dir / "state.json").read_text())["search_trace"] == trace
+    assert [r["threads"] for r in again.at_threads] == [1]
     assert again.widths == result.widths
     assert again.dense_latency_ms == result.dense_latency_ms
     assert again.accuracy == pytest.approx(result.accuracy)
@@ -165,12 +182,25 @@ def test_prune_latency_proxy(dense, data, tmp_path, monkeypatch):
 
 def test_cli_prune(tmp_path, monkeypatch, capsys):
     _fast(monkeypatch)
+    checked = []
+
+    def at_threads(dense, model, inputs, threads, backend, protocol):  # measured: flops_run
+        checked.extend(threads)
+        return [{"threads": t, "ratio": 0.6, "spread": 0.01, "dense_ms": 1.0} for t in threads]
+
+    monkeypatch.setattr(pipeline, "measure_threads", at_threads)
     run_dir = tmp_path / "cli"
     code = main(["prune", "--subset", "96", "--dense-epochs", "1", "--epochs", "1",
-                 "--finetune-epochs", "1", "--proxy", "flops", "--run-dir", str(run_dir)])
-    assert code == 0
+                 "--finetune-epochs", "1", "--proxy", "flops", "--run-dir", str(run_dir),
+                 "--check-threads", "1", "3"])
+    assert code == 0 and checked == [3]  # the pruned-for count is the delivered figure
     out = capsys.readouterr().out
     assert "latency (ms)" in out and "accuracy" in out and "MACs" in out
+    assert "pruned for and measured on torch-cpu, batch 1, 1 thread(s)" in out
+    table = out.split("at other thread counts", 1)[1].splitlines()
+    assert table[1].split()[:3] == ["threads", "latency", "/"]
+    assert table[2].split()[:3] == ["1", "(pruned", "for)"]
+    assert table[3].split() == ["3", "0.600", "0.010", "1.000"]
     assert (run_dir / "report.md").is_file() and (run_dir / "model.onnx").is_file()
 
 
@@ -186,6 +216,7 @@ def test_killed_search_resumes_with_its_latency_weight_and_optimisers(dense, dat
     Adam's moments and the cosine schedule half-way, not from their initial values."""
     from wgates.gated import gate
     from wgates.search import LAMBDA_INIT, LatencyLoss, search, search_optimizers
+    from wgates.train import StepTrace
 
     loader, epochs, lr = data[0], 2, 0.01
     run = pipeline._Run(tmp_path / "run", resume=False, settings={})
@@ -196,7 +227,8 @@ def test_killed_search_resumes_with_its_latency_weight_and_optimisers(dense, dat
         cost = lambda kept: (kept / sizes).mean()  # noqa: E731
         optimizers = search_optimizers(gated, epochs * len(loader), lr, 0.05)
         loss = LatencyLoss(gated, cost, 0.3)
-        seen: dict = {}
+        trace = StepTrace()
+        seen: dict = {"trace": trace}
 
         def first_step() -> tuple[torch.Tensor, dict]:
             seen.setdefault("lr", optimizers[0].param_groups[0]["lr"])
@@ -213,9 +245,9 @@ def test_killed_search_resumes_with_its_latency_weight_and_optimisers(dense, dat
 
             search(gated, cost, 0.3, loader, epochs, progress=False, optimizers=optimizers,
                    loss=loss, regulariser=first_step, start_epoch=start_epoch,
-                   on_epoch_end=end)
+                   on_epoch_end=end, on_step=trace)
 
-        parts = {"model": gated, "loss": loss,
+        parts = {"model": gated, "loss": loss, "trace": trace,
                  **{f"optimizer{i}": o for i, o in enumerate(optimizers)}}
         try:
             pipeline._resumable_stage(run, "search", parts, epochs, fit)
@@ -231,6 +263,10 @@ def test_killed_search_resumes_with_its_latency_weight_and_optimisers(dense, dat
     assert resumed["lam"] == pytest.approx(first["killed_lam"])
     assert resumed["adam_steps"] > 0  # Adam's moments came back
     assert resumed["lr"] == pytest.approx(lr / 2, rel=0.05)  # cosine half-way, not restarted
+    # the per-step trace: epoch 1's steps came back from the checkpoint, epoch 2's followed
+    steps = [r["step"] for r in resumed["trace"].steps]
+    assert steps == list(range(epochs * len(loader)))
+    assert all({"loss", "pred", "aim", "lam"} <= set(r) for r in resumed["trace"].steps)
 
 
 # -- bad input (issue 14): refused before profiling, no run directory left behind ----------

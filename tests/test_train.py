@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from wgates.train import distillation_loss, evaluate, train
+from wgates.train import StepTrace, distillation_loss, evaluate, train
 
 
 def tiny_net() -> nn.Module:
@@ -92,6 +92,20 @@ def test_extra_loss_stats_recorded(loaders):
     history = train(model, train_loader, 1, progress=False,
                     extra_loss=lambda: (param.pow(2).sum() * 0.0, {"pred": 0.42}))
     assert history.epochs[0]["pred"] == pytest.approx(0.42)
+
+
+def test_step_trace_every_kth_step_with_its_stats(loaders):
+    train_loader, _ = loaders
+    model = tiny_net()
+    param = next(model.parameters())
+    trace = StepTrace(every=2)
+    train(model, train_loader, 2, progress=False, on_step=trace,
+          extra_loss=lambda: (param.pow(2).sum() * 0.0, {"pred": 0.42}))
+    assert [r["step"] for r in trace.steps] == list(range(0, 2 * len(train_loader), 2))
+    assert all(r["pred"] == 0.42 and r["loss"] > 0 for r in trace.steps)
+    again = StepTrace()
+    again.load_state_dict(trace.state_dict())
+    assert again == trace
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error(loaders):

@@ -9,7 +9,7 @@ from wgates.errors import WgatesError
 from wgates.export import export_onnx
 from wgates.extract import load_pruned, save_pruned
 from wgates.gated import GatedModel, gate
-from wgates.parts import LatencyMeter, LatencyTerm, fit_latency
+from wgates.parts import LatencyMeter, LatencyTerm, fit_latency, measure_threads
 from wgates.pipeline import PruneResult, prune
 from wgates.train import finetune
 
@@ -24,6 +24,7 @@ __all__ = [
     "fit_latency",
     "gate",
     "load_pruned",
+    "measure_threads",
     "prune",
     "save_pruned",
 ]

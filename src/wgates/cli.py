@@ -11,7 +11,7 @@ import argparse
 import errno
 import sys
 
-from wgates.defaults import PRUNE
+from wgates.defaults import PRUNE, deployment_threads
 from wgates.errors import WgatesError
 
 
@@ -249,7 +249,10 @@ def add_measure(sub) -> None:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--backend", default="torch-cpu",
                    help="torch-cpu | onnxruntime-cpu | torch-cuda")
-    p.add_argument("--threads", type=int, nargs="+", default=[1])
+    p.add_argument("--threads", type=int, nargs="+",
+                   default=deployment_threads(PRUNE.threads, PRUNE.check_threads),
+                   help="thread counts, each ratio against the dense model at the same count "
+                   "(default: %(default)s, as `wgates prune` checks its model)")
     p.add_argument("--batch", type=int, nargs="+", default=None,
                    help="batch sizes (default: the one the model was pruned for)")
     p.add_argument("--repeats", type=int, default=5)
@@ -258,25 +261,22 @@ def add_measure(sub) -> None:
         import torch
 
         from wgates.extract import PLAN_ATTR, load_pruned
-        from wgates.latency import Meter, Protocol, get_backend, settled
+        from wgates.latency import get_backend
         from wgates.models import create_model
+        from wgates.parts import measure_threads
 
+        for threads in args.threads:
+            get_backend(args.backend, threads)  # refused before any measurement
         dense = create_model(args.model, num_classes=args.num_classes).eval()
         small = load_pruned(create_model(args.model, num_classes=args.num_classes),
                             args.pruned).eval()
         shape = getattr(small, PLAN_ATTR).input_shapes[0]
         print("threads  batch  latency ratio  spread  dense ms")
-        for threads in args.threads:
-            backend = get_backend(args.backend, threads)
-            for batch in args.batch or [shape[0]]:
-                inputs = (torch.randn(batch, *shape[1:]),)
-                meter = Meter(backend, backend.prepare(dense, inputs), Protocol())
-                ratio, span = settled(
-                    lambda m, meter=meter, backend=backend, inputs=inputs: (
-                        meter.measure(backend.prepare(m, inputs)).ratio, 0.0),
-                    small, repeats=args.repeats)
-                print(f"{threads:>7}  {batch:>5}  {ratio:>13.3f}  {span:>6.3f}  "
-                      f"{meter.quiet_ms:>8.3f}")
+        for batch in args.batch or [shape[0]]:
+            for row in measure_threads(dense, small, torch.randn(batch, *shape[1:]),
+                                       args.threads, args.backend, repeats=args.repeats):
+                print(f"{row['threads']:>7}  {batch:>5}  {row['ratio']:>13.3f}  "
+                      f"{row['spread']:>6.3f}  {row['dense_ms']:>8.3f}")
         return 0
 
     p.set_defaults(func=run)
@@ -472,6 +472,10 @@ def add_prune(sub) -> None:
     p.add_argument("--threads", type=int, default=PRUNE.threads,
                    help="threads of the deployment, which latency is measured with")
     p.add_argument("--latency-batch", type=int, default=1, help="batch size of the deployment")
+    p.add_argument("--check-threads", type=int, nargs="*", default=list(PRUNE.check_threads),
+                   help="thread counts the delivered model is also measured at, each against "
+                   "the dense model at the same count (default: %(default)s; none: give the "
+                   "option alone)")
     p.add_argument("--dense-epochs", type=int, default=3,
                    help="dense training first, when no --weights are given")
     p.add_argument("--epochs", type=int, default=PRUNE.epochs, help="gate search epochs")
@@ -509,6 +513,7 @@ def _run_prune(args) -> int:
 
     from wgates import distributed
     from wgates.pipeline import preflight, prune
+    from wgates.report import THREADS_WHY
     from wgates.search import parse_target
     from wgates.train import train
 
@@ -538,11 +543,14 @@ def _run_prune(args) -> int:
         allocation=args.allocation, ramp=args.ramp, floor=args.floor,
         importance=args.importance,
         resume=args.resume, seed=args.seed, force_predictor=args.force_predictor,
+        check_threads=args.check_threads,
     )
     if distributed.is_main():
-        print(f"\npruned for and measured on {args.backend}, batch {args.latency_batch}, "
-              f"{args.threads} thread(s); target "
+        print(f"\npruned for and measured on {result.deployment()}; target "
               f"{result.target_ratio:.3f} of dense:\n{result.table()}")
+        if len(result.at_threads) > 1:
+            print(f"\nat other thread counts (batch {result.batch}; each against the dense "
+                  f"model at that count):\n{result.threads_table()}\n{THREADS_WHY}")
         print(f"\nrun directory: {result.run_dir} (report.md, model/, model.onnx)")
     return 0
 

@@ -4,6 +4,7 @@ best; docs/design.md has the ablations."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -22,6 +23,13 @@ class PruneDefaults:
     gate_lr: float = 0.05
     finetune_lr: float = 0.01
     threads: int = 1
+    check_threads: tuple[int, ...] = (1, 2)  # the delivered model is also measured at these
 
 
 PRUNE = PruneDefaults()
+
+
+def deployment_threads(threads: int, others: Sequence[int] = PRUNE.check_threads) -> list[int]:
+    """The thread counts a delivered model is measured at: the one it was pruned for first,
+    then `others` (in their order, without repeats)."""
+    return list(dict.fromkeys([threads, *others]))

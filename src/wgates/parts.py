@@ -17,7 +17,7 @@ Each piece is the one `wgates.prune` runs (`wgates.search`, `wgates.latency`,
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -75,6 +75,22 @@ class LatencyMeter:
     def settled(self, model: nn.Module) -> tuple[float, float]:
         """The figure to report: the settled median of several measurements (`settled`)."""
         return settled(self, model)
+
+
+def measure_threads(dense: nn.Module, model: nn.Module, example_inputs: torch.Tensor | tuple,
+                    threads: Sequence[int], backend: str = "torch-cpu",
+                    protocol: Protocol = Protocol(), repeats: int = 3) -> list[dict]:
+    """`model`'s settled latency ratio to `dense` at each thread count, both timed at that
+    count (rows of threads, ratio, spread, dense_ms). Why: the widths were chosen for one
+    thread count, and at another each layer shares its work differently, so the same model
+    is another fraction of the dense one there."""
+    rows = []
+    for count in threads:
+        meter = LatencyMeter(dense, example_inputs, backend, count, protocol)
+        ratio, spread = settled(meter, model, repeats=repeats)
+        rows.append({"threads": count, "ratio": ratio, "spread": spread,
+                     "dense_ms": meter.meter.quiet_ms})
+    return rows
 
 
 def fit_latency(gated: GatedModel, path: str | Path = "latency.sqlite", *,

@@ -13,6 +13,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from wgates import distributed
 from wgates.allocate import lowest_units
-from wgates.defaults import PRUNE
+from wgates.defaults import PRUNE, deployment_threads
 from wgates.errors import WgatesError
 from wgates.export import export_onnx
 from wgates.extract import PLAN_ATTR, PruningPlan, apply_plan, load_pruned, save_pruned
@@ -30,7 +31,7 @@ from wgates.gated import gate
 from wgates.groups import as_input_tuple
 from wgates.latency import LatencyStore, Protocol, get_backend, profile, settled
 from wgates.models import check_forward
-from wgates.parts import PROXIES, LatencyMeter, LatencyTerm
+from wgates.parts import PROXIES, LatencyMeter, LatencyTerm, measure_threads
 from wgates.predictor import (
     LatencyPredictor,
     check_fingerprint,
@@ -40,7 +41,16 @@ from wgates.predictor import (
     fit_proxy,
 )
 from wgates.search import ALLOCATIONS, parse_target, search, search_optimizers
-from wgates.train import LossFn, classification_loss, evaluate, finetune, make_optimizer
+from wgates.train import (
+    LossFn,
+    StepTrace,
+    classification_loss,
+    evaluate,
+    finetune,
+    make_optimizer,
+)
+
+TRACE_POINTS = 500  # at most about this many steps of the search go into its per-step trace
 
 
 @dataclass
@@ -63,6 +73,13 @@ class PruneResult:
     run_dir: Path
     loop: list[dict] = field(default_factory=list)
     accuracy_before_finetune: float = float("nan")  # right after the search and closed loop
+    backend: str = "torch-cpu"  # the deployment the model was pruned for
+    threads: int = PRUNE.threads
+    batch: int = 1
+    at_threads: list[dict] = field(default_factory=list)  # `measure_threads`, pruned-for first
+
+    def deployment(self) -> str:
+        return f"{self.backend}, batch {self.batch}, {self.threads} thread(s)"
 
     def table(self) -> str:
         rows = [
@@ -78,6 +95,21 @@ class PruneResult:
              f"{self.params / self.dense_params:.3f}"),
         ]
         return "\n".join(f"{a:<14}{b:>14}{c:>14}{d:>10}" for a, b, c, d in rows)
+
+    def threads_table(self) -> str:
+        """The delivered model at each measured thread count, as a ratio to the dense model
+        timed at that same count; the pruned-for count is marked."""
+        lines = [f"{'threads':<16}{'latency / dense':>16}{'spread':>8}{'dense ms':>10}"]
+        for row in self.at_threads:
+            mark = " (pruned for)" if row["threads"] == self.threads else ""
+            lines.append(f"{str(row['threads']) + mark:<16}{row['ratio']:>16.3f}"
+                         f"{row['spread']:>8.3f}{row['dense_ms']:>10.3f}")
+        by_threads = sorted(self.at_threads, key=lambda r: r["threads"])
+        if any(a["dense_ms"] < b["dense_ms"] for a, b in zip(by_threads, by_threads[1:])):
+            lines.append("the dense model ran slower with more threads: they had no free "
+                         "cores here, so those rows are\nnot deployment figures (re-measure on "
+                         "a quiet machine with `wgates measure`)")
+        return "\n".join(lines)
 
 
 class _Run:
@@ -145,6 +177,7 @@ def prune(
     seed: int = 0,
     force_predictor: bool = False,
     loss_fn: LossFn = classification_loss,
+    check_threads: Sequence[int] = PRUNE.check_threads,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
     `backend`, keeping as much accuracy as the given epochs allow. See the module docstring.
@@ -156,6 +189,9 @@ def prune(
     called as `loss_fn(output, target, teacher_output)` when distilling (default: cross-entropy
     on the logits, distilled as in `wgates.train.distillation_loss`); `accuracy` stays
     top-1 (per pixel for a segmentation target);
+    `threads` and the batch of `example_inputs`: the deployment the widths are searched and
+    measured for; `check_threads`: other thread counts the delivered model is measured at
+    too, against the dense model at the same count (`measure_threads`; () for none);
     `force_predictor`: use a `predictor` file measured on another machine, backend, thread
     count or batch (refused by default, naming what differs).
 
@@ -217,16 +253,19 @@ def prune(
 
     total = epochs * len(train_loader)
     optimizers = search_optimizers(gated, total, lr, gate_lr)
+    trace = StepTrace(every=max(1, total // TRACE_POINTS))
     term = LatencyTerm(gated, cost, target, total, measure=measure, tolerance=tolerance,
                        allocation=allocation, ramp=ramp, floor=floor, importance=importance,
                        loader=train_loader, loss_fn=loss_fn)
     teacher = dense if distill else None
     _resumable_stage(
-        run, "search", {"model": gated, "loss": term,
+        run, "search", {"model": gated, "loss": term, "trace": trace,
                         **{f"optimizer{i}": o for i, o in enumerate(optimizers)}}, epochs,
         lambda **resume: search(gated, cost, term.aim, train_loader, epochs, progress=progress,
                                 optimizers=optimizers, loss=term.control, teacher=teacher,
-                                val_loader=val_loader, loss_fn=loss_fn, **resume))
+                                val_loader=val_loader, loss_fn=loss_fn, on_step=trace,
+                                **resume))
+    run.save(search_trace=trace.steps)
 
     pruned_dir = run.path / "pruned"
 
@@ -249,8 +288,17 @@ def prune(
                          optimizers=[optimizer], teacher=teacher, loss_fn=loss_fn,
                          progress=progress, **resume))
 
-    final_ratio, spread = distributed.once("measure the pruned model",
-                                           lambda: settled(measure, small))
+    def measure_delivered() -> tuple[float, float, list[dict]]:
+        """The delivered figure at the pruned-for thread count, then the other counts."""
+        ratio, spread = settled(measure, small)
+        others = [t for t in deployment_threads(threads, check_threads) if t != threads]
+        return ratio, spread, [
+            {"threads": threads, "ratio": ratio, "spread": spread,
+             "dense_ms": measure.meter.quiet_ms},
+            *measure_threads(dense, small, inputs, others, backend, Protocol())]
+
+    final_ratio, spread, at_threads = distributed.once("measure the pruned model",
+                                                       measure_delivered)
     macs, params = count(small, inputs)
     dense_macs, dense_params = count(dense, inputs)
     widths = {n: len(k) for n, k in small.wgates_plan.kept.items()}
@@ -262,6 +310,7 @@ def prune(
         widths=widths, sizes=dict(small.wgates_plan.sizes), run_dir=run.path,
         loop=run.state.get("loop", []),
         accuracy_before_finetune=run.state.get("accuracy_before_finetune", float("nan")),
+        backend=backend, threads=threads, batch=int(inputs[0].shape[0]), at_threads=at_threads,
     )
     run.save(result={k: v for k, v in asdict(result).items() if k != "model"},
              final_spread=spread, finished=time.strftime("%Y-%m-%d %H:%M:%S"))
@@ -417,14 +466,16 @@ def weights_digest(model: nn.Module) -> str:
 def _resumable_stage(run: _Run, name: str, parts: dict, epochs: int, fit) -> None:
     """Run `fit(start_epoch=..., on_epoch_end=...)`, checkpointing every part (the model, its
     optimizers, the latency weight: anything with state_dict / load_state_dict) after every
-    epoch to `<run>/<name>.pt`, and continuing from there when the file exists."""
+    epoch to `<run>/<name>.pt`, and continuing from there when the file exists. A part the
+    file lacks (the search's step trace, in a run begun before it was recorded) starts empty."""
     file = run.path / f"{name}.pt"
     start = 0
     blob = distributed.once(f"read {file.name}",
                             lambda: load_checkpoint(file) if file.exists() else None)
     if blob is not None:  # every rank continues from rank 0's copy
         for key, part in parts.items():
-            part.load_state_dict(blob["state"][key])
+            if key in blob["state"]:
+                part.load_state_dict(blob["state"][key])
         start = int(blob["epoch"])
     if start >= epochs:
         return

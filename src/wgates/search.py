@@ -124,7 +124,7 @@ class LatencyLoss:
                        LAMBDA_RANGE[1])
         self.trace.append(predicted.item())
         loss = self.lam * (predicted / aim - 1).pow(2)
-        return loss, {"pred": predicted.item(), "lam": self.lam}
+        return loss, {"pred": predicted.item(), "aim": aim, "lam": self.lam}
 
 
 def calibration_batches(loader, n: int = CURVE_BATCHES) -> list:

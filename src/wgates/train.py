@@ -30,6 +30,26 @@ class History:
     epochs: list[dict] = field(default_factory=list)
 
 
+@dataclass
+class StepTrace:
+    """Every `every`-th training step's loss and what `extra_loss` reported (the search's
+    predicted latency, aim or latency weight): what happened inside an epoch, for the
+    report's per-step plot. A part of the search's checkpoint, so a resumed search keeps it."""
+
+    every: int = 1
+    steps: list[dict] = field(default_factory=list)
+
+    def __call__(self, step: int, record: dict) -> None:
+        if step % self.every == 0:
+            self.steps.append({"step": step, **record})
+
+    def state_dict(self) -> dict:
+        return {"every": self.every, "steps": list(self.steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.every, self.steps = int(state["every"]), list(state["steps"])
+
+
 LossFn = Callable[..., torch.Tensor]  # (output, target[, teacher_output]) -> scalar loss
 
 
@@ -140,11 +160,14 @@ def train(
     desc: str = "train",
     progress: bool = True,
     loss_fn: LossFn = classification_loss,
+    on_step: Callable[[int, dict], None] | None = None,
 ) -> History:
     """Train `model` for `epochs` (cosine learning rate per step) and evaluate each epoch.
 
     `optimizers` defaults to SGD on all parameters; `start_epoch` and `on_epoch_end` (called
-    with the epoch index and its record, e.g. to checkpoint) make runs resumable. `loss_fn`
+    with the epoch index and its record, e.g. to checkpoint) make runs resumable; `on_step`
+    is called after every step with its index from the start and its loss and extra stats
+    (`StepTrace`). `loss_fn`
     scores the model's raw output against the loader's target, `loss_fn(output, target)`,
     and with a `teacher` `loss_fn(output, target, teacher_output)` (see `task_loss`). Under
     torchrun the steps run in DistributedDataParallel (`wgates.distributed`); progress is
@@ -173,7 +196,7 @@ def train(
         totals: dict[str, float] = {"loss": 0.0}
         bar = tqdm(train_loader, desc=f"{desc} {epoch + 1}/{epochs}", leave=False,
                    disable=not progress)
-        for x, y in bar:
+        for i, (x, y) in enumerate(bar):
             x = x.to(device, non_blocking=True)
             if isinstance(y, torch.Tensor):  # else the user's loss_fn reads it as it is
                 y = y.to(device, non_blocking=True)
@@ -200,10 +223,13 @@ def train(
                 o.step()
             for s in schedulers:
                 s.step()
-            totals["loss"] += loss.item() / len(train_loader)
+            value = loss.item()
+            totals["loss"] += value / len(train_loader)
             for k, v in stats.items():
                 totals[k] = float(v)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in {"loss": loss.item(), **stats}.items()})
+            if on_step is not None:
+                on_step(epoch * len(train_loader) + i, {"loss": value, **stats})
+            bar.set_postfix({k: f"{v:.3g}" for k, v in {"loss": value, **stats}.items()})
         totals["loss"] = distributed.all_mean(totals["loss"])
         distributed.sync_buffers(model)
         record = {"epoch": epoch + 1, **totals}
