@@ -178,6 +178,16 @@ def test_prune_latency_proxy(dense, data, tmp_path, monkeypatch):
     assert (run_dir / "lpnet.pt").is_file() and (run_dir / "latency.sqlite").is_file()
     assert (run_dir / "lpnet_fit.png").is_file()
     assert "LPNet held-out MAPE" in (run_dir / "report.md").read_text()
+    # the run directory moved to another machine: its LPNet is refused on --resume
+    net = pipeline.LatencyPredictor.load(run_dir / "lpnet.pt")
+    net.fingerprint["cpu"] = "another CPU"
+    net.save(run_dir / "lpnet.pt")
+    with pytest.raises(WgatesError, match="cpu was 'another CPU'.*resume it on the machine it "
+                       "began on, or delete .*lpnet.pt"):
+        _prune(dense, data, run_dir, proxy="latency", samples=12, export=False, resume=True)
+    with pytest.warns(UserWarning, match="measured elsewhere"):
+        _prune(dense, data, run_dir, proxy="latency", samples=12, export=False, resume=True,
+               force_predictor=True)
 
 
 def test_cli_prune(tmp_path, monkeypatch, capsys):

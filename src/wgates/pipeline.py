@@ -249,7 +249,8 @@ def prune(
         if made_here:
             _discard(path, keep_dir)
         raise
-    cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress)
+    cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress,
+                       force_predictor)
 
     total = epochs * len(train_loader)
     optimizers = search_optimizers(gated, total, lr, gate_lr)
@@ -370,8 +371,7 @@ def preflight(
             for module, training in modes:
                 module.training = training
         if predictor is not None:
-            expected = {**meter_backend.fingerprint(), "batch": int(inputs[0].shape[0]),
-                        "input_shape": list(inputs[0].shape)}
+            expected = _fingerprint(meter_backend, inputs)
             names = [g.name for g in gated.groups]
             distributed.once("check the latency predictor", lambda: _check_predictor(
                 predictor, expected, names, force_predictor))
@@ -379,6 +379,12 @@ def preflight(
             distributed.once("measure the dense and the narrowest model", lambda: (
                 _measure_reachable(gated, inputs, threads, target_latency, backend,
                                    lowest_floor(allocation, floor), tolerance)))
+
+
+def _fingerprint(meter_backend, inputs: tuple) -> dict:
+    """What a latency predictor must have been measured on to hold for this run."""
+    return {**meter_backend.fingerprint(), "batch": int(inputs[0].shape[0]),
+            "input_shape": list(inputs[0].shape)}
 
 
 def _check_predictor(path, expected: dict, names: list[str], force: bool) -> None:
@@ -506,11 +512,13 @@ def _shared_pruned(base: nn.Module, path: Path) -> nn.Module:
     return small
 
 
-def _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress):
+def _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress,
+                force_predictor):
     """A callable kept-counts -> cost ratio, differentiable, for the search and the loop:
     made on rank 0 (profiling measures the hardware) and sent to the others."""
     net = distributed.once("latency predictor", lambda: _fit_cost_model(
-        gated, proxy, predictor, run, inputs, backend, threads, samples, progress))
+        gated, proxy, predictor, run, inputs, backend, threads, samples, progress,
+        force_predictor))
     run.state.update(distributed.broadcast({k: run.state[k] for k in ("lpnet",)
                                             if k in run.state}))
     check_groups(net, [g.name for g in gated.groups])
@@ -519,14 +527,18 @@ def _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
     return net
 
 
-def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress):
+def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress,
+                    force_predictor):
     lpnet_file = run.path / "lpnet.pt"
     if predictor is not None:
         net = LatencyPredictor.load(predictor)
     elif proxy != "latency":
         net = fit_proxy(gated, proxy)
-    elif lpnet_file.exists():
+    elif lpnet_file.exists():  # a resumed run: it may have been moved to another machine
         net = LatencyPredictor.load(lpnet_file)
+        check_fingerprint(net, _fingerprint(get_backend(backend, threads), inputs), lpnet_file,
+                          force=force_predictor, advice=f"resume it on the machine it began "
+                          f"on, or delete {lpnet_file} to profile this one")
     else:
         db = run.path / "latency.sqlite"
         prof = profile(gated.plain_copy(), list(inputs[0].shape), db, samples=samples,

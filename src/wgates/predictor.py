@@ -200,11 +200,13 @@ FINGERPRINT_FIELDS = ("cpu", "cpu_count", "gpu", "backend", "threads", "clock", 
 
 
 def check_fingerprint(cost, expected: Mapping, source: str | Path = "the latency predictor",
-                      force: bool = False) -> list[str]:
+                      force: bool = False, advice: str = "profile this machine (wgates "
+                      "profile, fit-latency) or leave out --predictor") -> list[str]:
     """Refuse a predictor measured elsewhere: `expected` is this run's fingerprint (the
     backend's `fingerprint()` plus `batch` and `input_shape`); every field of it that the
-    predictor's fingerprint records differently (or not at all) is named. With `force` the
-    differences are only returned (and warned about). A plain callable is trusted."""
+    predictor's fingerprint records differently (or not at all) is named, with `advice` on
+    what to do instead. With `force` the differences are only returned (and warned about).
+    A plain callable is trusted."""
     recorded = getattr(cost, "fingerprint", None)
     if recorded is None:
         return []
@@ -225,8 +227,8 @@ def check_fingerprint(cost, expected: Mapping, source: str | Path = "the latency
         return differ
     raise WgatesError(
         f"{source} was measured on another machine or setting ({what}): its latencies do not "
-        "hold here; profile this machine (wgates profile, fit-latency) or leave out "
-        "--predictor, or pass --force-predictor (force_predictor=True) to use it anyway"
+        f"hold here; {advice}, or pass --force-predictor (force_predictor=True) to use it "
+        "anyway"
     )
 
 
