@@ -51,9 +51,9 @@ from torch.utils.data import DataLoader
 from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import EpochShuffle, make_loaders, subset_of
 from wgates.extract import PLAN_ATTR, load_pruned, save_pruned
-from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, settled
+from wgates.latency import Meter, Protocol, get_backend, profile, settled
 from wgates.models import create_model
-from wgates.predictor import count, fit_and_compare
+from wgates.predictor import count, fit_file
 from wgates.train import evaluate, recalibrate_bn, train
 
 HERE = Path(__file__).resolve().parent
@@ -174,12 +174,7 @@ def latency_predictor(dense: nn.Module, shape: list[int], backend: str, settings
     path.parent.mkdir(parents=True, exist_ok=True)
     run = profile(copy.deepcopy(dense).cpu(), shape, path, samples=settings.lpnet_samples,
                   backend=backend, protocol=settings.protocol())
-    store = LatencyStore(path)
-    try:
-        net = fit_and_compare(store, run).predictor
-    finally:
-        store.close()
-    return net.requires_grad_(False)
+    return fit_file(path, run).predictor.requires_grad_(False)
 
 
 def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Path:

@@ -27,8 +27,8 @@ from wgates.defaults import PRUNE
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel
 from wgates.groups import as_input_tuple
-from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profile, settled
-from wgates.predictor import LatencyPredictor, fit_and_compare, fit_proxy
+from wgates.latency import Meter, Protocol, get_backend, profile, settled
+from wgates.predictor import LatencyPredictor, fit_file, fit_proxy
 from wgates.search import (
     Cost,
     KnapsackSchedule,
@@ -114,11 +114,7 @@ def fit_latency(gated: GatedModel, path: str | Path = "latency.sqlite", *,
         run = profile(gated.plain_copy(), list(gated.example_inputs[0].shape), path,
                       samples=samples, backend=backend, threads=threads, protocol=protocol,
                       progress=progress, lookup_table=lookup_table)
-        store = LatencyStore(path)
-        try:
-            net = fit_and_compare(store, run).predictor
-        finally:
-            store.close()
+        net = fit_file(path, run).predictor
     return net.requires_grad_(False)
 
 

@@ -29,7 +29,7 @@ from wgates.extract import PLAN_ATTR, PruningPlan, apply_plan, load_pruned, save
 from wgates.files import load_checkpoint, save_checkpoint, write_json
 from wgates.gated import gate
 from wgates.groups import as_input_tuple
-from wgates.latency import LatencyStore, Protocol, get_backend, profile, settled
+from wgates.latency import Protocol, get_backend, profile, settled
 from wgates.models import check_forward
 from wgates.parts import PROXIES, LatencyMeter, LatencyTerm, measure_threads
 from wgates.predictor import (
@@ -37,7 +37,7 @@ from wgates.predictor import (
     check_fingerprint,
     check_groups,
     count,
-    fit_and_compare,
+    fit_file,
     fit_proxy,
 )
 from wgates.search import ALLOCATIONS, parse_target, search, search_optimizers
@@ -543,11 +543,7 @@ def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samp
         db = run.path / "latency.sqlite"
         prof = profile(gated.plain_copy(), list(inputs[0].shape), db, samples=samples,
                        backend=backend, threads=threads, progress=progress)
-        store = LatencyStore(db)
-        try:
-            comparison = fit_and_compare(store, prof)
-        finally:
-            store.close()
+        comparison = fit_file(db, prof)
         net = comparison.predictor
         net.save(lpnet_file)
         run.save(lpnet={k: v for k, v in comparison.metrics.items() if k != "predictors"})

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel
 from wgates.latency.sampling import sample_widths
+from wgates.latency.store import LatencyStore
 
 FORMAT = "wgates-lpnet-1"
 
@@ -357,6 +358,16 @@ def fit_and_compare(
         "baselines": "FLOPs and lookup table: ratio = a + b*x fitted on the training split",
     }
     return Comparison(predictor, metrics, ratios[test], predictions)
+
+
+def fit_file(path: str | Path, run, **kwargs) -> Comparison:
+    """`fit_and_compare` on the profile `run` of the latency file at `path`, opened and
+    closed here (the profile was just measured or resumed into it)."""
+    store = LatencyStore(path)
+    try:
+        return fit_and_compare(store, run, **kwargs)
+    finally:
+        store.close()
 
 
 def metrics_json(metrics: Mapping) -> str:
