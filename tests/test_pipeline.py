@@ -339,3 +339,28 @@ def test_wrong_input_shape_is_refused_before_the_run_directory(data, tmp_path):
     assert "takes 3 input channels" in str(err.value)
     assert len(str(err.value).splitlines()) == 1
     assert not run_dir.exists()
+
+
+def test_a_resumed_run_searches_from_the_gates_of_an_unbroken_one(dense, data, tmp_path,
+                                                                   monkeypatch):
+    """A run killed after its measurements skips them when resumed (the dense latency and
+    accuracy, the narrowest model); the gates it starts the search from must still be an
+    unbroken run's. Evaluating the dense model drew from the global random state (a
+    DataLoader iterator draws its seed), so a resumed run's gates, and its result, differed:
+    benchmarks/kills.py found it."""
+    _fast(monkeypatch)
+    seen = []
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_the_search(gated, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in gated.state_dict().items()})
+        raise Killed
+
+    monkeypatch.setattr(pipeline, "search", killed_at_the_search)
+    for resume in (False, True):
+        with pytest.raises(Killed):
+            _prune(dense, data, tmp_path / "run", resume=resume)
+    assert seen[0].keys() == seen[1].keys()
+    assert all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])

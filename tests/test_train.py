@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from wgates.train import StepTrace, distillation_loss, evaluate, train
+from wgates.data import CifarArrays
+from wgates.train import StepTrace, distillation_loss, evaluate, make_optimizer, train
 
 
 def tiny_net() -> nn.Module:
@@ -178,3 +180,38 @@ def test_a_dict_output_without_out_asks_for_a_loss():
 
     with pytest.raises(WgatesError, match="loss_fn="):
         logits_of({"boxes": torch.zeros(1, 4)})
+
+
+
+def test_an_epoch_after_a_resume_draws_the_augmentation_of_an_unbroken_run():
+    """With `seed`, epoch 2 of a training killed after epoch 1 and resumed (in a process
+    whose random state is anywhere) gets the random crops and flips of an unbroken training,
+    and ends with its weights; without `seed` it does not."""
+    rng = np.random.default_rng(0)
+    data = CifarArrays(rng.integers(0, 255, (16, 32, 32, 3), dtype=np.uint8),
+                       rng.integers(0, 10, 16), [str(i) for i in range(10)], augment=True)
+    loader = DataLoader(data, batch_size=8)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch: int, _) -> None:
+        if epoch == 0:
+            raise Killed
+
+    def final(seed: int | None, killed: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=4), nn.Flatten(), nn.Linear(256, 10))
+        optimizer = make_optimizer(model.parameters(), 0.05)
+        if killed:
+            with pytest.raises(Killed):
+                train(model, loader, 2, optimizers=[optimizer], progress=False, seed=seed,
+                      on_epoch_end=kill_after_first)
+            torch.manual_seed(123)  # the resumed process: its random state is its own
+        train(model, loader, 2, optimizers=[optimizer], progress=False, seed=seed,
+              start_epoch=1 if killed else 0)
+        return [p.detach() for p in model.parameters()]
+
+    for seed, same in ((7, True), (None, False)):
+        pairs = zip(final(seed, killed=False), final(seed, killed=True), strict=True)
+        assert all(torch.equal(a, b) for a, b in pairs) == same

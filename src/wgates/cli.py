@@ -443,7 +443,7 @@ def _run_train(args) -> int:
                             ckpt)
 
     train(model, train_loader, args.epochs, lr=args.lr, val_loader=val_loader,
-          optimizers=[optimizer], start_epoch=start, on_epoch_end=checkpoint)
+          optimizers=[optimizer], start_epoch=start, on_epoch_end=checkpoint, seed=args.seed)
     accuracy = evaluate(model, val_loader)
 
     def write() -> None:

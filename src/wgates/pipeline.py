@@ -238,7 +238,8 @@ def prune(
                  kind=kind, allocation=allocation, ramp=ramp, floor=floor,
                  importance=importance, distill=distill)
 
-        gated = gate(model, inputs, kind=kind)
+        torch.manual_seed(seed)  # the gates' first weights, whatever ran before (a resumed
+        gated = gate(model, inputs, kind=kind)  # run skips the measurements above)
         if "min_ratio" not in run.state:
             run.save(min_ratio=distributed.once("measure the narrowest model", lambda: (
                 smallest_ratio(gated, measure, lowest_floor(allocation, floor), target,
@@ -265,7 +266,7 @@ def prune(
         lambda **resume: search(gated, cost, term.aim, train_loader, epochs, progress=progress,
                                 optimizers=optimizers, loss=term.control, teacher=teacher,
                                 val_loader=val_loader, loss_fn=loss_fn, on_step=trace,
-                                **resume))
+                                seed=seed, **resume))
     run.save(search_trace=trace.steps)
 
     pruned_dir = run.path / "pruned"
@@ -287,7 +288,7 @@ def prune(
                      lambda **resume: finetune(
                          small, train_loader, finetune_epochs, val_loader=val_loader,
                          optimizers=[optimizer], teacher=teacher, loss_fn=loss_fn,
-                         progress=progress, **resume))
+                         progress=progress, seed=seed, **resume))
 
     def measure_delivered() -> tuple[float, float, list[dict]]:
         """The delivered figure at the pruned-for thread count, then the other counts."""

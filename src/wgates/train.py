@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -142,6 +143,12 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50) -> nn.
     return model.eval()
 
 
+def seed_epoch(seed: int, stage: str, epoch: int) -> None:
+    """Seed the global random state from (seed, stage, epoch) only: what an epoch draws must
+    not depend on what ran before it in this process (a resumed run skips stages)."""
+    torch.manual_seed(zlib.crc32(f"{seed}/{stage}/{epoch}".encode()))
+
+
 def make_optimizer(params, lr: float, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
 
@@ -161,13 +168,16 @@ def train(
     progress: bool = True,
     loss_fn: LossFn = classification_loss,
     on_step: Callable[[int, dict], None] | None = None,
+    seed: int | None = None,
 ) -> History:
     """Train `model` for `epochs` (cosine learning rate per step) and evaluate each epoch.
 
     `optimizers` defaults to SGD on all parameters; `start_epoch` and `on_epoch_end` (called
     with the epoch index and its record, e.g. to checkpoint) make runs resumable; `on_step`
     is called after every step with its index from the start and its loss and extra stats
-    (`StepTrace`). `loss_fn`
+    (`StepTrace`). With `seed`, each epoch starts from the global random state seeded by
+    (`seed`, `desc`, epoch) alone (`seed_epoch`), so an epoch run after a resume draws the
+    augmentation and dropout it drew in an unbroken run. `loss_fn`
     scores the model's raw output against the loader's target, `loss_fn(output, target)`,
     and with a `teacher` `loss_fn(output, target, teacher_output)` (see `task_loss`). Under
     torchrun the steps run in DistributedDataParallel (`wgates.distributed`); progress is
@@ -190,6 +200,8 @@ def train(
     history = History()
     sampler = getattr(train_loader, "sampler", None)
     for epoch in range(start_epoch, epochs):
+        if seed is not None:
+            seed_epoch(seed, desc, epoch)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
         model.train()
