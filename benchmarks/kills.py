@@ -41,12 +41,10 @@ HERE = Path(__file__).resolve().parent
 SIMULATED = "simulated-cpu"
 # a small job: every stage checkpoints more than once and the whole job takes seconds
 TRAIN = ["train", "--subset", "300", "--epochs", "3", "--seed", "0"]
-PRUNE = ["prune", "--subset", "300", "--epochs", "2", "--finetune-epochs", "2",
+SEARCH_EPOCHS, FINETUNE_EPOCHS = 2, 2
+PRUNE = ["prune", "--subset", "300", "--epochs", str(SEARCH_EPOCHS),
+         "--finetune-epochs", str(FINETUNE_EPOCHS),
          "--samples", "24", "--backend", SIMULATED, "--seed", "0"]
-# what a killed prune run had on disk, in the order the stages write it
-STAGE_FILES = [("latency.sqlite", "profiling"), ("lpnet.pt", "LPNet fit"),
-               ("search.pt", "search"), ("pruned", "closed loop"),
-               ("finetune.pt", "fine-tune"), ("model", "export"), ("model.onnx", "report")]
 
 
 class SimulatedCPU(Backend):
@@ -83,12 +81,18 @@ def stages(work: Path) -> list[tuple[str, list[str]]]:
 
 
 def where(work: Path, stage: str) -> str:
-    """The stage a killed process was in, read from what it had written."""
+    """The step a killed process was in: the first whose result it had not yet written."""
     if stage == "train":
         return "dense training" if (work / "dense.safetensors.ckpt").exists() else "train start"
     run = work / "run"
-    reached = [name for file, name in STAGE_FILES if (run / file).exists()]
-    return reached[-1] if reached else "prune start"
+    state = json.loads((run / "state.json").read_text()) if (run / "state.json").exists() else {}
+    steps = [("measuring the dense model", "min_ratio" in state),
+             ("profiling and LPNet fit", (run / "lpnet.pt").exists()),
+             ("search", len(state.get("search", [])) >= SEARCH_EPOCHS),
+             ("closed loop", "loop" in state),
+             ("fine-tune", len(state.get("finetune", [])) >= FINETUNE_EPOCHS),
+             ("export and report", "finished" in state)]
+    return next((name for name, done in steps if not done), "after the report")
 
 
 def launch(args: list[str], log) -> subprocess.Popen:
