@@ -80,3 +80,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class MacsMeter:
+    """A stand-in for `wgates.LatencyMeter` that reads counted MACs relative to the dense
+    model as the latency ratio: deterministic, so a test can hold every method to the band
+    [(1 - tolerance) * target, target] without the shared machine's noise deciding."""
+
+    def __init__(self, dense: nn.Module, example_inputs, *args) -> None:
+        from types import SimpleNamespace
+
+        from wgates.groups import as_input_tuple
+        from wgates.predictor import count
+
+        self.inputs, self.count = as_input_tuple(example_inputs), count
+        self.dense_macs = count(dense, self.inputs)[0]
+        self.meter = SimpleNamespace(quiet_ms=1.0)
+
+    def __call__(self, model: nn.Module) -> tuple[float, float]:
+        return self.count(model, self.inputs)[0] / self.dense_macs, 0.0
+
+    def dense_ms(self) -> float:
+        return 1.0
+
+
+@pytest.fixture
+def macs_meter(monkeypatch):
+    """`wgates.prune` measured by `MacsMeter` (the delivered model too; other thread counts
+    are not measured)."""
+    import wgates.pipeline
+
+    monkeypatch.setattr(wgates.pipeline, "LatencyMeter", MacsMeter)
+    monkeypatch.setattr(wgates.pipeline, "measure_threads", lambda *args, **kwargs: [])
+    return MacsMeter

@@ -7,10 +7,22 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from wgates import gate
-from wgates.baselines import METHODS, Context, match_latency, polarisation, polarised_search
+from wgates import gate, load_pruned, save_pruned
+from wgates.baselines import (
+    INFO,
+    METHODS,
+    SEARCH_METHODS,
+    Context,
+    Polariser,
+    match_latency,
+    method_info,
+    polarisation,
+)
+from wgates.errors import WgatesError
+from wgates.extract import PLAN_ATTR
 from wgates.models import create_model
 from wgates.predictor import count
+from wgates.search import search
 
 TARGET, TOLERANCE = 0.5, 0.1
 SHAPE = (1, 1, 16, 16)
@@ -57,12 +69,16 @@ def test_stand_in_cost_is_the_measured_macs(setup):
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_meets_target(setup, name):
+def test_method_meets_target(setup, name, tmp_path):
     model, inputs, loader, ctx = setup
     small = METHODS[name](model, inputs, loader, TARGET, ctx)
     ratio = ctx.measure(small)[0]
     assert (1 - TOLERANCE) * TARGET <= ratio <= TARGET, f"{name}: ratio {ratio:.3f}"
     assert small(inputs[0]).shape == (1, 10)
+    # it carries its plan, so `wgates.prune` saves it and a resumed run reloads it
+    save_pruned(small, tmp_path / "m")
+    again = load_pruned(create_model("small_cnn", width_mult=0.5), tmp_path / "m").eval()
+    torch.testing.assert_close(again(inputs[0]), small.eval()(inputs[0]))
     assert count(model, inputs)[0] > 0  # the dense model was not pruned in place
     assert model.classifier.in_features == 128
 
@@ -104,7 +120,9 @@ def test_match_latency_unreachable_returns_fastest():
 def test_gdp_gates_polarise(setup):
     model, inputs, loader, ctx = setup
     gated = gate(model, inputs, kind="gdp")
-    polarised_search(gated, ctx.cost, TARGET, loader, epochs=4, lr=0.01, gate_lr=0.1)
+    how = INFO["gdp"].gates
+    search(gated, ctx.cost, TARGET, loader, epochs=4, lr=0.01, gate_lr=0.1, progress=False,
+           allocation=how.allocation, regulariser=how.regulariser(gated, 4 * len(loader)))
     values = torch.cat([v.detach() for v in gated.train().gate_values()])
     assert ((values < 0.1) | (values > 0.9)).float().mean() > 0.8
     assert 0 < (values < 0.5).float().mean() < 1  # some closed, some open
@@ -112,3 +130,61 @@ def test_gdp_gates_polarise(setup):
     gated.eval()
     hard = torch.cat(gated.gate_values())
     assert torch.allclose(hard, hard.round(), atol=1e-6)  # hard 0/1 in eval mode
+
+
+def test_polariser_resumes_its_annealing(setup):
+    """A search resumed mid-way anneals GDP's eps on from where it was, not from the start."""
+    model, inputs, _, _ = setup
+    gated = gate(model, inputs, kind="gdp")
+    polariser = Polariser(gated, steps=10)
+    for _ in range(4):
+        polariser()
+    eps = gated.gates[0].eps
+    fresh = gate(model, inputs, kind="gdp")
+    resumed = Polariser(fresh, steps=10)
+    resumed.load_state_dict(polariser.state_dict())
+    assert fresh.gates[0].eps == pytest.approx(eps) and resumed()[1]["eps"] < eps
+
+
+def test_every_method_names_its_paper_and_how_it_runs():
+    assert list(INFO) == list(METHODS)
+    assert {n for n, i in INFO.items() if i.gates} == SEARCH_METHODS
+    assert SEARCH_METHODS == {"wgates", "plain", "gdp", "wgates-flops", "wgates-gradient"}
+    assert all(len(i.paper) > 10 for i in INFO.values())
+    assert "2007.02066" in INFO["wgates"].paper and "ICLR 2017" in INFO["l1"].paper
+    assert "DepGraph" in INFO["tp-l2"].paper and "Molchanov" in INFO["tp-taylor"].paper
+    assert (INFO["gdp"].kind, INFO["gdp"].gates.allocation) == ("gdp", "gradient")
+    assert INFO["wgates-flops"].gates.settings("latency", "knapsack") == ("flops", "knapsack")
+    assert INFO["l1"].kind == "plain"
+    with pytest.raises(WgatesError, match="unknown method 'nope': choose from uniform, l1, "
+                       "tp-l1, tp-l2, tp-taylor, wgates, plain, gdp") as err:
+        method_info("nope")
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_torch_pruning_choice_is_torch_prunings_own(setup):
+    """Torch-Pruning chooses the channels and wgates' extraction removes them: the model is
+    the one Torch-Pruning's own `step()` makes, with a plan."""
+    import copy
+    from functools import partial
+
+    import torch_pruning as tp
+
+    from wgates.baselines import torch_pruning
+
+    model, inputs, loader, _ = setup
+    built = []
+
+    def first(candidate):
+        built.append(candidate)
+        return TARGET, 0.0  # in the band: the bisection ends at its first knob, 0.5
+
+    torch_pruning(model, inputs, loader, TARGET, Context(measure=first), importance=partial(
+        tp.importance.GroupMagnitudeImportance, p=2))
+    reference = copy.deepcopy(model)
+    tp.pruner.BasePruner(reference, inputs, importance=tp.importance.GroupMagnitudeImportance(
+        p=2), global_pruning=True, pruning_ratio=0.5, max_pruning_ratio=0.95,
+        ignored_layers=[reference.classifier]).step()
+    assert count(built[0], inputs) == count(reference, inputs) and hasattr(built[0], PLAN_ATTR)
+    with torch.no_grad():
+        torch.testing.assert_close(built[0](inputs[0]), reference(inputs[0]))

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import wgates
+from wgates.baselines import METHODS
 from wgates.cli import main
 from wgates.models import create_model
 
@@ -172,8 +173,8 @@ def test_cli_and_api_share_the_prune_defaults():
 
     args = build_parser().parse_args(["prune"])
     api = inspect.signature(prune).parameters
-    for name in ("epochs", "finetune_epochs", "samples", "allocation", "ramp", "floor",
-                 "distill", "threads"):
+    for name in ("method", "epochs", "finetune_epochs", "samples", "allocation", "ramp",
+                 "floor", "distill", "threads"):
         assert getattr(args, name) == api[name].default, name
     assert tuple(args.check_threads) == api["check_threads"].default == (1, 2)
     # `wgates measure` checks the same thread counts by default, the pruned-for one first
@@ -353,3 +354,76 @@ def test_bad_image_found_by_a_loader_worker_is_one_line(tmp_path, capsys):
     err = _one_line_error(capsys)
     assert f"cannot read image {bad}" in err and "delete or replace" in err
     assert not out.exists()
+
+
+# -- one method choice everywhere (issue 12.1) ----------------------------------------------
+
+def test_methods_lists_every_method_with_its_paper(capsys):
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(METHODS)
+    rows = {line.split()[0]: line for line in lines}
+    assert rows["wgates"].split()[1] == "gates" and rows["wgates"].endswith("(default)")
+    assert rows["l1"].split()[1] == "knob"
+    for name, paper in [("wgates", "arXiv 2007.02066"), ("gdp", "Guo et al."),
+                        ("l1", "Pruning Filters for Efficient ConvNets"),
+                        ("tp-l2", "Fang et al., CVPR 2023"), ("tp-taylor", "Molchanov"),
+                        ("uniform", "uniform width scaling")]:
+        assert paper in rows[name], name
+
+
+def test_unknown_method_is_one_line_before_any_data(tmp_path, monkeypatch, capsys):
+    import wgates.data
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("data loaded before the method was checked")
+
+    monkeypatch.setattr(wgates.data, "make_loaders", loaded)
+    run_dir = tmp_path / "run"
+    assert main(["prune", "--method", "magic", "--run-dir", str(run_dir)]) == 2
+    err = _one_line_error(capsys)
+    assert "unknown method 'magic': choose from uniform, l1, tp-l1" in err
+    assert "wgates-gradient" in err and not run_dir.exists()
+
+
+@pytest.fixture(scope="module")
+def digits_weights(tmp_path_factory):
+    """A small_cnn trained one epoch on a digits subset, as a weights file."""
+    from wgates.data import make_loaders
+    from wgates.train import train
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn")
+    train(model, make_loaders("digits", batch_size=32, subset=64)[0], 1, lr=0.05,
+          progress=False)
+    path = tmp_path_factory.mktemp("dense") / "dense.safetensors"
+    save_file(model.state_dict(), str(path))
+    return path
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_prune_runs_every_method(method, digits_weights, tmp_path, macs_meter, monkeypatch,
+                                 capsys):
+    """`wgates prune --method M` for every registered method: the same stages, the same band
+    [(1 - tolerance) * target, target] for the delivered model (measured, here by the
+    deterministic MACs meter), the same run directory and report."""
+    import functools
+
+    import wgates.pipeline
+
+    monkeypatch.setattr(wgates.pipeline, "fit_proxy",
+                        functools.partial(wgates.pipeline.fit_proxy, samples=12))
+    run_dir = tmp_path / "run"
+    code = main(["prune", "--method", method, "--weights", str(digits_weights), "--subset",
+                 "64", "--batch-size", "32", "--epochs", "1", "--finetune-epochs", "1",
+                 "--proxy", "flops", "--target-latency", "0.6", "--run-dir", str(run_dir)])
+    assert code == 0
+    assert f"{method}: pruned for and measured on" in capsys.readouterr().out
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["settings"]["method"] == method
+    ratio = state["result"]["latency_ratio"]
+    assert 0.95 * 0.6 <= ratio <= 0.6, f"{method}: {ratio:.3f}"
+    assert state["finetune"] and state["result"]["widths"] != state["result"]["sizes"]
+    for name in ("model/model.safetensors", "model.onnx", "report.md", "state.json"):
+        assert (run_dir / name).is_file(), name
+    assert f"Method: `{method}`" in (run_dir / "report.md").read_text()

@@ -364,3 +364,65 @@ def test_a_resumed_run_searches_from_the_gates_of_an_unbroken_one(dense, data, t
             _prune(dense, data, tmp_path / "run", resume=resume)
     assert seen[0].keys() == seen[1].keys()
     assert all(torch.equal(seen[0][k], seen[1][k]) for k in seen[0])
+
+
+# -- every registered method through the same stages (issue 12.1) ---------------------------
+
+def test_unknown_method_is_refused_before_the_run_directory(dense, data, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(WgatesError, match="unknown method 'nope': choose from uniform, l1, "
+                       "tp-l1, tp-l2, tp-taylor, wgates") as err:
+        _prune(dense, data, run_dir, method="nope")
+    assert len(str(err.value).splitlines()) == 1
+    assert not run_dir.exists()
+
+
+def test_a_knob_method_runs_the_same_stages(dense, data, tmp_path, monkeypatch, macs_meter):
+    """L1 has no search and no cost model: its knob, bisected on the run's measurements,
+    takes the place of both; the band, the fine-tune, the run directory, resume and the
+    report are the W-Gates ones."""
+    import wgates.baselines
+
+    _fast(monkeypatch)
+    _no_cost_model(monkeypatch)  # a knob method needs none
+    run_dir = tmp_path / "run"
+    result = _prune(dense, data, run_dir, method="l1", export=False)
+    assert 0.54 <= result.latency_ratio <= 0.6 and result.method == "l1"
+    assert result.accuracy_before_finetune == result.accuracy_before_finetune  # measured
+    assert result.loop and all(set(r) == {"measured", "spread"} for r in result.loop)
+    assert 0.54 <= result.loop[-1]["measured"] <= 0.6  # the bisection ended in the band
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["settings"]["method"] == "l1" and state["method"] == "l1"
+    assert "finetune" in state and "search" not in state and state["proxy"] is None
+    for name in ("model/pruning.json", "pruned/pruning.json", "finetune.pt", "report.md",
+                 "latency_check.png"):
+        assert (run_dir / name).is_file(), name
+    report = (run_dir / "report.md").read_text()
+    assert "Method: `l1`, Li et al., ICLR 2017" in report
+    assert "This method does not search" in report and "| loop 0 | - |" in report
+
+    def no_rerun(*args, **kwargs):
+        raise AssertionError("the method ran again on a finished run")
+
+    monkeypatch.setitem(wgates.baselines.METHODS, "l1", no_rerun)
+    again = _prune(dense, data, run_dir, method="l1", export=False, resume=True)
+    assert again.widths == result.widths
+    with pytest.raises(WgatesError, match="method was 'l1', now 'uniform'"):
+        _prune(dense, data, run_dir, method="uniform", export=False, resume=True)
+
+
+def test_gdp_searches_with_its_polariser_and_the_latency_gradient(dense, data, tmp_path,
+                                                                  monkeypatch, macs_meter):
+    """GDP's gates, polariser and latency gradient come from its `GateSearch`, whatever the
+    run's allocation; the polariser's annealing step is checkpointed with the search."""
+    from wgates.files import load_checkpoint
+
+    _fast(monkeypatch)
+    run_dir = tmp_path / "run"
+    result = _prune(dense, data, run_dir, method="gdp", export=False, allocation="knapsack")
+    assert 0.54 <= result.latency_ratio <= 0.6 and result.method == "gdp"
+    state = json.loads((run_dir / "state.json").read_text())
+    assert (state["kind"], state["allocation"]) == ("gdp", "gradient")
+    assert all("polar" in r and "lam" in r for r in state["search_trace"])
+    saved = load_checkpoint(run_dir / "search.pt")["state"]
+    assert saved["regulariser"] == {"step": len(data[0])}  # one epoch's steps

@@ -1,9 +1,11 @@
-"""The methods W-Gates is compared with, behind one signature, so a benchmark treats them alike.
+"""The pruning methods wgates runs, behind one signature, so the pipeline and the benchmark
+treat them alike. `wgates methods` lists them; docs/methods.md reads each paper.
 
 Every method in `METHODS` is `(model, example_inputs, train_loader, target, ctx) -> nn.Module`
-and returns a plain, physically smaller model whose latency ratio to `model`, measured by
-`ctx.measure`, lies in [(1 - ctx.tolerance) * target, target] when some setting of the method
-reaches it. Fine-tuning is not part of a method: the benchmark gives every method the same.
+and returns a plain, physically smaller model (carrying its `PruningPlan`, so it saves and
+reloads) whose latency ratio to `model`, measured by `ctx.measure`, lies in
+[(1 - ctx.tolerance) * target, target] when some setting of the method reaches it.
+Fine-tuning is not part of a method: the pipeline and the benchmark give every method the same.
 
 - `uniform`: every group keeps the same fraction of its channels, the highest L1 norms.
 - `l1` (Li et al., 2017): per-group L1 ranking; per-group ratios by *sensitivity-ranked
@@ -18,7 +20,8 @@ reaches it. Fine-tuning is not part of a method: the benchmark gives every metho
   FLOPs proxy instead of LPNet), `wgates-gradient` (widths moved by the latency gradient, the
   paper's form, instead of the knapsack), `gdp` (GDP-style polarised gates, Guo et al. 2021,
   under the same latency term): gate search (`wgates.search.search`) for `ctx.epochs`, then
-  the measured closed loop (`wgates.search.closed_loop`).
+  the measured closed loop (`wgates.search.closed_loop`). What makes each one differs is its
+  `GateSearch`, which `wgates.prune` reads too.
 
 The scalar knobs of the first five share one routine, `match_latency`.
 """
@@ -26,13 +29,11 @@ The scalar knobs of the first five share one routine, `match_latency`.
 from __future__ import annotations
 
 import copy
-import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -40,8 +41,8 @@ from wgates.errors import WgatesError
 from wgates.gated import GatedModel, gate
 from wgates.groups import Ignore, as_input_tuple, resolve_ignore
 from wgates.predictor import check_groups, fit_proxy
-from wgates.search import Cost, LatencyLoss, calibration_batches, closed_loop, search
-from wgates.train import History, logits_of
+from wgates.search import Cost, calibration_batches, closed_loop, search
+from wgates.train import LossFn, classification_loss
 
 Measure = Callable[[nn.Module], tuple[float, float]]  # model -> (latency / dense, spread)
 Method = Callable[..., nn.Module]
@@ -76,25 +77,69 @@ class Context:
     floor: float = 0.0  # no group below this fraction of its width during the search
     importance: str = "taylor"  # what a unit is worth to a knapsack search (wgates.search)
     val_loader: Iterable | None = None  # a gate search reports its accuracy per epoch on it
+    loss_fn: LossFn = classification_loss  # the task's loss, for sensitivities and gradients
     notes: dict = field(default_factory=dict)  # what a method reports beside its model
 
 
+Regulariser = Callable[[], tuple[torch.Tensor, dict]]  # once per search step: (term, stats)
+
+
+@dataclass(frozen=True)
+class GateSearch:
+    """What makes a gate method: its gates, and what it changes in the shared search. The
+    benchmark (`gate_method`) and `wgates.prune` both read it, so a method is defined once."""
+
+    kind: str = "wgates"  # `wgates.gate(kind=...)`
+    proxy: str | None = None  # a fitted cost proxy instead of the run's cost model
+    allocation: str | None = None  # fixed by the method (GDP: the latency gradient)
+    regulariser: Callable[[GatedModel, int], Regulariser] | None = None  # (gated, steps)
+
+    def settings(self, proxy: str, allocation: str) -> tuple[str, str]:
+        """The run's (proxy, allocation), with what this method fixes put in."""
+        return self.proxy or proxy, self.allocation or allocation
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A registered method's paper (one line, for `wgates methods`) and, for a gate method,
+    its search; a method without one decides its widths by a knob bisected on measurements."""
+
+    paper: str
+    gates: GateSearch | None = None
+
+    @property
+    def kind(self) -> str:
+        """The gates the method trains; a knob method's groups are read from plain ones."""
+        return self.gates.kind if self.gates else "plain"
+
+
 METHODS: dict[str, Method] = {}
+INFO: dict[str, MethodInfo] = {}
 SEARCH_METHODS: set[str] = set()  # methods that train (a gate search): epochs count for them
 
 
-def register_method(name: str, fn: Method | None = None, searches: bool = False):
-    """Add `fn` (or the decorated function) to `METHODS` under `name`; `searches`: it trains
-    for `Context.epochs`, which a fixed training budget has to count."""
+def register_method(name: str, fn: Method | None = None, *, paper: str,
+                    gates: GateSearch | None = None):
+    """Add `fn` (or the decorated function) to `METHODS` under `name`, with its paper; a
+    method with `gates` trains for `Context.epochs`, which a fixed training budget counts."""
     def add(f: Method) -> Method:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = f
-        if searches:
+        INFO[name] = MethodInfo(paper, gates)
+        if gates is not None:
             SEARCH_METHODS.add(name)
         return f
 
     return add if fn is None else add(fn)
+
+
+def method_info(name: str) -> MethodInfo:
+    """The registered method `name`, or a one-line error listing the choices."""
+    if name not in INFO:
+        raise WgatesError(f"unknown method {name!r}: choose from {', '.join(INFO)} "
+                          "(`wgates methods` says where each comes from)")
+    return INFO[name]
 
 
 # -- the shared knob search ----------------------------------------------------------------
@@ -134,9 +179,9 @@ def _calibration(loader: Iterable, ctx: Context) -> list[tuple[torch.Tensor, tor
     return calibration_batches(loader, ctx.calib_batches)
 
 
-def _loss(model: nn.Module, batches: list) -> torch.Tensor:
+def _loss(model: nn.Module, batches: list, loss_fn: LossFn) -> torch.Tensor:
     device = next(model.parameters()).device
-    return sum(F.cross_entropy(logits_of(model(x.to(device))), y.to(device)) for x, y in batches)
+    return sum(loss_fn(model(x.to(device)), y.to(device)) for x, y in batches)
 
 
 def l1_ranked(model: nn.Module, inputs: tuple, ignore: Ignore = ()) -> GatedModel:
@@ -164,14 +209,16 @@ def _bisect(build: Callable[[float], nn.Module], target: float, ctx: Context,
     return match_latency(build, ctx.measure, target, lo, hi, ctx.tolerance, ctx.bisect_steps)[0]
 
 
-@register_method("uniform")
+@register_method("uniform", paper="uniform width scaling (every layer keeps the same "
+                 "fraction; its filters by L1 norm)")
 def uniform(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """The same kept fraction in every group, searched for the target."""
     gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore)
     return _bisect(lambda x: extract_at(gated, dict.fromkeys(gated.widths(), x)), target, ctx)
 
 
-def sensitivity_weights(gated: GatedModel, batches: list) -> dict[str, float]:
+def sensitivity_weights(gated: GatedModel, batches: list,
+                        loss_fn: LossFn = classification_loss) -> dict[str, float]:
     """Pruned-fraction multipliers by sensitivity rank (least sensitive: `L1_WEIGHTS[0]`)."""
     rise = {}
     with torch.no_grad():
@@ -179,18 +226,19 @@ def sensitivity_weights(gated: GatedModel, batches: list) -> dict[str, float]:
             gated.clear_masks()
             gated.set_masks(gated.masks_for_widths(
                 {g.name: max(g.min_channels, round(SENSITIVITY_KEEP * g.size))}))
-            rise[g.name] = float(_loss(gated, batches))
+            rise[g.name] = float(_loss(gated, batches, loss_fn))
     gated.clear_masks()
     order = sorted(rise, key=rise.get)
     steps = torch.linspace(*L1_WEIGHTS, len(order)).tolist()
     return dict(zip(order, steps))
 
 
-@register_method("l1")
+@register_method("l1", paper='Li et al., ICLR 2017, "Pruning Filters for Efficient '
+                 'ConvNets" (L1 filter norms, sensitivity-ranked layer ratios)')
 def l1(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """Li et al. (2017): L1 filter ranking, per-group ratios by sensitivity rank (see top)."""
     gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore)
-    weights = sensitivity_weights(gated, _calibration(train_loader, ctx))
+    weights = sensitivity_weights(gated, _calibration(train_loader, ctx), ctx.loss_fn)
     # x = -1 takes every group to its minimum (every weight is >= 0.5), x = 1 prunes none.
     return _bisect(
         lambda x: extract_at(gated, {n: 1 - (1 - x) * w for n, w in weights.items()}),
@@ -210,34 +258,53 @@ def _classifier(model: nn.Module) -> str:
 def torch_pruning(model, example_inputs, train_loader, target: float, ctx: Context,
                   importance: Callable[[], tp.importance.Importance],
                   gradients: bool = False) -> nn.Module:
-    """Torch-Pruning's BasePruner, global ranking; its pruning ratio searched for the target."""
+    """Torch-Pruning's BasePruner, global ranking; its pruning ratio searched for the target.
+    Torch-Pruning chooses the channels; they are removed by wgates' extraction (the same
+    Torch-Pruning calls underneath), so the model carries its plan like every other method's."""
     inputs = as_input_tuple(example_inputs)
     keep = sorted({_classifier(model)} | resolve_ignore(model, ctx.ignore))
     batches = _calibration(train_loader, ctx) if gradients else []
+    gated = gate(model, inputs, ignore=ctx.ignore, kind="plain").eval()
 
     def build(kept_fraction: float) -> nn.Module:
         clone = copy.deepcopy(model).eval()
         if gradients:
             clone.zero_grad(set_to_none=True)
-            _loss(clone, batches).backward()
+            _loss(clone, batches, ctx.loss_fn).backward()
         pruner = tp.pruner.BasePruner(
             clone, inputs, importance=importance(), global_pruning=True,
             pruning_ratio=1 - kept_fraction, max_pruning_ratio=TP_MAX_RATIO,
             ignored_layers=[clone.get_submodule(n) for n in keep],
         )
-        pruner.step()
-        clone.zero_grad(set_to_none=True)
-        return clone
+        names = {module: name for name, module in clone.named_modules()}
+        pruned: dict[str, list[int]] = {}
+        for group in pruner.step(interactive=True):  # global: every choice is made up front
+            for dep, idxs in group:
+                name = names.get(dep.target.module)  # None: an operation (add, concat...)
+                if name is not None and pruner.DG.is_out_channel_pruning_fn(dep.handler):
+                    pruned[name] = [int(i) for i in idxs]
+        masks = {}
+        for g in gated.groups:
+            mask = torch.ones(g.size, dtype=torch.bool)
+            mask[pruned.get(g.name, [])] = False
+            masks[g.name] = mask
+        gated.clear_masks()
+        gated.set_masks(masks)
+        return gated.extract(verify=False)
 
     return _bisect(build, target, ctx)
 
 
+_DEPGRAPH = "Fang et al., CVPR 2023, DepGraph (Torch-Pruning)"
 register_method("tp-l1", partial(
-    torch_pruning, importance=partial(tp.importance.GroupMagnitudeImportance, p=1)))
+    torch_pruning, importance=partial(tp.importance.GroupMagnitudeImportance, p=1)),
+    paper=f"{_DEPGRAPH}: global group L1 magnitude")
 register_method("tp-l2", partial(
-    torch_pruning, importance=partial(tp.importance.GroupMagnitudeImportance, p=2)))
+    torch_pruning, importance=partial(tp.importance.GroupMagnitudeImportance, p=2)),
+    paper=f"{_DEPGRAPH}: global group L2 magnitude")
 register_method("tp-taylor", partial(
-    torch_pruning, importance=tp.importance.TaylorImportance, gradients=True))
+    torch_pruning, importance=tp.importance.TaylorImportance, gradients=True),
+    paper=f"{_DEPGRAPH}: global Taylor importance, Molchanov et al., CVPR 2019")
 
 
 # -- gate methods --------------------------------------------------------------------------
@@ -248,59 +315,74 @@ def polarisation(gated: GatedModel) -> torch.Tensor:
     return total / sum(len(v) for v in values)
 
 
-def polarised_search(gated: GatedModel, cost: Cost, target: float, train_loader, epochs: int,
-                     lr: float, gate_lr: float, progress: bool = False, **kwargs
-                     ) -> tuple[History, LatencyLoss]:
-    """`wgates.search.search` with GDP's polariser added to the loss and its eps annealed
-    every step (same optimisers, same adaptive latency term: GDP moves the widths by the
-    latency gradient, so `allocation` is always "gradient" here)."""
-    total = max(1, epochs * len(train_loader))
-    step = itertools.count(1)
+class Polariser:
+    """GDP's polariser as a search regulariser, its eps annealed geometrically over `steps`
+    search steps; a part of the search's checkpoint, so a resumed search anneals on."""
 
-    def polariser() -> tuple[torch.Tensor, dict]:
-        eps = GDP_EPS[0] * (GDP_EPS[1] / GDP_EPS[0]) ** min(1.0, next(step) / total)
-        for g in gated.gates:
+    def __init__(self, gated: GatedModel, steps: int) -> None:
+        self.gated, self.steps, self.step = gated, max(1, steps), 0
+
+    def _anneal(self) -> float:
+        eps = GDP_EPS[0] * (GDP_EPS[1] / GDP_EPS[0]) ** min(1.0, self.step / self.steps)
+        for g in self.gated.gates:
             g.eps = eps
-        polar = polarisation(gated)
+        return eps
+
+    def __call__(self) -> tuple[torch.Tensor, dict]:
+        self.step += 1
+        eps = self._anneal()
+        polar = polarisation(self.gated)
         return GDP_WEIGHT * polar, {"polar": polar.item(), "eps": eps}
 
-    kwargs["allocation"] = "gradient"
-    return search(gated, cost, target, train_loader, epochs, lr=lr, gate_lr=gate_lr,
-                  progress=progress, regulariser=polariser, **kwargs)
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        if self.step:
+            self._anneal()
 
 
 def gate_method(model, example_inputs, train_loader, target: float, ctx: Context,
-                kind: str = "wgates", proxy: str | None = None,
-                trainer: Callable = search, allocation: str | None = None) -> nn.Module:
-    """Gate search of `kind` under `ctx.cost` (or a fitted `proxy`), then the closed loop;
-    `allocation` overrides `ctx.allocation` (for the ablation of the paper's form)."""
+                how: GateSearch) -> nn.Module:
+    """Gate search as `how` says, under `ctx.cost` (or `how`'s fitted proxy), then the
+    closed loop."""
     torch.manual_seed(ctx.seed)
-    gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind=kind)
-    cost = fit_proxy(gated, proxy, ctx.proxy_samples, ctx.seed) if proxy else ctx.cost
+    gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind=how.kind)
+    cost = fit_proxy(gated, how.proxy, ctx.proxy_samples, ctx.seed) if how.proxy else ctx.cost
     if cost is None:
-        raise WgatesError(f"gate method {kind!r} needs a latency predictor: set Context.cost")
+        raise WgatesError(f"gate method {how.kind!r} needs a latency predictor: set "
+                          "Context.cost")
     check_groups(cost, [g.name for g in gated.groups])
     if isinstance(cost, nn.Module):
         cost.requires_grad_(False)
     middle = target * (1 - ctx.tolerance / 2)  # of the band the closed loop accepts
-    history, control = trainer(
+    steps = ctx.epochs * len(train_loader)
+    history, control = search(
         gated, cost, middle, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,
-        progress=ctx.progress, allocation=allocation or ctx.allocation, ramp=ctx.ramp,
+        progress=ctx.progress, allocation=how.allocation or ctx.allocation, ramp=ctx.ramp,
         floor=ctx.floor, importance=ctx.importance, teacher=model if ctx.distill else None,
         measure=ctx.measure, band=((1 - ctx.tolerance) * target, target),
-        val_loader=ctx.val_loader)
-    small, steps = closed_loop(gated.eval(), cost, ctx.measure, target, ctx.tolerance,
-                               propose=getattr(control, "masks_at", None), loader=train_loader)
+        val_loader=ctx.val_loader, loss_fn=ctx.loss_fn,
+        regulariser=how.regulariser(gated, steps) if how.regulariser else None)
+    small, loop = closed_loop(gated.eval(), cost, ctx.measure, target, ctx.tolerance,
+                              propose=getattr(control, "masks_at", None), loader=train_loader)
     ctx.notes.update(search=history.epochs, calibration=getattr(control, "calibration", []),
-                     loop=[asdict(s) for s in steps])
+                     loop=[asdict(s) for s in loop])
     return small
 
 
-for _name, _method in {
-    "wgates": partial(gate_method, kind="wgates"),
-    "plain": partial(gate_method, kind="plain"),
-    "gdp": partial(gate_method, kind="gdp", trainer=polarised_search),
-    "wgates-flops": partial(gate_method, kind="wgates", proxy="flops"),
-    "wgates-gradient": partial(gate_method, kind="wgates", allocation="gradient"),
-}.items():
-    register_method(_name, _method, searches=True)
+_WGATES = "Li et al., 2020, arXiv 2007.02066, Weight-dependent Gates (W-Gates)"
+for _name, _how, _paper in [
+    ("wgates", GateSearch("wgates"), f"{_WGATES}, with LPNet and the knapsack allocation"),
+    ("plain", GateSearch("plain"),
+     f"ablation of {_WGATES}: weight-independent gates (one free value per channel)"),
+    ("gdp", GateSearch("gdp", allocation="gradient", regulariser=Polariser),
+     "Guo et al., ICCV 2021, arXiv 2109.02220, GDP: Gates with Differentiable "
+     "Polarization"),
+    ("wgates-flops", GateSearch("wgates", proxy="flops"),
+     f"ablation of {_WGATES}: a fitted FLOPs proxy instead of LPNet"),
+    ("wgates-gradient", GateSearch("wgates", allocation="gradient"),
+     f"{_WGATES}, the paper's form: widths moved by the latency loss's gradient"),
+]:
+    register_method(_name, partial(gate_method, how=_how), paper=_paper, gates=_how)

@@ -497,7 +497,8 @@ def add_prune(sub) -> None:
                    help="use --predictor even though it was measured on another machine, "
                    "backend, thread count or batch (refused by default)")
     p.add_argument("--proxy", default="latency", choices=["latency", "flops", "params"])
-    p.add_argument("--gates", default="wgates", choices=["wgates", "plain"])
+    p.add_argument("--method", default=PRUNE.method,
+                   help="the pruning method (default %(default)s; `wgates methods` lists them)")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=PRUNE.distill,
                    help="search and fine-tune with knowledge distillation from the dense model "
                    "(default: on; measured +1.7 and +4.0 points on ResNet-20, "
@@ -512,12 +513,14 @@ def _run_prune(args) -> int:
     import torch
 
     from wgates import distributed
+    from wgates.baselines import method_info
     from wgates.pipeline import preflight, prune
     from wgates.report import THREADS_WHY
     from wgates.search import parse_target
     from wgates.train import train
 
-    parse_target(args.target_latency)  # refused before any training or measuring
+    method_info(args.method)  # both refused before any training or measuring
+    parse_target(args.target_latency)
     torch.manual_seed(args.seed)
     model, train_loader, val_loader, info = _model_and_loaders(args, args.latency_batch)
     if args.weights is None and args.dense_epochs > 0:
@@ -527,7 +530,7 @@ def _run_prune(args) -> int:
         with torch.random.fork_rng(devices=[]):
             preflight(model, torch.randn(args.latency_batch, *info.input_shape),
                       target_latency=args.target_latency, backend=args.backend,
-                      threads=args.threads, kind=args.gates, predictor=args.predictor,
+                      threads=args.threads, method=args.method, predictor=args.predictor,
                       force_predictor=args.force_predictor, allocation=args.allocation,
                       floor=args.floor, measure=True)
         if distributed.is_main():
@@ -538,7 +541,7 @@ def _run_prune(args) -> int:
     result = prune(
         model, example, train_loader, val_loader, target_latency=args.target_latency,
         backend=args.backend, epochs=args.epochs, finetune_epochs=args.finetune_epochs,
-        run_dir=args.run_dir, proxy=args.proxy, kind=args.gates, samples=args.samples,
+        run_dir=args.run_dir, proxy=args.proxy, method=args.method, samples=args.samples,
         predictor=args.predictor, threads=args.threads, distill=args.distill,
         allocation=args.allocation, ramp=args.ramp, floor=args.floor,
         importance=args.importance,
@@ -546,7 +549,7 @@ def _run_prune(args) -> int:
         check_threads=args.check_threads,
     )
     if distributed.is_main():
-        print(f"\npruned for and measured on {result.deployment()}; target "
+        print(f"\n{result.method}: pruned for and measured on {result.deployment()}; target "
               f"{result.target_ratio:.3f} of dense:\n{result.table()}")
         if len(result.at_threads) > 1:
             print(f"\nat other thread counts (batch {result.batch}; each against the dense "
@@ -555,4 +558,23 @@ def _run_prune(args) -> int:
     return 0
 
 
-SUBCOMMANDS.extend([add_train, add_prune])
+def add_methods(sub) -> None:
+    p = sub.add_parser(
+        "methods", help="list the pruning methods `wgates prune --method` takes",
+        description="One line per method: its name, whether it trains gates or bisects a "
+        "knob, and the paper it comes from (docs/methods.md: how each is read).")
+
+    def run(args) -> int:
+        from wgates.baselines import INFO
+
+        width = max(map(len, INFO))
+        for name, info in INFO.items():
+            how = "gates" if info.gates else "knob"
+            default = " (default)" if name == PRUNE.method else ""
+            print(f"{name:<{width}}  {how:<5}  {info.paper}{default}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+SUBCOMMANDS.extend([add_train, add_prune, add_methods])

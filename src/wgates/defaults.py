@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class PruneDefaults:
+    method: str = "wgates"  # a name in wgates.baselines.METHODS (`wgates methods`)
     epochs: int = 3  # gate-search epochs
     finetune_epochs: int = 3
     samples: int = 150  # measured variants LPNet is fitted on

@@ -123,7 +123,7 @@ class PolarGate(nn.Module):
     and lets the polarisation regulariser in `wgates.baselines` drive it to 0 or 1); in eval
     mode it is the hard step that extraction uses. Simplification: GDP folds the open gates'
     values (close to 1 once polarised) into the weights; here open gates become exactly 1.
-    `eps` is annealed from outside (see `wgates.baselines.gdp`).
+    `eps` is annealed from outside (see `wgates.baselines.Polariser`).
     """
 
     needs_weights = False

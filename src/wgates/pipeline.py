@@ -4,6 +4,11 @@ dense latency -> cost model (LPNet from measured samples, or a FLOPs / params pr
 gate search -> extract + closed loop on the hardware -> fine-tune -> measure, save, export.
 A stage whose output is already in the run directory is skipped, so `resume` continues a
 killed run from its last finished stage (and the search / fine-tune from their last epoch).
+
+`method` picks any method of `wgates.baselines.METHODS`: a gate method changes the search
+(its `GateSearch`); a knob method (uniform, L1, Torch-Pruning) replaces the cost model, the
+search and the closed loop by its knob, bisected on this run's measurements. The rest (the
+fine-tune, the measured result, the run directory and the report) is the same for all.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch import nn
 
 from wgates import distributed
 from wgates.allocate import lowest_units
+from wgates.baselines import METHODS, Context, method_info
 from wgates.defaults import PRUNE, deployment_threads
 from wgates.errors import WgatesError
 from wgates.export import export_onnx
@@ -40,7 +46,7 @@ from wgates.predictor import (
     fit_file,
     fit_proxy,
 )
-from wgates.search import ALLOCATIONS, parse_target, search, search_optimizers
+from wgates.search import ALLOCATIONS, confirmed, parse_target, search, search_optimizers
 from wgates.train import (
     LossFn,
     StepTrace,
@@ -71,7 +77,8 @@ class PruneResult:
     widths: dict[str, int]
     sizes: dict[str, int]
     run_dir: Path
-    loop: list[dict] = field(default_factory=list)
+    method: str = PRUNE.method
+    loop: list[dict] = field(default_factory=list)  # the closed loop's (or knob's) measurements
     accuracy_before_finetune: float = float("nan")  # right after the search and closed loop
     backend: str = "torch-cpu"  # the deployment the model was pruned for
     threads: int = PRUNE.threads
@@ -158,7 +165,7 @@ def prune(
     finetune_epochs: int = PRUNE.finetune_epochs,
     run_dir: str | Path = "runs/prune",
     proxy: str = "latency",
-    kind: str = "wgates",
+    method: str = PRUNE.method,
     samples: int = PRUNE.samples,
     predictor: str | Path | None = None,
     threads: int = PRUNE.threads,
@@ -182,6 +189,9 @@ def prune(
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
     `backend`, keeping as much accuracy as the given epochs allow. See the module docstring.
 
+    `method`: a name in `wgates.baselines.METHODS` (`wgates methods`); what a gate method
+    fixes (GDP's gates and latency gradient, the FLOPs proxy of `wgates-flops`) overrides
+    `proxy` and `allocation`, and a knob method reads none of the search's settings;
     `allocation`, `ramp`, `floor`, `importance`: how the search sets the widths
     (`wgates.search`);
     `distill`: the dense model teaches the search and the fine-tune;
@@ -199,16 +209,19 @@ def prune(
     cannot reach here (below the latency with every group at its narrowest, or a time at or
     above the dense latency) right after measuring, before profiling, and a run directory
     this call made is then removed."""
+    info = method_info(method)
     if proxy not in PROXIES:
         raise WgatesError(f"proxy must be one of {PROXIES}, got {proxy!r}")
     if allocation not in ALLOCATIONS:
         raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if info.gates:
+        proxy, allocation = info.gates.settings(proxy, allocation)
     get_backend(backend, threads)
     torch.manual_seed(seed)
     inputs = as_input_tuple(example_inputs)
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
-              kind=kind, predictor=predictor, force_predictor=force_predictor)
+              method=method, predictor=predictor, force_predictor=force_predictor)
     path = Path(run_dir)
     # a run directory this call makes (or finds empty) is emptied again if the target is
     # refused after measuring: it would hold nothing but block the next run
@@ -217,7 +230,7 @@ def prune(
     run = _Run(path, resume, {
         "model": f"{type(model).__name__} {weights_digest(model)}",
         "input_shapes": [list(x.shape) for x in inputs], "target_latency": str(target_latency),
-        "backend": backend, "threads": threads, "kind": kind, "proxy": proxy,
+        "backend": backend, "threads": threads, "method": method, "proxy": proxy,
         "predictor": None if predictor is None else str(predictor), "samples": samples,
         "allocation": allocation, "ramp": ramp, "floor": floor, "importance": importance,
         "distill": distill,
@@ -234,51 +247,65 @@ def prune(
                      backend=backend, threads=threads,
                      input_shapes=[list(x.shape) for x in inputs])
         target = parse_target(target_latency, run.state["dense_ms"])
-        run.save(target_ratio=target, target_latency=str(target_latency), proxy=proxy,
-                 kind=kind, allocation=allocation, ramp=ramp, floor=floor,
-                 importance=importance, distill=distill)
+        run.save(target_ratio=target, target_latency=str(target_latency),
+                 proxy=proxy if info.gates else None, method=method, kind=info.kind,
+                 allocation=allocation, ramp=ramp, floor=floor, importance=importance,
+                 distill=distill)
 
         torch.manual_seed(seed)  # the gates' first weights, whatever ran before (a resumed
-        gated = gate(model, inputs, kind=kind)  # run skips the measurements above)
+        gated = gate(model, inputs, kind=info.kind)  # run skips the measurements above)
+        lowest = lowest_floor(method, allocation, floor)
         if "min_ratio" not in run.state:
             run.save(min_ratio=distributed.once("measure the narrowest model", lambda: (
-                smallest_ratio(gated, measure, lowest_floor(allocation, floor), target,
-                               tolerance))))
+                smallest_ratio(gated, measure, lowest, target, tolerance))))
         refuse_unreachable(target_latency, target, run.state["min_ratio"],
-                           run.state["dense_ms"], lowest_floor(allocation, floor), backend)
+                           run.state["dense_ms"], lowest, backend)
     except WgatesError:
         if made_here:
             _discard(path, keep_dir)
         raise
-    cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples, progress,
-                       force_predictor)
-
-    total = epochs * len(train_loader)
-    optimizers = search_optimizers(gated, total, lr, gate_lr)
-    trace = StepTrace(every=max(1, total // TRACE_POINTS))
-    term = LatencyTerm(gated, cost, target, total, measure=measure, tolerance=tolerance,
-                       allocation=allocation, ramp=ramp, floor=floor, importance=importance,
-                       loader=train_loader, loss_fn=loss_fn)
     teacher = dense if distill else None
-    _resumable_stage(
-        run, "search", {"model": gated, "loss": term, "trace": trace,
-                        **{f"optimizer{i}": o for i, o in enumerate(optimizers)}}, epochs,
-        lambda **resume: search(gated, cost, term.aim, train_loader, epochs, progress=progress,
-                                optimizers=optimizers, loss=term.control, teacher=teacher,
-                                val_loader=val_loader, loss_fn=loss_fn, on_step=trace,
-                                seed=seed, **resume))
-    run.save(search_trace=trace.steps)
+    if info.gates is None:
+        def choose() -> tuple[nn.Module, list[dict], dict]:
+            return _knob_method(method, dense, inputs, train_loader, target, measure,
+                                tolerance, seed, loss_fn)
+    else:
+        cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
+                           progress, force_predictor)
+        total = epochs * len(train_loader)
+        optimizers = search_optimizers(gated, total, lr, gate_lr)
+        trace = StepTrace(every=max(1, total // TRACE_POINTS))
+        term = LatencyTerm(gated, cost, target, total, measure=measure, tolerance=tolerance,
+                           allocation=allocation, ramp=ramp, floor=floor,
+                           importance=importance, loader=train_loader, loss_fn=loss_fn)
+        regulariser = (info.gates.regulariser(gated, total) if info.gates.regulariser
+                       else None)
+        parts = {"model": gated, "loss": term, "trace": trace,
+                 **{f"optimizer{i}": o for i, o in enumerate(optimizers)},
+                 **({"regulariser": regulariser} if regulariser else {})}
+        _resumable_stage(
+            run, "search", parts, epochs,
+            lambda **resume: search(gated, cost, term.aim, train_loader, epochs,
+                                    progress=progress, optimizers=optimizers, loss=term.control,
+                                    regulariser=regulariser, teacher=teacher,
+                                    val_loader=val_loader, loss_fn=loss_fn, on_step=trace,
+                                    seed=seed, **resume))
+        run.save(search_trace=trace.steps)
+
+        def choose() -> tuple[nn.Module, list[dict], dict]:
+            small, steps = term.close_loop(loader=train_loader)
+            return small, [asdict(s) for s in steps], {"calibration": term.calibration}
 
     pruned_dir = run.path / "pruned"
 
     def close_the_loop() -> dict:
-        """On rank 0: the closed loop, its pruned model saved; the state's new entries."""
+        """On rank 0: the widths measured into the band (the closed loop, or a knob
+        method's bisection), the pruned model saved; the state's new entries."""
         if (pruned_dir / "pruning.json").exists():
             return {}
-        small, steps = term.close_loop(loader=train_loader)
+        small, loop, more = choose()
         save_pruned(small, pruned_dir)
-        return {"loop": [asdict(s) for s in steps], "calibration": term.calibration,
-                "accuracy_before_finetune": evaluate(small, val_loader)}
+        return {"loop": loop, **more, "accuracy_before_finetune": evaluate(small, val_loader)}
 
     run.save(**distributed.once("closed loop on the hardware", close_the_loop))
     small = _shared_pruned(gated.plain_copy(), pruned_dir)  # the dense architecture, re-pruned
@@ -309,7 +336,7 @@ def prune(
         dense_latency_ms=run.state["dense_ms"], latency_ratio=final_ratio, target_ratio=target,
         accuracy=evaluate(small, val_loader), dense_accuracy=run.state["dense_accuracy"],
         macs=macs, dense_macs=dense_macs, params=params, dense_params=dense_params,
-        widths=widths, sizes=dict(small.wgates_plan.sizes), run_dir=run.path,
+        widths=widths, sizes=dict(small.wgates_plan.sizes), run_dir=run.path, method=method,
         loop=run.state.get("loop", []),
         accuracy_before_finetune=run.state.get("accuracy_before_finetune", float("nan")),
         backend=backend, threads=threads, batch=int(inputs[0].shape[0]), at_threads=at_threads,
@@ -336,7 +363,7 @@ def preflight(
     target_latency: float | str = 0.5,
     backend: str = "torch-cpu",
     threads: int = PRUNE.threads,
-    kind: str = "wgates",
+    method: str = PRUNE.method,
     predictor: str | Path | None = None,
     force_predictor: bool = False,
     allocation: str = PRUNE.allocation,
@@ -344,15 +371,17 @@ def preflight(
     tolerance: float = PRUNE.tolerance,
     measure: bool = False,
 ) -> None:
-    """The checks `prune` makes before any work, each refusing in one line: the target's form
-    and range; that the model runs on the inputs (`check_forward`); that it has channel groups
-    to prune (`gate`); that a `predictor` file was measured for this model on this machine,
-    backend, thread count and batch (unless `force_predictor`). With `measure` (the command
-    line, before it trains a dense model) the untrained model's dense latency and the latency
-    with every group at its narrowest are measured too, and a target they put out of reach
-    is refused: latency does not depend on the weights' values.
+    """The checks `prune` makes before any work, each refusing in one line: the method's
+    name; the target's form and range; that the model runs on the inputs (`check_forward`);
+    that it has channel groups to prune (`gate`); that a `predictor` file was measured for
+    this model on this machine, backend, thread count and batch (unless `force_predictor`).
+    With `measure` (the command line, before it trains a dense model) the untrained model's
+    dense latency and the latency with every group at its narrowest are measured too, and
+    a target they put out of reach is refused: latency does not depend on the weights'
+    values.
 
     The global random state is left as it was (the gates made here are thrown away)."""
+    info = method_info(method)
     parse_target(target_latency)  # its form and range, before any work or run directory
     meter_backend = get_backend(backend, threads)
     inputs = as_input_tuple(example_inputs)
@@ -360,7 +389,7 @@ def preflight(
     with torch.random.fork_rng(devices=[]):
         modes = [(m, m.training) for m in model.modules()]
         try:
-            gated = gate(model.eval(), inputs, kind=kind)
+            gated = gate(model.eval(), inputs, kind=info.kind)
         except WgatesError as err:
             if "no prunable channel group" not in str(err):
                 raise
@@ -379,7 +408,7 @@ def preflight(
         if measure:
             distributed.once("measure the dense and the narrowest model", lambda: (
                 _measure_reachable(gated, inputs, threads, target_latency, backend,
-                                   lowest_floor(allocation, floor), tolerance)))
+                                   lowest_floor(method, allocation, floor), tolerance)))
 
 
 def _fingerprint(meter_backend, inputs: tuple) -> dict:
@@ -403,10 +432,33 @@ def _measure_reachable(gated, inputs, threads, target_latency, backend, floor,
     refuse_unreachable(target_latency, target, low, dense_ms, floor, backend)
 
 
-def lowest_floor(allocation: str, floor: float) -> float:
-    """The floor the search and the closed loop keep to: the knapsack's `floor`; the latency
-    gradient has none (groups may fall to their minimum channels)."""
-    return floor if allocation == "knapsack" else 0.0
+def lowest_floor(method: str, allocation: str, floor: float) -> float:
+    """The floor `method` keeps to: the knapsack's `floor`; none for the latency gradient
+    (groups may fall to their minimum channels) or a knob method (its knob's low end takes
+    the groups to their minimum)."""
+    gates = method_info(method).gates
+    if gates is None:
+        return 0.0
+    return floor if gates.settings("latency", allocation)[1] == "knapsack" else 0.0
+
+
+def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: float,
+                 measure: LatencyMeter, tolerance: float, seed: int,
+                 loss_fn: LossFn) -> tuple[nn.Module, list[dict], dict]:
+    """A knob method's model (`wgates.baselines`): its knob bisected on this run's
+    measurements, a reading near the band settled as the closed loop settles its own (so
+    both land in the same band by the same test). Every measurement is a step of `loop`."""
+    steps: list[dict] = []
+
+    def measured(model: nn.Module) -> tuple[float, float]:
+        ratio, spread = confirmed(measure, model, (1 - tolerance) * target,
+                                  (1 + tolerance) * target)
+        steps.append({"measured": ratio, "spread": spread})
+        return ratio, spread
+
+    torch.manual_seed(seed)
+    ctx = Context(measure=measured, tolerance=tolerance, seed=seed, loss_fn=loss_fn)
+    return METHODS[method](dense, inputs, loader, target, ctx), steps, {}
 
 
 def smallest_ratio(gated, measure, floor: float, target: float = math.nan,

@@ -15,6 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from wgates.baselines import INFO  # noqa: E402
+
 THREADS_WHY = (
     "Only the pruned-for setting is what the search optimised: at another thread count every "
     "layer shares its work differently (a narrowed layer has less to split between threads), "
@@ -136,7 +138,9 @@ def plot_latency_check(loop: list[dict], calibration: list[dict], path: Path,
                        target: float | None = None) -> Figure:
     """The cost model's prediction against the measurement for every width decision that was
     measured: the search's calibration when its ramp ended, then the closed loop's steps
-    (numbered). The diagonal is a perfect cost model."""
+    (numbered). The diagonal is a perfect cost model. Steps without a prediction (a knob
+    method's bisection) are not drawn."""
+    loop = [r for r in loop if "predicted" in r]
     fig, ax = plt.subplots(figsize=(5, 5))
     for rows, label, marker in ((calibration, "search, ramp end", "s"),
                                 (loop, "closed loop", "o")):
@@ -163,6 +167,7 @@ def write_report(run_dir: Path, result, state: dict, points: Sequence[Point] = (
     """report.md and its pictures in `run_dir`; `points` are extra models (baselines) for
     the accuracy-vs-latency picture."""
     target = state.get("target_ratio")
+    searched = INFO[result.method].gates is not None  # a knob method has no cost model
     plot_widths(result.widths, result.sizes, run_dir / "widths.png")
     plot_curves(state, run_dir / "curves.png")
     plot_accuracy_latency([*result_points(result), *points], run_dir / "accuracy_latency.png",
@@ -174,14 +179,16 @@ def write_report(run_dir: Path, result, state: dict, points: Sequence[Point] = (
         plot_search_trace(trace, run_dir / "search_trace.png", target)
     measured = [(f"ramp end, step {r['step']}", r) for r in calibration]
     measured += [(f"loop {i}", r) for i, r in enumerate(result.loop)]
-    rows = "\n".join(f"| {label} | {r['predicted']:.3f} | {r['measured']:.3f} | "
-                     f"{r['spread']:.3f} |" for label, r in measured)
+    rows = "\n".join(
+        f"| {label} | {format(r['predicted'], '.3f') if 'predicted' in r else '-'} | "
+        f"{r['measured']:.3f} | {r['spread']:.3f} |" for label, r in measured)
     lpnet = state.get("lpnet")
     fit = (
         f"LPNet held-out MAPE {lpnet['mape']:.3%} (FLOPs {lpnet['flops_mape']:.3%}, lookup "
         f"table {lpnet['lut_mape']:.3%}, noise CV {lpnet['noise_cv']:.3%})\n\n"
         "![LPNet fit](lpnet_fit.png)\n"
-        if lpnet else f"Cost model: {state.get('proxy')} proxy.\n"
+        if lpnet else f"Cost model: {state.get('proxy')} proxy.\n" if searched else
+        "None: the method's knob was bisected on measured latencies (the loop rows above).\n"
     )
     threads = f"""The delivered model at each thread count measured (batch {result.batch}), as a
 fraction of the dense model timed at that same count:
@@ -193,9 +200,11 @@ fraction of the dense model timed at that same count:
 {THREADS_WHY}
 """ if len(result.at_threads) > 1 else "Measured at the pruned-for setting only.\n"
     search = ("![search per step](search_trace.png)\n" if trace
-              else "No per-step trace in this run's state.\n")
+              else "No per-step trace in this run's state.\n" if searched
+              else "This method does not search: it sets its widths in one shot.\n")
     text = f"""# wgates run
 
+Method: `{result.method}`, {INFO[result.method].paper}.
 Pruned for and measured on {result.deployment()} (input {state['input_shapes']}).
 Target: {result.target_ratio:.3f} of the dense latency. Latencies measured, interleaved with
 the dense model.

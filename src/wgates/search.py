@@ -441,6 +441,16 @@ def threshold_for(gated: GatedModel, cost: Cost, goal: float, iters: int = 40) -
     return hi
 
 
+def confirmed(measure: Measure, model: nn.Module, low: float,
+              high: float) -> tuple[float, float]:
+    """`measure(model)`, but a reading in [low, high] (near the band) is replaced by the
+    settled median of several (`settled`): noise must not decide whether a model is in."""
+    ratio, spread = measure(model)
+    if low <= ratio <= high:
+        ratio, spread = settled(measure, model)
+    return ratio, spread
+
+
 @dataclass
 class LoopStep:
     threshold: float
@@ -481,9 +491,7 @@ def closed_loop(
         gated.clear_masks()
         gated.set_masks(masks)
         model = gated.extract()
-        ratio, spread = measure(model)
-        if low <= ratio <= target * (1 + tolerance):  # near: noise must not decide
-            ratio, spread = settled(measure, model)
+        ratio, spread = confirmed(measure, model, low, target * (1 + tolerance))
         with torch.no_grad():
             predicted = float(cost(gated.kept_counts()))
         steps.append(LoopStep(tau, predicted, ratio, spread))
