@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import wgates
 from wgates.baselines import METHODS
 from wgates.cli import main
+from wgates.errors import WgatesError
 from wgates.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -427,3 +428,14 @@ def test_prune_runs_every_method(method, digits_weights, tmp_path, macs_meter, m
     for name in ("model/model.safetensors", "model.onnx", "report.md", "state.json"):
         assert (run_dir / name).is_file(), name
     assert f"Method: `{method}`" in (run_dir / "report.md").read_text()
+
+
+def test_earlier_names_of_the_method_still_work():
+    """`--gates` and `prune(kind=)` were the method's names before `--method`: kept."""
+    from wgates.cli import build_parser
+    from wgates.pipeline import prune
+
+    assert build_parser().parse_args(["prune", "--gates", "plain"]).method == "plain"
+    with pytest.warns(DeprecationWarning, match="method="), \
+            pytest.raises(WgatesError, match="nope"):
+        prune(torch.nn.Conv2d(1, 2, 3), torch.randn(1, 1, 8, 8), None, None, kind="nope")

@@ -497,8 +497,9 @@ def add_prune(sub) -> None:
                    help="use --predictor even though it was measured on another machine, "
                    "backend, thread count or batch (refused by default)")
     p.add_argument("--proxy", default="latency", choices=["latency", "flops", "params"])
-    p.add_argument("--method", default=PRUNE.method,
-                   help="the pruning method (default %(default)s; `wgates methods` lists them)")
+    p.add_argument("--method", "--gates", default=PRUNE.method,
+                   help="the pruning method (default %(default)s; `wgates methods` lists them; "
+                   "--gates is its earlier name)")
     p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=PRUNE.distill,
                    help="search and fine-tune with knowledge distillation from the dense model "
                    "(default: on; measured +1.7 and +4.0 points on ResNet-20, "

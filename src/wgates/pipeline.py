@@ -18,6 +18,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -185,6 +186,7 @@ def prune(
     force_predictor: bool = False,
     loss_fn: LossFn = classification_loss,
     check_threads: Sequence[int] = PRUNE.check_threads,
+    kind: str | None = None,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
     `backend`, keeping as much accuracy as the given epochs allow. See the module docstring.
@@ -203,12 +205,18 @@ def prune(
     measured for; `check_threads`: other thread counts the delivered model is measured at
     too, against the dense model at the same count (`measure_threads`; () for none);
     `force_predictor`: use a `predictor` file measured on another machine, backend, thread
-    count or batch (refused by default, naming what differs).
+    count or batch (refused by default, naming what differs);
+    `kind`: the earlier name of `method` for the gate kinds ("wgates", "plain", "gdp"), kept
+    so that existing calls go on working.
 
     Bad input is refused before the run directory is made (`preflight`); a target the model
     cannot reach here (below the latency with every group at its narrowest, or a time at or
     above the dense latency) right after measuring, before profiling, and a run directory
     this call made is then removed."""
+    if kind is not None:
+        warnings.warn("wgates.prune(kind=...) is now method=...", DeprecationWarning,
+                      stacklevel=2)
+        method = kind
     info = method_info(method)
     if proxy not in PROXIES:
         raise WgatesError(f"proxy must be one of {PROXIES}, got {proxy!r}")
