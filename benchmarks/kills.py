@@ -14,6 +14,7 @@ Everything else (the files, the stages, the processes and their kills) is the re
 
     python benchmarks/kills.py --kills 50           # results: benchmarks/results/kills.md
     python benchmarks/kills.py --kills 50 --resume  # skip the trials already recorded
+    python benchmarks/kills.py --kills 0 --at "closed loop"   # one kill in the closed loop
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ SIMULATED = "simulated-cpu"
 # a small job: every stage checkpoints more than once and the whole job takes seconds
 TRAIN = ["train", "--subset", "300", "--epochs", "3", "--seed", "0"]
 SEARCH_EPOCHS, FINETUNE_EPOCHS = 2, 2
+STEPS = ("measuring the dense model", "profiling and LPNet fit", "search", "closed loop",
+         "fine-tune", "export and report")  # of `wgates prune`, in order (`where`)
 PRUNE = ["prune", "--subset", "300", "--epochs", str(SEARCH_EPOCHS),
          "--finetune-epochs", str(FINETUNE_EPOCHS),
          "--samples", "24", "--backend", SIMULATED, "--seed", "0"]
@@ -86,13 +89,10 @@ def where(work: Path, stage: str) -> str:
         return "dense training" if (work / "dense.safetensors.ckpt").exists() else "train start"
     run = work / "run"
     state = json.loads((run / "state.json").read_text()) if (run / "state.json").exists() else {}
-    steps = [("measuring the dense model", "min_ratio" in state),
-             ("profiling and LPNet fit", (run / "lpnet.pt").exists()),
-             ("search", len(state.get("search", [])) >= SEARCH_EPOCHS),
-             ("closed loop", "loop" in state),
-             ("fine-tune", len(state.get("finetune", [])) >= FINETUNE_EPOCHS),
-             ("export and report", "finished" in state)]
-    return next((name for name, done in steps if not done), "after the report")
+    done = ["min_ratio" in state, (run / "lpnet.pt").exists(),
+            len(state.get("search", [])) >= SEARCH_EPOCHS, "loop" in state,
+            len(state.get("finetune", [])) >= FINETUNE_EPOCHS, "finished" in state]
+    return next((name for name, d in zip(STEPS, done, strict=True) if not d), "after the report")
 
 
 def launch(args: list[str], log) -> subprocess.Popen:
@@ -100,28 +100,44 @@ def launch(args: list[str], log) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, cwd=tempfile.gettempdir())
 
 
-def run_job(work: Path, kill_after: dict[str, list[float]]) -> tuple[list[dict], dict]:
-    """The job in `work`, each stage killed after each of its `kill_after` delays (seconds)
-    and resumed: (the kills that happened, the stages' wall times)."""
+def wait_or_kill(proc: subprocess.Popen, work: Path, stage: str, when: float | str | None
+                 ) -> bool:
+    """Let `proc` end, or SIGKILL it after `when` seconds, or as soon as it is seen in the
+    step named `when` (polled every 10 ms); whether it was killed."""
+    if not isinstance(when, str):
+        try:
+            proc.wait(timeout=when)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+    else:
+        while proc.poll() is None and where(work, stage) != when:
+            time.sleep(0.01)
+        if proc.poll() is not None:
+            return False
+    proc.kill()
+    proc.wait()
+    return True
+
+
+def run_job(work: Path, kill_after: dict[str, list[float | str]]) -> tuple[list[dict], dict]:
+    """The job in `work`, each stage killed at each of its `kill_after` moments (seconds
+    after it starts, or a step's name) and resumed: (the kills that happened, the stages'
+    wall times)."""
     kills, walls = [], {}
     with open(work / "log.txt", "a") as log:
         for stage, args in stages(work):
             delays = list(kill_after.get(stage, []))
             started = time.perf_counter()
             while True:
-                proc = launch(args, log)
-                delay = delays.pop(0) if delays else None
-                try:
-                    code = proc.wait(timeout=delay)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    kills.append({"stage": stage, "after_s": round(delay, 2),
-                                  "at": where(work, stage)})
+                proc, start = launch(args, log), time.perf_counter()
+                if wait_or_kill(proc, work, stage, delays.pop(0) if delays else None):
+                    kills.append({"stage": stage, "at": where(work, stage),
+                                  "after_s": round(time.perf_counter() - start, 2)})
                     continue
-                if code != 0:
+                if proc.returncode != 0:
                     tail = (work / "log.txt").read_text()[-2000:]
-                    raise RuntimeError(f"{stage} exited {code} in {work}:\n{tail}")
+                    raise RuntimeError(f"{stage} exited {proc.returncode} in {work}:\n{tail}")
                 break
             walls[stage] = time.perf_counter() - started
     return kills, walls
@@ -150,19 +166,40 @@ def write(results: list[dict], reference: dict, out: Path, command: str) -> None
         f"Command: `{command}`", "",
         f"**{len(kills)} kills in {len(results)} trials; {same} of {len(results)} trials ended "
         "with the reference's result** (pruned weights and ONNX file bit for bit, widths, "
-        "accuracy, delivered ratio).", "",
+        "accuracy, delivered ratio). Random kills first, then one trial killed as soon as "
+        "the job was seen in each step of `wgates prune` (marked 'at a step').", "",
         f"Reference: weights {reference['weights']}, accuracy {reference['accuracy']}, "
         f"ratio {reference['ratio']}, widths {reference['widths']}.", "",
         "| killed during | kills |", "|---|---|",
         *[f"| {name} | {n} |" for name, n in sorted(at.items(), key=lambda x: -x[1])], "",
         "| trial | kills (stage: seconds after start, in) | same result | differs in |",
         "|---|---|---|---|",
-        *[f"| {r['trial']} | " + "; ".join(f"{k['stage']}: {k['after_s']} s, {k['at']}"
-                                          for k in r["kills"])
+        *[f"| {r['trial']}{' (at a step)' if r.get('targeted') else ''} | "
+          + "; ".join(f"{k['stage']}: {k['after_s']} s, {k['at']}" for k in r["kills"])
           + f" | {'yes' if r['same'] else 'NO'} | {', '.join(r['differs']) or '-'} |"
           for r in results],
     ]
     (out / "kills.md").write_text("\n".join(lines) + "\n")
+
+
+def trial(number: int, plan: dict[str, list[float | str]], reference: dict, record: Path
+          ) -> dict:
+    """One job killed as `plan` says, resumed to the end, compared with the reference, and
+    appended to `record`."""
+    work = Path(tempfile.mkdtemp(prefix="kills-"))
+    try:
+        kills, _ = run_job(work, plan)
+        got = outcome(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    differs = [k for k in reference if got[k] != reference[k]]
+    result = {"trial": number, "kills": kills, "same": not differs, "differs": differs,
+              "got": got, "targeted": any(isinstance(t, str) for t in plan.get("prune", []))}
+    with open(record, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(f"trial {number}: {len(kills)} kills, "
+          f"{'same' if not differs else 'DIFFERS in ' + ', '.join(differs)}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--resume", action="store_true",
                         help="keep the trials already in <out>/kills.jsonl")
+    parser.add_argument("--at", nargs="*", default=list(STEPS), choices=STEPS, metavar="STEP",
+                        help="after the random kills, one trial killed as soon as the job is "
+                        "seen in each of these steps of wgates prune (default: all of %(choices)s)")
     parser.add_argument("--lanes", type=Path, default=None, metavar="DIR",
                         help="beside benchmark lanes (benchmarks/lanes.py): paused, with its "
                         "jobs, while any of them measures latency")
@@ -191,25 +231,20 @@ def main(argv: list[str] | None = None) -> int:
         reference = outcome(Path(tmp))
     print(f"reference: {reference} ({', '.join(f'{k} {v:.0f} s' for k, v in walls.items())})")
     rng = random.Random(args.seed + len(results))  # a resumed benchmark draws new times
-    while sum(len(r["kills"]) for r in results) < args.kills:
-        plan = {s: [rng.uniform(0.5, w) for _ in range(rng.randint(0, 2))]
-                for s, w in walls.items()}
-        if not any(plan.values()):
-            plan["prune"] = [rng.uniform(0.5, walls["prune"])]
-        work = Path(tempfile.mkdtemp(prefix="kills-"))
-        try:
-            kills, _ = run_job(work, plan)
-            got = outcome(work)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        differs = [k for k in reference if got[k] != reference[k]]
-        result = {"trial": len(results), "kills": kills, "same": not differs,
-                  "differs": differs, "got": got}
-        results.append(result)
-        with open(record, "a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(f"trial {result['trial']}: {len(kills)} kills, "
-              f"{'same' if not differs else 'DIFFERS in ' + ', '.join(differs)}")
+    targeted = {k["at"] for r in results if r.get("targeted") for k in r["kills"]}
+    while True:
+        if sum(len(r["kills"]) for r in results if not r.get("targeted")) < args.kills:
+            plan = {s: [rng.uniform(0.5, w) for _ in range(rng.randint(0, 2))]
+                    for s, w in walls.items()}
+            if not any(plan.values()):
+                plan["prune"] = [rng.uniform(0.5, walls["prune"])]
+        elif [step for step in args.at if step not in targeted]:
+            step = next(step for step in args.at if step not in targeted)
+            targeted.add(step)
+            plan = {"prune": [step]}
+        else:
+            break
+        results.append(trial(len(results), plan, reference, record))
         write(results, reference, args.out, command)
     return 0 if all(r["same"] for r in results) else 1
 

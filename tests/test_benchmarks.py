@@ -223,11 +223,14 @@ def test_lanes_pause_each_other_while_one_measures(tmp_path):
 
 
 def test_killed_runs_resume_to_the_reference_result(tmp_path):
-    """A few of benchmarks/kills.py's random SIGKILLs (the benchmark runs 50): each killed job,
-    resumed, ends with the unkilled job's weights bit for bit."""
-    result = run("kills.py", "--kills", "2", "--seed", "1", "--out", str(tmp_path))
+    """A few of benchmarks/kills.py's SIGKILLs (the benchmark runs 50 at random, then one in
+    each step): a random one, and one in the closed loop; each killed job, resumed, ends with
+    the unkilled job's weights bit for bit."""
+    result = run("kills.py", "--kills", "1", "--seed", "1", "--at", "closed loop",
+                 "--out", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     trials = [json.loads(x) for x in (tmp_path / "kills.jsonl").read_text().splitlines()]
     assert sum(len(t["kills"]) for t in trials) >= 2
+    assert [k["at"] for k in trials[-1]["kills"]] == ["closed loop"] and trials[-1]["targeted"]
     assert all(t["same"] for t in trials)
     assert "ended with the reference's result" in (tmp_path / "kills.md").read_text()
