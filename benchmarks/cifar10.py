@@ -255,8 +255,9 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
         at = [batch, *shape[1:]]
         inputs = (torch.randn(at).to(settings.device),)
         start = time.perf_counter()
-        cost = latency_predictor(dense, at, backend, settings,
-                                 profile_path(cache, label, backend, at))
+        with alone():  # profiling is measuring too: no other lane trains meanwhile
+            cost = latency_predictor(dense, at, backend, settings,
+                                     profile_path(cache, label, backend, at))
         log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
         measure = make_measure(dense, inputs, backend, settings.protocol(), alone)
         for target, method, seed in todo:

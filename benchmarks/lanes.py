@@ -74,3 +74,25 @@ class Lanes:
                 yield
             finally:
                 self._signal(stopped, signal.SIGCONT)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python benchmarks/lanes.py DIR -- COMMAND...`: run any command (a test suite, CI) as a
+    lane, so that the lanes' measurements pause it too; it never measures itself."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the command to run after --")
+    Lanes(args.folder)  # this process's group and pid, kept by exec: its children are paused
+    sys.stdout.flush()
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    main()

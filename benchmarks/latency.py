@@ -14,10 +14,12 @@ import os
 import shlex
 import sys
 import tempfile
+from contextlib import nullcontext
 from datetime import date
 from pathlib import Path
 
 import torch
+from lanes import Lanes
 
 from wgates.latency import LatencyStore, profile
 from wgates.models import create_model, default_input_shape
@@ -78,13 +80,17 @@ def main() -> None:
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "wgates-latency-bench"
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/latency.md"))
+    parser.add_argument("--lanes", type=Path, default=None, metavar="DIR",
+                        help="one of several benchmark processes sharing DIR: each profile "
+                        "pauses the other lanes (benchmarks/lanes.py) while it measures")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = [
-        bench(m, b, args.samples, args.workdir, args.threads)
-        for m in args.models
-        for b in args.backends
-    ]
+    alone = Lanes(args.lanes).alone if args.lanes else nullcontext
+    results = []
+    for m in args.models:
+        for b in args.backends:
+            with alone():
+                results.append(bench(m, b, args.samples, args.workdir, args.threads))
     from wgates.latency.backends import cpu_model
 
     text = (

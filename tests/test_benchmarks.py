@@ -222,6 +222,28 @@ def test_lanes_pause_each_other_while_one_measures(tmp_path):
         ticker.kill()
 
 
+def test_any_command_runs_as_a_lane_and_is_paused(tmp_path):
+    """`lanes.py DIR -- COMMAND` (how a test suite runs beside benchmark lanes): the command,
+    which knows nothing of lanes, makes no progress while a lane measures."""
+    out = tmp_path / "ticks"
+    ticker = subprocess.Popen([
+        sys.executable, str(BENCH / "lanes.py"), str(tmp_path / "lanes"), "--", sys.executable,
+        "-c", TICKER.replace("Lanes({folder!r})", "").format(bench=str(BENCH), out=str(out)),
+    ])
+    try:
+        while not out.exists() or len(ticks(out)) < 2:  # the command is running
+            time.sleep(0.05)
+        measurer = lane(MEASURER, folder=tmp_path / "lanes", die=False)
+        start, end, paused = measurer.communicate(timeout=60)[0].split()
+        seen = ticks(out)
+        assert int(paused) == 1
+        assert not ((seen > float(start) + 0.05) & (seen < float(end))).any()
+        time.sleep(0.3)
+        assert len(ticks(out)) > len(seen)  # and goes on afterwards
+    finally:
+        ticker.kill()
+
+
 def test_killed_runs_resume_to_the_reference_result(tmp_path):
     """A few of benchmarks/kills.py's SIGKILLs (the benchmark runs 50 at random, then one in
     each step): a random one, and one in the closed loop; each killed job, resumed, ends with
