@@ -31,9 +31,10 @@ class Lanes:
         self.folder.mkdir(parents=True, exist_ok=True)
         if os.getpgid(0) != os.getpid():
             os.setpgid(0, 0)  # this lane and its data workers: one group, paused as one
-        self._signal(self.others(), signal.SIGCONT)  # a lane killed while measuring left them
-        self.pidfile = self.folder / f"{os.getpid()}.pid"
-        self.pidfile.write_text("")
+        with self._lock():  # not while a lane measures: it would be disturbed and undone
+            self._signal(self.others(), signal.SIGCONT)  # a lane killed measuring left them
+            self.pidfile = self.folder / f"{os.getpid()}.pid"
+            self.pidfile.write_text("")
         atexit.register(self.pidfile.unlink, missing_ok=True)
         self.paused = 0  # how many lanes the last measurement paused
 
@@ -64,10 +65,15 @@ class Lanes:
         return sent
 
     @contextmanager
-    def alone(self) -> Iterator[None]:
-        """Hold the lanes' lock and keep every other lane paused meanwhile."""
+    def _lock(self) -> Iterator[None]:
         with open(self.folder / "measure.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released by the OS if this process dies
+            yield
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        """Hold the lanes' lock and keep every other lane paused meanwhile."""
+        with self._lock():
             stopped = self._signal(self.others(), signal.SIGSTOP)
             self.paused = len(stopped)
             try:

@@ -240,6 +240,15 @@ def test_any_command_runs_as_a_lane_and_is_paused(tmp_path):
         assert not ((seen > float(start) + 0.05) & (seen < float(end))).any()
         time.sleep(0.3)
         assert len(ticks(out)) > len(seen)  # and goes on afterwards
+        # a lane that starts while another measures waits: it resumes no one meanwhile
+        measurer = lane(MEASURER, folder=tmp_path / "lanes", die=False)
+        time.sleep(0.3)
+        late = subprocess.Popen([sys.executable, str(BENCH / "lanes.py"), str(tmp_path / "lanes"),
+                                 "--", "true"])
+        start, end, paused = measurer.communicate(timeout=60)[0].split()
+        late.wait(timeout=60)
+        seen = ticks(out)
+        assert not ((seen > float(start) + 0.05) & (seen < float(end))).any()
     finally:
         ticker.kill()
 
