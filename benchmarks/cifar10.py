@@ -266,7 +266,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                           tolerance=settings.tolerance, seed=seed, distill=settings.distill,
                           allocation=settings.allocation, ramp=settings.ramp,
                           floor=settings.floor, importance=settings.importance,
-                          val_loader=val_loader)
+                          val_loader=val_loader,
+                          channel_multiple=get_backend(backend).channel_multiple)
             torch.manual_seed(seed)
             if isinstance(train_loader.sampler, EpochShuffle):  # the data order is the seed's
                 train_loader.sampler.seed = seed

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -160,6 +162,32 @@ def test_every_method_names_its_paper_and_how_it_runs():
                        "tp-l1, tp-l2, tp-taylor, wgates, plain, gdp") as err:
         method_info("nope")
     assert len(str(err.value).splitlines()) == 1
+
+
+def test_functional_keeps_one_of_each_repeated_filter(setup):
+    """Filters made to repeat one another (same weights, same BatchNorm) respond alike, so
+    the smallest distance cut merges exactly those, and keeps one of each pair."""
+    from wgates.baselines import FunctionClusters, channel_responses
+
+    model, inputs, loader, _ = setup
+    twin = copy.deepcopy(model)
+    conv, bn = twin.features[0][0], twin.features[0][1]
+    pairs = [(0, 1), (2, 3), (10, 20)]
+    with torch.no_grad():
+        for a, b in pairs:
+            conv.weight[b] = conv.weight[a]
+            for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var):
+                t[b] = t[a]
+    gated = gate(twin, inputs, kind="plain").eval()
+    clusters = FunctionClusters(gated, channel_responses(gated, [next(iter(loader))]))
+    first = gated.groups[0]
+    mask = clusters.masks(1e-6)[first.name]
+    assert int(mask.sum()) == first.size - len(pairs)
+    assert all(mask[a] != mask[b] for a, b in pairs)
+    assert all(int(m.sum()) == g.size for g, m in zip(gated.groups[1:],
+               list(clusters.masks(1e-6).values())[1:]))  # nothing else repeats
+    assert all(int(m.sum()) == g.min_channels
+               for g, m in zip(gated.groups, clusters.masks(2.0).values()))
 
 
 def test_torch_pruning_choice_is_torch_prunings_own(setup):

@@ -118,3 +118,25 @@ def test_extracted_model_has_no_gate_hooks(gated):
 def test_model_without_prunable_groups():
     with pytest.raises(WgatesError, match="no prunable"):
         wgates.gate(torch.nn.Linear(4, 3), torch.randn(1, 4))
+
+
+def test_channel_multiple_snaps_the_delivered_widths(resnet20, x32):
+    """Widths come out in multiples of `channel_multiple` (the nearest; the full width is
+    allowed too), keeping the channels asked for when it rounds up and the best-scored ones
+    when it rounds down; the model is still exact, and the masks stay what was delivered."""
+    gated = wgates.gate(resnet20, x32, channel_multiple=8)
+    wide = gated.groups[-1]  # 64 channels
+    for asked, delivered in [(13, 16), (11, 8), (61, 64), (60, 56), (3, 8)]:
+        gated.clear_masks()
+        wanted = gated.masks_for_widths({wide.name: asked})[wide.name]
+        gated.set_masks({wide.name: wanted})
+        small = gated.extract()  # verifies exactness
+        mask = gated.masks()[wide.name]
+        assert int(mask.sum()) == delivered
+        assert bool((wanted & mask).sum() == min(asked, delivered))
+        assert int(gated.kept_counts()[-1]) == delivered
+        assert all(w % 8 == 0 or w == g.size for w, g in
+                   zip(gated.widths().values(), gated.groups))
+        del small
+    with pytest.raises(WgatesError, match="channel_multiple"):
+        wgates.gate(resnet20, x32, channel_multiple=0)

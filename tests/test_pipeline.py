@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+import wgates
 import wgates.parts
 import wgates.pipeline as pipeline
 from wgates.cli import main
@@ -426,3 +427,27 @@ def test_gdp_searches_with_its_polariser_and_the_latency_gradient(dense, data, t
     assert all("polar" in r and "lam" in r for r in state["search_trace"])
     saved = load_checkpoint(run_dir / "search.pt")["state"]
     assert saved["regulariser"] == {"step": len(data[0])}  # one epoch's steps
+
+
+@pytest.mark.parametrize("backend, multiple, step", [("onnxruntime-cpu", None, 8),
+                                                     ("torch-cpu", 4, 4)])
+def test_widths_are_delivered_in_the_backends_channel_multiple(backend, multiple, step, dense,
+                                                               data, tmp_path, monkeypatch,
+                                                               macs_meter):
+    """On ONNX Runtime every delivered width is a multiple of 8 (or the full width): other
+    widths measured slower there. `channel_multiple` sets another step, recorded with the
+    run's settings (a resume with another one is refused)."""
+    _fast(monkeypatch)
+    _no_cost_model(monkeypatch)
+    run_dir = tmp_path / "run"
+    result = _prune(dense, data, run_dir, method="uniform", export=False, backend=backend,
+                    channel_multiple=multiple)
+    sizes = {g.name: g.size for g in wgates.gate(dense, torch.randn(1, 1, 32, 32)).groups}
+    assert result.widths and all(w % step == 0 or w == sizes[n]
+                                 for n, w in result.widths.items())
+    assert any(w < sizes[n] for n, w in result.widths.items())
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["settings"]["channel_multiple"] == step
+    with pytest.raises(WgatesError, match="channel_multiple"):
+        _prune(dense, data, run_dir, method="uniform", export=False, backend=backend,
+               channel_multiple=2, resume=True)

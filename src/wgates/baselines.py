@@ -22,8 +22,11 @@ Fine-tuning is not part of a method: the pipeline and the benchmark give every m
   under the same latency term): gate search (`wgates.search.search`) for `ctx.epochs`, then
   the measured closed loop (`wgates.search.closed_loop`). What makes each one differs is its
   `GateSearch`, which `wgates.prune` reads too.
+- `functional` (Qin et al., 2018): each group's filters clustered by the correlation of their
+  responses on calibration images; every cluster keeps its strongest filter; one distance
+  cut for the whole network is searched for the target.
 
-The scalar knobs of the first five share one routine, `match_latency`.
+The scalar knobs of the knob methods share one routine, `match_latency`.
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
@@ -78,6 +83,7 @@ class Context:
     importance: str = "taylor"  # what a unit is worth to a knapsack search (wgates.search)
     val_loader: Iterable | None = None  # a gate search reports its accuracy per epoch on it
     loss_fn: LossFn = classification_loss  # the task's loss, for sensitivities and gradients
+    channel_multiple: int = 1  # widths delivered in multiples of it (`GatedModel.snapped`)
     notes: dict = field(default_factory=dict)  # what a method reports beside its model
 
 
@@ -184,10 +190,11 @@ def _loss(model: nn.Module, batches: list, loss_fn: LossFn) -> torch.Tensor:
     return sum(loss_fn(model(x.to(device)), y.to(device)) for x, y in batches)
 
 
-def l1_ranked(model: nn.Module, inputs: tuple, ignore: Ignore = ()) -> GatedModel:
+def l1_ranked(model: nn.Module, inputs: tuple, ignore: Ignore = (),
+              channel_multiple: int = 1) -> GatedModel:
     """A gated copy whose per-channel scores are the group's L1 norms (each coupled layer's
     filters RMS-normalised, so one layer's scale does not dominate), for `masks_for_widths`."""
-    gated = gate(model, inputs, ignore=ignore, kind="plain")
+    gated = gate(model, inputs, ignore=ignore, kind="plain", channel_multiple=channel_multiple)
     with torch.no_grad():
         for i, g in enumerate(gated.gates):
             g.value.copy_(gated._filter_rows(i).abs().sum(1))
@@ -213,7 +220,7 @@ def _bisect(build: Callable[[float], nn.Module], target: float, ctx: Context,
                  "fraction; its filters by L1 norm)")
 def uniform(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """The same kept fraction in every group, searched for the target."""
-    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore)
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore, ctx.channel_multiple)
     return _bisect(lambda x: extract_at(gated, dict.fromkeys(gated.widths(), x)), target, ctx)
 
 
@@ -237,7 +244,7 @@ def sensitivity_weights(gated: GatedModel, batches: list,
                  'ConvNets" (L1 filter norms, sensitivity-ranked layer ratios)')
 def l1(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """Li et al. (2017): L1 filter ranking, per-group ratios by sensitivity rank (see top)."""
-    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore)
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore, ctx.channel_multiple)
     weights = sensitivity_weights(gated, _calibration(train_loader, ctx), ctx.loss_fn)
     # x = -1 takes every group to its minimum (every weight is >= 0.5), x = 1 prunes none.
     return _bisect(
@@ -264,7 +271,8 @@ def torch_pruning(model, example_inputs, train_loader, target: float, ctx: Conte
     inputs = as_input_tuple(example_inputs)
     keep = sorted({_classifier(model)} | resolve_ignore(model, ctx.ignore))
     batches = _calibration(train_loader, ctx) if gradients else []
-    gated = gate(model, inputs, ignore=ctx.ignore, kind="plain").eval()
+    # ranked by L1 only where channels are added or dropped to a multiple (`snapped`)
+    gated = l1_ranked(model, inputs, ctx.ignore, ctx.channel_multiple)
 
     def build(kept_fraction: float) -> nn.Module:
         clone = copy.deepcopy(model).eval()
@@ -348,7 +356,8 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
     """Gate search as `how` says, under `ctx.cost` (or `how`'s fitted proxy), then the
     closed loop."""
     torch.manual_seed(ctx.seed)
-    gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind=how.kind)
+    gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind=how.kind,
+                 channel_multiple=ctx.channel_multiple)
     cost = fit_proxy(gated, how.proxy, ctx.proxy_samples, ctx.seed) if how.proxy else ctx.cost
     if cost is None:
         raise WgatesError(f"gate method {how.kind!r} needs a latency predictor: set "
@@ -386,3 +395,92 @@ for _name, _how, _paper in [
      f"{_WGATES}, the paper's form: widths moved by the latency loss's gradient"),
 ]:
     register_method(_name, partial(gate_method, how=_how), paper=_paper, gates=_how)
+
+
+# -- functionality-oriented pruning (Qin et al., 2018) -----------------------------------------
+FO_POOL = 4  # each channel's response maps are average-pooled to FO_POOL x FO_POOL to compare
+
+
+def channel_responses(gated: GatedModel, batches: list) -> list[torch.Tensor]:
+    """Per group, one row per channel: its responses at the group's gate points (the
+    producers' BatchNorm outputs) over the calibration images, pooled: what the filter does."""
+    rows: list[list[torch.Tensor]] = [[] for _ in gated.channel_groups]
+    handles = []
+    for i, group in enumerate(gated.channel_groups):
+        for place in group.gate_points:
+            def record(module, args, out, i=i, size=group.size, place=place):
+                x = out.detach()[:, list(place.idxs)]
+                x = F.adaptive_avg_pool2d(x, FO_POOL) if x.dim() == 4 else x
+                x = x.transpose(0, 1).flatten(1)  # a row per channel
+                block = x.new_zeros(size, x.shape[1])
+                block[list(place.root_idxs)] = x
+                rows[i].append(block)
+            handles.append(gated.model.get_submodule(place.module).register_forward_hook(record))
+    device = next(gated.parameters()).device
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                gated.model(x.to(device))  # the wrapped model: no gate applied
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(r, dim=1).float().cpu() for r in rows]
+
+
+class FunctionClusters:
+    """Each group's units (channels, or channels a grouped conv ties) clustered by how alike
+    their responses are: 1 - correlation, average linkage (Qin et al. compare filters by
+    what they respond to, not by their weights). Cut at distance `t`, every cluster keeps
+    one representative, the unit that responds most strongly."""
+
+    def __init__(self, gated: GatedModel, responses: list[torch.Tensor]) -> None:
+        from scipy.cluster.hierarchy import linkage
+
+        self.gated, self.trees, self.energy = gated, [], []
+        for i, r in enumerate(responses):
+            units = gated._units(i).cpu()
+            n = gated.channel_groups[i].n_units
+            r = r.new_zeros(n, r.shape[1]).index_add_(0, units, r) / torch.bincount(
+                units, minlength=n).unsqueeze(1)  # a unit responds as its channels on average
+            self.energy.append(r.pow(2).mean(1))
+            z = r - r.mean(1, keepdim=True)
+            z = z / (z.norm(dim=1, keepdim=True) + 1e-12)
+            distance = (1 - z @ z.T).clamp(0, 2).double().numpy()
+            condensed = distance[np.triu_indices(n, 1)]
+            self.trees.append(linkage(condensed, "average") if n > 1 else None)
+
+    def masks(self, t: float) -> dict[str, torch.Tensor]:
+        from scipy.cluster.hierarchy import fcluster
+
+        out = {}
+        for i, group in enumerate(self.gated.channel_groups):
+            energy = self.energy[i]
+            n = len(energy)
+            labels = fcluster(self.trees[i], t, "distance") if n > 1 else np.ones(1, int)
+            keep = torch.zeros(n, dtype=torch.bool)
+            for label in np.unique(labels):
+                members = torch.from_numpy(np.flatnonzero(labels == label))
+                keep[members[energy[members].argmax()]] = True
+            short = self.gated._min_units(i) - int(keep.sum())
+            if short > 0:  # below the group's minimum: the strongest of the rest too
+                keep[energy.masked_fill(keep, -1).topk(short).indices] = True
+            out[group.name] = keep[self.gated._units(i).cpu()]
+        return out
+
+
+@register_method("functional", paper='Qin et al., 2018, arXiv 1810.07322, '
+                 '"Functionality-Oriented Convolutional Filter Pruning" (clusters of filters '
+                 'with repeated responses keep one each)')
+def functional(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
+    """One distance cut for the whole network (so a layer with more repeated filters loses
+    more), bisected on measurements for the target."""
+    gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind="plain",
+                 channel_multiple=ctx.channel_multiple).eval()
+    clusters = FunctionClusters(gated, channel_responses(gated, _calibration(train_loader, ctx)))
+
+    def build(x: float) -> nn.Module:  # x = 1: no cut (dense); x = 0: one cluster per group
+        gated.clear_masks()
+        gated.set_masks(clusters.masks(2.0 * (1.0 - x)))
+        return gated.extract(verify=False)
+
+    return _bisect(build, target, ctx)

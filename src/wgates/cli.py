@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
 SUBCOMMANDS: list = []
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.split(","))
@@ -117,6 +124,9 @@ def add_profile(sub) -> None:
                    "contended measurement (default 300)")
     p.add_argument("--repeat-every", type=int, default=10,
                    help="re-measure a probe configuration every N samples (noise floor)")
+    p.add_argument("--channel-multiple", type=_positive_int, default=None,
+                   help="sample widths in multiples of this, as pruning will deliver them "
+                   "(default: the backend's: 8 on onnxruntime-cpu, else 1)")
     p.add_argument("--out", default="latency.sqlite", help="SQLite file (created or extended)")
 
     def run(args) -> int:
@@ -129,6 +139,7 @@ def add_profile(sub) -> None:
             create_model(args.model), shape, args.out, samples=args.samples,
             backend=args.backend, threads=args.threads, seed=args.seed,
             model_spec=args.model, repeat_every=args.repeat_every,
+            channel_multiple=args.channel_multiple,
             protocol=Protocol(**{k: v for k, v in overrides.items() if v is not None}),
         )
         print(f"{args.out}: run {done.key} has {done.n_samples} samples")
@@ -472,6 +483,9 @@ def add_prune(sub) -> None:
     p.add_argument("--threads", type=int, default=PRUNE.threads,
                    help="threads of the deployment, which latency is measured with")
     p.add_argument("--latency-batch", type=int, default=1, help="batch size of the deployment")
+    p.add_argument("--channel-multiple", type=_positive_int, default=None,
+                   help="deliver every width as a multiple of this (default: the backend's: "
+                   "8 on onnxruntime-cpu, whose convolutions run channels in blocks, else 1)")
     p.add_argument("--check-threads", type=int, nargs="*", default=list(PRUNE.check_threads),
                    help="thread counts the delivered model is also measured at, each against "
                    "the dense model at the same count (default: %(default)s; none: give the "
@@ -533,7 +547,7 @@ def _run_prune(args) -> int:
                       target_latency=args.target_latency, backend=args.backend,
                       threads=args.threads, method=args.method, predictor=args.predictor,
                       force_predictor=args.force_predictor, allocation=args.allocation,
-                      floor=args.floor, measure=True)
+                      floor=args.floor, measure=True, channel_multiple=args.channel_multiple)
         if distributed.is_main():
             print(f"no --weights: training {args.model} on {info.name} for "
                   f"{args.dense_epochs} epochs first")
@@ -547,7 +561,7 @@ def _run_prune(args) -> int:
         allocation=args.allocation, ramp=args.ramp, floor=args.floor,
         importance=args.importance,
         resume=args.resume, seed=args.seed, force_predictor=args.force_predictor,
-        check_threads=args.check_threads,
+        check_threads=args.check_threads, channel_multiple=args.channel_multiple,
     )
     if distributed.is_main():
         print(f"\n{result.method}: pruned for and measured on {result.deployment()}; target "

@@ -86,6 +86,8 @@ class GatedModel(nn.Module):
         self._flat: torch.Tensor | None = None
         self._hook_ids: dict[str, list[int]] = {}
         self._install_hooks()
+        # extract() delivers each group's width as a multiple of this (see `snapped`)
+        self.channel_multiple = 1
 
     # -- gates ---------------------------------------------------------------------------
     def _row_dim(self, group: ChannelGroup) -> int:
@@ -286,10 +288,43 @@ class GatedModel(nn.Module):
                 module._forward_pre_hooks.pop(hid, None)
         return clone
 
+    def snapped(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`masks` with each group's kept count rounded to the nearest multiple of
+        `channel_multiple` (or the group's full width), adding the best-scored pruned channels
+        or dropping the worst-scored kept ones.
+
+        Why: some runtimes compute channels in blocks. ONNX Runtime's CPU convolutions, measured
+        on ResNet-20 (one 64-wide group, every width from 16 to 64): widths that are multiples
+        of 8 ran 4-9% faster than their neighbours, and 63 channels ran 9% slower than the dense
+        64. A group tied by a grouped conv keeps its count (its tie classes set its step)."""
+        m = self.channel_multiple
+        out = dict(masks)
+        if m <= 1:
+            return out
+        with torch.no_grad():
+            for i, g in enumerate(self.channel_groups):
+                mask = torch.as_tensor(masks[g.name]).cpu()
+                if g.ties is not None:
+                    continue
+                k = int(mask.sum())
+                allowed = [c for c in range(m, g.size, m) if c >= g.min_channels] + [g.size]
+                want = min(allowed, key=lambda c: (abs(c - k), c))
+                if want != k:  # kept channels first, each side by the gate's score
+                    rank = self.scores(i).detach().cpu().argsort(descending=True)
+                    order = torch.cat([rank[mask[rank]], rank[~mask[rank]]])
+                    mask = torch.zeros(g.size, dtype=torch.bool)
+                    mask[order[:want]] = True
+                out[g.name] = mask
+        return out
+
     def extract(self, verify: bool = True) -> nn.Module:
-        """A plain, physically smaller model computing what this one computes under its masks."""
+        """A plain, physically smaller model computing what this one computes under its masks.
+        With `channel_multiple` > 1 the masks are first `snapped`, and stay set: what
+        `kept_counts()` reads afterwards is what was extracted."""
         from wgates.extract import extract
 
+        if self.channel_multiple > 1:
+            self.set_masks(self.snapped(self.masks()))
         return extract(self, verify=verify)
 
 
@@ -323,8 +358,11 @@ def gate(
     kind: str = "wgates",
     verify: bool = True,
     strict: bool = False,
+    channel_multiple: int = 1,
 ) -> GatedModel:
     """Wrap `model` (left untouched) with one gate per prunable group of coupled channels.
+    `channel_multiple`: extraction delivers widths in multiples of it (`GatedModel.snapped`;
+    a backend's `channel_multiple` is the one measured to suit it).
 
     With `verify`, random masks are extracted and the smaller model is checked to compute the
     same function. Groups that fail (a structure Torch-Pruning cannot follow, such as
@@ -333,9 +371,12 @@ def gate(
     """
     from wgates.extract import verify_groups
 
+    if channel_multiple < 1:
+        raise WgatesError(f"channel_multiple must be >= 1, got {channel_multiple}")
     gated = GatedModel(model, example_inputs, ignore, min_channels, kind)
     bad = verify_groups(gated) if verify else []
     if not bad:
+        gated.channel_multiple = channel_multiple
         return gated
     described = "; ".join(
         f"{g.name} (layers {', '.join(g.modules)}{': ' + g.unsafe if g.unsafe else ''})"
@@ -355,4 +396,5 @@ def gate(
     if verify_groups(gated):
         raise WgatesError(f"{type(model).__name__}: extraction is not exact even after "
                           f"leaving out {described}; pass ignore=[...] for the layers at fault")
+    gated.channel_multiple = channel_multiple
     return gated

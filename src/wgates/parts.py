@@ -113,7 +113,8 @@ def fit_latency(gated: GatedModel, path: str | Path = "latency.sqlite", *,
     else:
         run = profile(gated.plain_copy(), list(gated.example_inputs[0].shape), path,
                       samples=samples, backend=backend, threads=threads, protocol=protocol,
-                      progress=progress, lookup_table=lookup_table)
+                      progress=progress, lookup_table=lookup_table,
+                      channel_multiple=gated.channel_multiple)  # the widths it will deliver
         net = fit_file(path, run).predictor
     return net.requires_grad_(False)
 

@@ -187,6 +187,7 @@ def prune(
     loss_fn: LossFn = classification_loss,
     check_threads: Sequence[int] = PRUNE.check_threads,
     kind: str | None = None,
+    channel_multiple: int | None = None,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
     `backend`, keeping as much accuracy as the given epochs allow. See the module docstring.
@@ -206,6 +207,8 @@ def prune(
     too, against the dense model at the same count (`measure_threads`; () for none);
     `force_predictor`: use a `predictor` file measured on another machine, backend, thread
     count or batch (refused by default, naming what differs);
+    `channel_multiple`: deliver every width as a multiple of it (default: the backend's, 8 on
+    onnxruntime-cpu, where other widths run slower; 1 elsewhere);
     `kind`: the earlier name of `method` for the gate kinds ("wgates", "plain", "gdp"), kept
     so that existing calls go on working.
 
@@ -224,12 +227,13 @@ def prune(
         raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if info.gates:
         proxy, allocation = info.gates.settings(proxy, allocation)
-    get_backend(backend, threads)
+    multiple = channel_multiple or get_backend(backend, threads).channel_multiple
     torch.manual_seed(seed)
     inputs = as_input_tuple(example_inputs)
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
-              method=method, predictor=predictor, force_predictor=force_predictor)
+              method=method, predictor=predictor, force_predictor=force_predictor,
+              channel_multiple=multiple)
     path = Path(run_dir)
     # a run directory this call makes (or finds empty) is emptied again if the target is
     # refused after measuring: it would hold nothing but block the next run
@@ -244,6 +248,7 @@ def prune(
         "distill": distill,
         "epochs": epochs, "finetune_epochs": finetune_epochs, "lr": lr, "gate_lr": gate_lr,
         "finetune_lr": finetune_lr, "tolerance": tolerance, "seed": seed,
+        **({"channel_multiple": multiple} if multiple > 1 else {}),
     })
 
     measure = LatencyMeter(dense, inputs, backend, threads, Protocol())  # used on rank 0 only
@@ -261,7 +266,8 @@ def prune(
                  distill=distill)
 
         torch.manual_seed(seed)  # the gates' first weights, whatever ran before (a resumed
-        gated = gate(model, inputs, kind=info.kind)  # run skips the measurements above)
+        gated = gate(model, inputs, kind=info.kind,  # run skips the measurements above)
+                     channel_multiple=multiple)
         lowest = lowest_floor(method, allocation, floor)
         if "min_ratio" not in run.state:
             run.save(min_ratio=distributed.once("measure the narrowest model", lambda: (
@@ -276,7 +282,7 @@ def prune(
     if info.gates is None:
         def choose() -> tuple[nn.Module, list[dict], dict]:
             return _knob_method(method, dense, inputs, train_loader, target, measure,
-                                tolerance, seed, loss_fn)
+                                tolerance, seed, loss_fn, multiple)
     else:
         cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
                            progress, force_predictor)
@@ -378,6 +384,7 @@ def preflight(
     floor: float = PRUNE.floor,
     tolerance: float = PRUNE.tolerance,
     measure: bool = False,
+    channel_multiple: int | None = None,
 ) -> None:
     """The checks `prune` makes before any work, each refusing in one line: the method's
     name; the target's form and range; that the model runs on the inputs (`check_forward`);
@@ -397,7 +404,8 @@ def preflight(
     with torch.random.fork_rng(devices=[]):
         modes = [(m, m.training) for m in model.modules()]
         try:
-            gated = gate(model.eval(), inputs, kind=info.kind)
+            gated = gate(model.eval(), inputs, kind=info.kind,
+                         channel_multiple=channel_multiple or meter_backend.channel_multiple)
         except WgatesError as err:
             if "no prunable channel group" not in str(err):
                 raise
@@ -452,7 +460,7 @@ def lowest_floor(method: str, allocation: str, floor: float) -> float:
 
 def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: float,
                  measure: LatencyMeter, tolerance: float, seed: int,
-                 loss_fn: LossFn) -> tuple[nn.Module, list[dict], dict]:
+                 loss_fn: LossFn, channel_multiple: int = 1) -> tuple[nn.Module, list[dict], dict]:
     """A knob method's model (`wgates.baselines`): its knob bisected on this run's
     measurements, a reading near the band settled as the closed loop settles its own (so
     both land in the same band by the same test). Every measurement is a step of `loop`."""
@@ -465,7 +473,8 @@ def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: f
         return ratio, spread
 
     torch.manual_seed(seed)
-    ctx = Context(measure=measured, tolerance=tolerance, seed=seed, loss_fn=loss_fn)
+    ctx = Context(measure=measured, tolerance=tolerance, seed=seed, loss_fn=loss_fn,
+                  channel_multiple=channel_multiple)
     return METHODS[method](dense, inputs, loader, target, ctx), steps, {}
 
 
@@ -603,7 +612,8 @@ def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samp
     else:
         db = run.path / "latency.sqlite"
         prof = profile(gated.plain_copy(), list(inputs[0].shape), db, samples=samples,
-                       backend=backend, threads=threads, progress=progress)
+                       backend=backend, threads=threads, progress=progress,
+                       channel_multiple=gated.channel_multiple)
         comparison = fit_file(db, prof)
         net = comparison.predictor
         net.save(lpnet_file)

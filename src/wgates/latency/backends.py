@@ -45,6 +45,9 @@ class Backend(ABC):
     """Turns a plain model into a zero-argument runner and times runners on one device."""
 
     name: str
+    # pruned widths are delivered in multiples of this (`GatedModel.snapped`): measured per
+    # backend, where a runtime computes channels in blocks
+    channel_multiple: int = 1
 
     def __init__(self, threads: int) -> None:
         if threads < 1:
@@ -122,9 +125,13 @@ class TorchCPU(Backend):
 
 
 class OnnxRuntimeCPU(Backend):
-    """The model exported to ONNX and run by ONNX Runtime's CPU provider, threads fixed."""
+    """The model exported to ONNX and run by ONNX Runtime's CPU provider, threads fixed.
+    Its convolutions run channels in blocks: widths off a multiple of 8 measured 4-9% slower
+    than their neighbours on it (benchmarks/results/latency.md), so pruning delivers
+    multiples of 8."""
 
     name = "onnxruntime-cpu"
+    channel_multiple = 8
 
     def prepare(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Runner:
         session = onnx_session(onnx_bytes(on_device(model, "cpu"), tuple(

@@ -183,6 +183,7 @@ def profile(
     repeat_every: int = 10,
     progress: bool = True,
     lookup_table: bool = True,
+    channel_multiple: int | None = None,
 ) -> Run:
     """Measure width configurations of `model` until `out` holds `samples` of them for this
     fingerprint (so re-running resumes, and a larger `samples` adds more).
@@ -190,13 +191,15 @@ def profile(
     Every `repeat_every`-th sample also re-measures a probe configuration: the noise floor.
     `lookup_table`: also time every conv alone at a grid of widths, for the lookup-table
     predictor LPNet is compared with (930 timings for LRASPP-MobileNetV3 at 64x64; LPNet
-    needs none).
+    needs none). `channel_multiple` (default: the backend's): the widths pruning will deliver
+    are multiples of it, so the samples are too (each sampled width snapped to one).
     """
     from wgates.gated import gate
 
     runner_backend = get_backend(backend, threads)
+    multiple = channel_multiple or runner_backend.channel_multiple
     example = (torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)),)
-    gated = gate(model, example)
+    gated = gate(model, example, channel_multiple=multiple)
     groups = gated.groups
     fingerprint = {
         **runner_backend.fingerprint(),
@@ -204,12 +207,14 @@ def profile(
         "input_shape": list(input_shape),
         "model": model_spec or type(model).__name__,
         "groups": [[g.name, g.size, g.min_channels] for g in groups],
+        **({"channel_multiple": multiple} if multiple > 1 else {}),
     }
 
-    def build(widths: dict[str, int]) -> tuple[nn.Module, LayerReport]:
+    def build(widths: dict[str, int]) -> tuple[nn.Module, LayerReport, dict[str, int]]:
+        """The variant, its layers, and the widths it has (`widths` snapped)."""
         gated.set_masks(gated.masks_for_widths(widths))
         variant = gated.extract(verify=False)
-        return variant, describe(variant, example)
+        return variant, describe(variant, example), gated.widths()
 
     store = LatencyStore(out)
     try:
@@ -217,7 +222,7 @@ def profile(
         start = store.next_index(run_id)
         if start >= samples:
             return next(r for r in store.runs() if r.id == run_id)
-        dense_model, dense = build({g.name: g.size for g in groups})
+        dense_model, dense, _ = build({g.name: g.size for g in groups})
         reference = runner_backend.prepare(dense_model, example)
         if lookup_table:
             _measure_lut(
@@ -232,7 +237,7 @@ def profile(
         )
         for idx in range(start, samples):
             kind, widths = sample_widths(groups, idx, seed)
-            variant, report = build(widths)
+            variant, report, widths = build(widths)
             m = meter.measure(runner_backend.prepare(variant, example))
             repeat = None
             if idx % repeat_every == repeat_every - 1:
