@@ -48,4 +48,5 @@ def test_segmentation_pruned_to_a_measured_target_in_the_users_own_loop(tmp_path
         expected = loaded(x)["out"].numpy()
     session = onnx_session(tmp_path / "model.onnx")
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    assert np.abs(got - expected).max() < 1e-4  # batch 2: the batch dimension is dynamic
+    # batch 2: the batch dimension is dynamic (float32 kernels agree to a relative ~1e-5)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
