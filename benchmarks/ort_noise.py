@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -187,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     alone = Lanes(args.lanes).alone if args.lanes else nullcontext
     load = [subprocess.Popen([sys.executable, "-c", LOAD]) for _ in range(args.load)]
+    # a kill (SIGTERM) must end the load too: the finally below runs only on an exception
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         measure_all(args, alone)
     finally:
