@@ -260,14 +260,14 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                                      profile_path(cache, label, backend, at))
         log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
         measure = make_measure(dense, inputs, backend, settings.protocol(), alone)
+        multiple = get_backend(backend).channel_multiple  # the widths it delivers
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
                           lr=settings.lr, gate_lr=settings.gate_lr,
                           tolerance=settings.tolerance, seed=seed, distill=settings.distill,
                           allocation=settings.allocation, ramp=settings.ramp,
                           floor=settings.floor, importance=settings.importance,
-                          val_loader=val_loader,
-                          channel_multiple=get_backend(backend).channel_multiple)
+                          val_loader=val_loader, channel_multiple=multiple)
             torch.manual_seed(seed)
             if isinstance(train_loader.sampler, EpochShuffle):  # the data order is the seed's
                 train_loader.sampler.seed = seed

@@ -126,9 +126,9 @@ class TorchCPU(Backend):
 
 class OnnxRuntimeCPU(Backend):
     """The model exported to ONNX and run by ONNX Runtime's CPU provider, threads fixed.
-    Its convolutions run channels in blocks: widths off a multiple of 8 measured 4-9% slower
-    than their neighbours on it (benchmarks/results/latency.md), so pruning delivers
-    multiples of 8."""
+    Its convolutions run channels in blocks: widths off a multiple of 8 measured 3-10% slower
+    than the neighbouring multiples (5% on average; benchmarks/results/latency.md), so pruning
+    delivers multiples of 8."""
 
     name = "onnxruntime-cpu"
     channel_multiple = 8
