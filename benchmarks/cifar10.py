@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from wgates.baselines import METHODS, SEARCH_METHODS, Context
-from wgates.data import EpochShuffle, make_loaders, subset_of
+from wgates.data import EpochShuffle, loader_on, make_loaders, subset_of
 from wgates.extract import PLAN_ATTR, load_pruned, save_pruned
 from wgates.latency import Meter, Protocol, get_backend, profile, settled
 from wgates.models import create_model
@@ -479,6 +479,9 @@ def run(settings: Settings, weights: dict[str, str], out: Path, name: str, cache
         settings.data, settings.batch_size, settings.workers, None, settings.image_size)
     train_loader = limited(train_loader, settings.subset, shuffle=True)
     val_loader = limited(val_loader, settings.val_subset, shuffle=False)
+    if torch.device(settings.device).type == "cuda":  # the images held and augmented there
+        train_loader, val_loader = (loader_on(x, settings.device)
+                                    for x in (train_loader, val_loader))
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     previous = out / f"{name}.json"
     done = json.loads(previous.read_text()) if resume and previous.exists() else []

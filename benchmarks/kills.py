@@ -35,7 +35,8 @@ import torch
 from lanes import Lanes
 from torch import nn
 
-from wgates.latency.backends import BACKENDS, Backend, Runner, on_device
+from wgates.export import on_device
+from wgates.latency.backends import BACKENDS, Backend, Runner
 from wgates.predictor import count
 
 HERE = Path(__file__).resolve().parent

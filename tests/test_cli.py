@@ -68,8 +68,10 @@ def test_inspect_shows_grouped_conv_ties(tmp_path, capsys):
         (["export", "--model", "resnet20", "--weights", "missing.safetensors"], "does not exist"),
         (["export", "--model", "resnet20", "--pruned", "no_dir"], "not found"),
         (["train", "--device", "banana", "--out", "w.safetensors"], "is not a device"),
+        (["prune", "--device", "banana"], "is not a device"),
     ] + ([] if torch.cuda.is_available() else [
         (["train", "--device", "cuda", "--out", "w.safetensors"], "no CUDA GPU"),
+        (["prune", "--device", "cuda"], "no CUDA GPU"),
     ]),
 )
 def test_user_errors_are_one_line_exit_2(args, message, capsys, tmp_path, monkeypatch):

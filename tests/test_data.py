@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from wgates import data
 from wgates.errors import WgatesError
@@ -104,6 +105,43 @@ def test_cifar_crop_flip_is_a_crop():
     for i in range(2):
         crops = [padded[i, :, y : y + 32, x : x + 32] for y in range(9) for x in range(9)]
         assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(2)) for c in crops)
+
+
+def _arrays(n: int, augment: bool) -> data.CifarArrays:
+    rng = np.random.default_rng(1)
+    return data.CifarArrays(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
+                            rng.integers(0, 10, n), CLASSES, augment)
+
+
+def test_loader_on_a_device_gives_the_loaders_batches_in_its_order():
+    arrays = _arrays(40, augment=False)
+    loader = DataLoader(data.subset_of(arrays, 30), batch_size=8,
+                        sampler=data.EpochShuffle(30, seed=3))
+    held = data.loader_on(loader, "cpu")  # the same code path as on a GPU, on the CPU here
+    assert isinstance(held, data.DeviceBatches) and len(held) == len(loader) == 4
+    for epoch in (0, 1):  # `train` sets the epoch: the order follows it, as the loader's
+        held.sampler.set_epoch(epoch)
+        pairs = list(zip(loader, held, strict=True))
+        for (x, y), (hx, hy) in pairs:
+            assert torch.equal(x, hx) and torch.equal(y, hy)
+    assert pairs[-1][1][0].shape == (6, 3, 32, 32)  # the last, short batch is kept
+
+
+def test_loader_on_a_device_augments_there():
+    arrays = _arrays(12, augment=True)
+    held = data.loader_on(DataLoader(arrays, batch_size=12), "cpu")
+    x, y = next(iter(held))
+    images = (x * arrays.std + arrays.mean).round().to(torch.uint8)  # undo the normalising
+    padded = torch.nn.functional.pad(arrays.images, (4, 4, 4, 4))
+    for i in range(12):  # each one a crop (or its mirror) of its own source image
+        crops = [padded[i, :, r : r + 32, c : c + 32] for r in range(9) for c in range(9)]
+        assert any(torch.equal(images[i], k) or torch.equal(images[i], k.flip(2)) for k in crops)
+    assert not torch.equal(images, arrays.images)
+
+
+def test_loader_on_leaves_other_data_sets_to_their_loader():
+    loader, _, _ = data.make_loaders("digits", batch_size=8, subset=16)
+    assert data.loader_on(loader, "cpu") is loader
 
 
 def write_cifar_batches(root: Path) -> None:

@@ -451,3 +451,20 @@ def test_widths_are_delivered_in_the_backends_channel_multiple(backend, multiple
     with pytest.raises(WgatesError, match="channel_multiple"):
         _prune(dense, data, run_dir, method="uniform", export=False, backend=backend,
                channel_multiple=2, resume=True)
+
+
+def test_prune_runs_in_the_cuda_layout(dense, data, tmp_path, monkeypatch, macs_meter):
+    """`device=` places the model as `wgates.train.place` does: on CUDA, channels_last. That
+    layout is run here on the CPU, from the gates reading the weights to the extraction, the
+    fine-tune and the checked ONNX export, so the GPU path differs only in the device."""
+    _fast(monkeypatch)
+
+    def cuda_layout(model, device):
+        return model.to(device).to(memory_format=torch.channels_last)
+
+    monkeypatch.setattr(pipeline, "place", cuda_layout)
+    result = _prune(copy.deepcopy(dense), data, tmp_path / "run", device="cpu")
+    convs = [m for m in result.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)
+                         and c.weight.shape[0] > 1 for c in convs)
+    assert result.macs < result.dense_macs and (tmp_path / "run" / "model.onnx").is_file()

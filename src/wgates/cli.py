@@ -349,9 +349,10 @@ def _add_model_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", type=int, help="use only this many samples per split")
 
 
-def _model_and_loaders(args, batch: int = 1):
+def _model_and_loaders(args, batch: int = 1, device=None):
     """The model and the data, each refused in one line when wrong: the model spec before
-    any data is loaded, then one forward pass on the data's shape (at batch `batch`)."""
+    any data is loaded, then one forward pass on the data's shape (at batch `batch`). On a
+    CUDA `device` the CIFAR images are held and augmented there (`wgates.data.loader_on`)."""
     import torch
 
     from wgates.data import make_loaders
@@ -359,8 +360,8 @@ def _model_and_loaders(args, batch: int = 1):
 
     check_spec(args.model)
     train_loader, val_loader, info = make_loaders(
-        args.data, batch_size=args.batch_size, workers=args.workers, subset=args.subset
-    )
+        args.data, batch_size=args.batch_size, workers=args.workers, subset=args.subset,
+        device=device)
     model = create_model(args.model, num_classes=info.num_classes, weights=args.weights)
     check_forward(model, torch.zeros(batch, *info.input_shape), args.model)
     return model, train_loader, val_loader, info
@@ -382,14 +383,20 @@ def _device(name: str):
     return distributed.device_for("cuda") if name == "cuda" else device
 
 
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu",
+                   help="where training runs: cpu | cuda (bf16 mixed precision, channels_last, "
+                   "CIFAR images augmented on the GPU) | cuda:N; latency is measured on "
+                   "--backend's device whatever this is")
+
+
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="train a dense model (for users without a trained one)")
     _add_model_data_args(p)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu",
-                   help="cpu | cuda (bf16 mixed precision, channels_last) | cuda:N")
+    _add_device_arg(p)
     p.add_argument("--out", required=True, help="weights file to write (.safetensors)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the checkpoint <out>.ckpt written after every epoch")
@@ -407,7 +414,7 @@ def _run_train(args) -> int:
 
     from wgates import distributed
     from wgates.files import atomic_path, load_checkpoint, save_checkpoint, write_json
-    from wgates.train import evaluate, make_optimizer, train
+    from wgates.train import evaluate, make_optimizer, place, train
 
     out = Path(args.out)
     if out.suffix != ".safetensors":
@@ -432,10 +439,8 @@ def _run_train(args) -> int:
     blob = distributed.once("read the checkpoint", read_checkpoint)  # every rank: rank 0's
     device = _device(args.device)
     torch.manual_seed(args.seed)
-    model, train_loader, val_loader, _ = _model_and_loaders(args)
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model, train_loader, val_loader, _ = _model_and_loaders(args, device=device)
+    place(model, device)
     optimizer = make_optimizer(model.parameters(), args.lr)
     history: list[dict] = []
     start = 0
@@ -518,6 +523,7 @@ def add_prune(sub) -> None:
                    help="search and fine-tune with knowledge distillation from the dense model "
                    "(default: on; measured +1.7 and +4.0 points on ResNet-20, "
                    "benchmarks/distill.py)")
+    _add_device_arg(p)
     p.add_argument("--run-dir", default="runs/prune")
     p.add_argument("--resume", action="store_true", help="continue a killed run in --run-dir")
     p.add_argument("--seed", type=int, default=0)
@@ -532,12 +538,13 @@ def _run_prune(args) -> int:
     from wgates.pipeline import preflight, prune
     from wgates.report import THREADS_WHY
     from wgates.search import parse_target
-    from wgates.train import train
+    from wgates.train import place, train
 
-    method_info(args.method)  # both refused before any training or measuring
+    method_info(args.method)  # all three refused before any training or measuring
     parse_target(args.target_latency)
+    device = _device(args.device)
     torch.manual_seed(args.seed)
-    model, train_loader, val_loader, info = _model_and_loaders(args, args.latency_batch)
+    model, train_loader, val_loader, info = _model_and_loaders(args, args.latency_batch, device)
     if args.weights is None and args.dense_epochs > 0:
         # what `prune` would refuse after the dense training, refused before it: a model with
         # nothing to prune, a predictor from elsewhere, a target out of reach (measured on
@@ -551,7 +558,8 @@ def _run_prune(args) -> int:
         if distributed.is_main():
             print(f"no --weights: training {args.model} on {info.name} for "
                   f"{args.dense_epochs} epochs first")
-        train(model, train_loader, args.dense_epochs, lr=0.05, val_loader=val_loader)
+        train(place(model, device), train_loader, args.dense_epochs, lr=0.05,
+              val_loader=val_loader)
     example = torch.randn(args.latency_batch, *info.input_shape)
     result = prune(
         model, example, train_loader, val_loader, target_latency=args.target_latency,
@@ -562,6 +570,7 @@ def _run_prune(args) -> int:
         importance=args.importance,
         resume=args.resume, seed=args.seed, force_predictor=args.force_predictor,
         check_threads=args.check_threads, channel_multiple=args.channel_multiple,
+        device=device,
     )
     if distributed.is_main():
         print(f"\n{result.method}: pruned for and measured on {result.deployment()}; target "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 from pathlib import Path
@@ -13,6 +14,14 @@ from torch import nn
 from wgates.errors import WgatesError
 from wgates.extract import TOLERANCE, _flat_outputs
 from wgates.groups import as_input_tuple
+
+
+def on_device(model: nn.Module, device: str) -> nn.Module:
+    """`model` when it is on `device` already, else a copy moved there: measuring a model
+    must not move the one being trained (on a GPU) to the CPU, or the other way round."""
+    if next(model.parameters()).device.type == device:
+        return model
+    return copy.deepcopy(model).to(device)
 
 
 def onnx_bytes(
@@ -40,7 +49,10 @@ def export_onnx(
     """Write `model` as ONNX (batch dimension dynamic) and, with `check`, compare ONNX Runtime's
     outputs with PyTorch's on `example_inputs` (`onnx_max_difference` <= 1e-4). A dict output
     (torchvision's segmentation models) becomes one ONNX output per value."""
-    example_inputs = as_input_tuple(example_inputs)
+    # ONNX Runtime runs on the CPU: so do the export and its check (on a GPU, TF32
+    # convolutions would differ from ONNX Runtime by more than the check allows)
+    model = on_device(model, "cpu")
+    example_inputs = tuple(x.cpu() for x in as_input_tuple(example_inputs))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(onnx_bytes(model, example_inputs, opset))

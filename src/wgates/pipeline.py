@@ -55,6 +55,7 @@ from wgates.train import (
     evaluate,
     finetune,
     make_optimizer,
+    place,
 )
 
 TRACE_POINTS = 500  # at most about this many steps of the search go into its per-step trace
@@ -188,6 +189,7 @@ def prune(
     check_threads: Sequence[int] = PRUNE.check_threads,
     kind: str | None = None,
     channel_multiple: int | None = None,
+    device: torch.device | str | None = None,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
     `backend`, keeping as much accuracy as the given epochs allow. See the module docstring.
@@ -209,6 +211,9 @@ def prune(
     count or batch (refused by default, naming what differs);
     `channel_multiple`: deliver every width as a multiple of it (default: the backend's, 8 on
     onnxruntime-cpu, where other widths run slower; 1 elsewhere);
+    `device`: where the search and the fine-tune train (the model is moved there, in
+    channels_last on CUDA, and trains in bf16 autocast; default: where its parameters are);
+    latency is measured on `backend`'s own device, on a copy;
     `kind`: the earlier name of `method` for the gate kinds ("wgates", "plain", "gdp"), kept
     so that existing calls go on working.
 
@@ -229,7 +234,10 @@ def prune(
         proxy, allocation = info.gates.settings(proxy, allocation)
     multiple = channel_multiple or get_backend(backend, threads).channel_multiple
     torch.manual_seed(seed)
-    inputs = as_input_tuple(example_inputs)
+    if device is not None:
+        place(model, device)
+    here = next(model.parameters()).device
+    inputs = tuple(x.to(here) for x in as_input_tuple(example_inputs))
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
               method=method, predictor=predictor, force_predictor=force_predictor,
@@ -322,7 +330,7 @@ def prune(
         return {"loop": loop, **more, "accuracy_before_finetune": evaluate(small, val_loader)}
 
     run.save(**distributed.once("closed loop on the hardware", close_the_loop))
-    small = _shared_pruned(gated.plain_copy(), pruned_dir)  # the dense architecture, re-pruned
+    small = place(_shared_pruned(gated.plain_copy(), pruned_dir), here)  # dense, re-pruned
 
     optimizer = make_optimizer(small.parameters(), finetune_lr)
     _resumable_stage(run, "finetune", {"model": small, "optimizer": optimizer}, finetune_epochs,

@@ -102,6 +102,17 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
+def place(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """`model` moved to `device`, in channels_last on CUDA (the layout its tensor-core
+    convolutions read without a transpose; the parameters stay the same objects, so
+    optimizers built before still hold them)."""
+    device = torch.device(device)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def evaluate(model: nn.Module, loader: Iterable, progress: bool = False) -> float:
     """Top-1 accuracy (fraction) in eval mode; per pixel for dense labels ([N, H, W])."""
     was = model.training

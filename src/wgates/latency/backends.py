@@ -9,7 +9,6 @@ the primary figure is the ratio of the two; milliseconds are kept too. See `Prot
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import platform
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from wgates.errors import WgatesError
-from wgates.export import onnx_bytes, onnx_session
+from wgates.export import on_device, onnx_bytes, onnx_session
 
 Runner = Callable[[], object]
 
@@ -98,14 +97,6 @@ class Backend(ABC):
             "torch": torch.__version__,
             "onnxruntime": onnxruntime.__version__,
         }
-
-
-def on_device(model: nn.Module, device: str) -> nn.Module:
-    """`model` when it is on `device` already, else a copy moved there: measuring a model
-    must not move the one being trained (on a GPU) to the CPU, or the other way round."""
-    if next(model.parameters()).device.type == device:
-        return model
-    return copy.deepcopy(model).to(device)
 
 
 class TorchCPU(Backend):
