@@ -93,6 +93,7 @@ class Settings:
     protocol_rounds: int = 60
     max_wait_s: float = 300.0  # how long a measurement may wait out a contended machine
     num_classes: int | None = None
+    channel_multiple: int | None = None  # widths delivered in multiples of it (None: backend's)
 
     def protocol(self) -> Protocol:
         return Protocol(rounds=self.protocol_rounds, max_wait_s=self.max_wait_s)
@@ -173,7 +174,8 @@ def latency_predictor(dense: nn.Module, shape: list[int], backend: str, settings
     """LPNet for this model and backend, from a (resumable, cached) latency profile."""
     path.parent.mkdir(parents=True, exist_ok=True)
     run = profile(copy.deepcopy(dense).cpu(), shape, path, samples=settings.lpnet_samples,
-                  backend=backend, protocol=settings.protocol())
+                  backend=backend, protocol=settings.protocol(),
+                  channel_multiple=settings.channel_multiple)
     return fit_file(path, run).predictor.requires_grad_(False)
 
 
@@ -260,7 +262,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                                      profile_path(cache, label, backend, at))
         log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
         measure = make_measure(dense, inputs, backend, settings.protocol(), alone)
-        multiple = get_backend(backend).channel_multiple  # the widths it delivers
+        multiple = settings.channel_multiple or get_backend(backend).channel_multiple
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
                           lr=settings.lr, gate_lr=settings.gate_lr,
@@ -287,7 +289,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                    "ratio": settled(measure, small)[0], "dense_ms": measure.dense_ms,
                    "macs": macs,
                    "params": params, "wall_s": wall, "widths": conv_widths(small),
-                   "finetune_epochs": settings.finetune_for(method), **ctx.notes}
+                   "finetune_epochs": settings.finetune_for(method), "channel_multiple": multiple,
+                   **ctx.notes}
             if hasattr(small, PLAN_ATTR):  # kept for re-measuring later (--remeasure)
                 save_pruned(small, model_dir(models or cache / "models", row))
             rows.append(row)
