@@ -150,8 +150,9 @@ def test_polariser_resumes_its_annealing(setup):
 
 def test_every_method_names_its_paper_and_how_it_runs():
     assert list(INFO) == list(METHODS)
-    assert {n for n, i in INFO.items() if i.gates} == SEARCH_METHODS
-    assert SEARCH_METHODS == {"wgates", "plain", "gdp", "wgates-flops", "wgates-gradient"}
+    gates = {"wgates", "plain", "gdp", "wgates-flops", "wgates-gradient"}
+    assert {n for n, i in INFO.items() if i.gates} == gates
+    assert SEARCH_METHODS == gates | {"scop"}  # its control factors train: budget counts them
     assert all(len(i.paper) > 10 for i in INFO.values())
     assert "2007.02066" in INFO["wgates"].paper and "ICLR 2017" in INFO["l1"].paper
     assert "DepGraph" in INFO["tp-l2"].paper and "Molchanov" in INFO["tp-taylor"].paper
@@ -216,3 +217,29 @@ def test_torch_pruning_choice_is_torch_prunings_own(setup):
     assert count(built[0], inputs) == count(reference, inputs) and hasattr(built[0], PLAN_ATTR)
     with torch.no_grad():
         torch.testing.assert_close(built[0](inputs[0]), reference(inputs[0]))
+
+
+def test_scop_scores_what_beats_its_knockoff():
+    """On a trained network, the real features of live filters serve the task better than
+    their knockoffs (score > 0); a dead filter's real and knockoff features are both zero,
+    so its control factor never moves (score exactly 0)."""
+    from wgates.baselines import knockoff_scores
+    from wgates.data import make_loaders
+    from wgates.train import train
+
+    torch.manual_seed(0)
+    loader, _, _ = make_loaders("digits", batch_size=32, subset=256, image_size=16)
+    model = create_model("small_cnn", width_mult=0.5)
+    train(model, loader, 2, lr=0.05, progress=False)
+    dead = [3, 7, 11]
+    with torch.no_grad():
+        bn = model.features[0][1]
+        bn.weight[dead], bn.bias[dead] = 0.0, 0.0
+    gated = gate(model.eval(), (torch.randn(SHAPE),), kind="plain")
+    scores = knockoff_scores(gated, gated.plain_copy(), loader, epochs=2)
+    first = scores[0]
+    assert torch.equal(first[dead], torch.zeros(len(dead)))
+    live = torch.tensor([i for i in range(len(first)) if i not in dead])
+    assert float(first[live].median()) > 0 and float((first[live] > 0).float().mean()) > 0.6
+    assert all(float(s.min()) >= -1 and float(s.max()) <= 1 for s in scores)
+    assert dict(model.named_parameters())["features.0.0.weight"].requires_grad  # untouched

@@ -371,7 +371,8 @@ def test_methods_lists_every_method_with_its_paper(capsys):
     for name, paper in [("wgates", "arXiv 2007.02066"), ("gdp", "Guo et al."),
                         ("l1", "Pruning Filters for Efficient ConvNets"),
                         ("tp-l2", "Fang et al., CVPR 2023"), ("tp-taylor", "Molchanov"),
-                        ("uniform", "uniform width scaling")]:
+                        ("uniform", "uniform width scaling"), ("scop", "knockoff"),
+                        ("functional", "Qin et al.")]:
         assert paper in rows[name], name
 
 

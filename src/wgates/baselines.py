@@ -46,7 +46,7 @@ from wgates.errors import WgatesError
 from wgates.gated import GatedModel, gate
 from wgates.groups import Ignore, as_input_tuple, resolve_ignore
 from wgates.predictor import check_groups, fit_proxy
-from wgates.search import Cost, calibration_batches, closed_loop, search
+from wgates.search import Cost, calibration_batches, closed_loop, search, threshold_masks
 from wgates.train import LossFn, classification_loss
 
 Measure = Callable[[nn.Module], tuple[float, float]]  # model -> (latency / dense, spread)
@@ -125,15 +125,16 @@ SEARCH_METHODS: set[str] = set()  # methods that train (a gate search): epochs c
 
 
 def register_method(name: str, fn: Method | None = None, *, paper: str,
-                    gates: GateSearch | None = None):
+                    gates: GateSearch | None = None, trains: bool = False):
     """Add `fn` (or the decorated function) to `METHODS` under `name`, with its paper; a
-    method with `gates` trains for `Context.epochs`, which a fixed training budget counts."""
+    method with `gates`, or one that `trains` otherwise (SCOP's control factors), trains for
+    `Context.epochs`, which a fixed training budget counts."""
     def add(f: Method) -> Method:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = f
         INFO[name] = MethodInfo(paper, gates)
-        if gates is not None:
+        if gates is not None or trains:
             SEARCH_METHODS.add(name)
         return f
 
@@ -481,6 +482,110 @@ def functional(model, example_inputs, train_loader, target: float, ctx: Context)
     def build(x: float) -> nn.Module:  # x = 1: no cut (dense); x = 0: one cluster per group
         gated.clear_masks()
         gated.set_masks(clusters.masks(2.0 * (1.0 - x)))
+        return gated.extract(verify=False)
+
+    return _bisect(build, target, ctx)
+
+
+# -- SCOP (Tang et al., 2020) ----------------------------------------------------------------
+SCOP_LR = 0.004  # Adam on the control factors, betas (0.5, 0.9): the published code's
+SCOP_BETAS = (0.5, 0.9)
+
+
+def _real_half(output, n: int):
+    """The first `n` samples of a model output (a tensor, a dict of them, or a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output[:n]
+    if isinstance(output, dict):
+        return {k: v[:n] for k, v in output.items()}
+    return type(output)(v[:n] for v in output)
+
+
+class KnockoffControl(nn.Module):
+    """SCOP's control factors: per group one beta per channel in [0, 1], 0.5 at first. The
+    batch runs twice, real images then their knockoffs; at each of the group's gate points
+    the real half carries beta * real + (1 - beta) * knockoff (the knockoff half goes on as
+    it is). Trained on the task loss of the real half, the network frozen, a channel whose
+    real feature serves the task better than its knockoff ends with beta > 0.5."""
+
+    def __init__(self, gated: GatedModel, model: nn.Module) -> None:
+        super().__init__()
+        device = next(model.parameters()).device
+        self.points = [group.gate_points for group in gated.channel_groups]
+        self.beta = nn.ParameterList(
+            nn.Parameter(torch.full((group.size,), 0.5, device=device))
+            for group in gated.channel_groups)
+        self.handles = [
+            model.get_submodule(place.module).register_forward_hook(
+                partial(self._mix, i, list(place.idxs), list(place.root_idxs)))
+            for i, points in enumerate(self.points) for place in points]
+
+    def _mix(self, i: int, idxs: list[int], roots: list[int], module, args, out):
+        n = out.shape[0] // 2
+        beta = self.beta[i][roots].view(1, -1, *([1] * (out.dim() - 2)))
+        real = out[:n].clone()
+        real[:, idxs] = beta * out[:n, idxs] + (1 - beta) * out[n:, idxs]
+        return torch.cat([real, out[n:]])
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def knockoff_scores(gated: GatedModel, model: nn.Module, loader: Iterable, epochs: int,
+                    loss_fn: LossFn = classification_loss) -> list[torch.Tensor]:
+    """Per group, each channel's score 2 * beta - 1 in [-1, 1] (> 0: the real feature beat its
+    knockoff) after `epochs` of training the control factors alone on `loader`. `model`:
+    a frozen copy with the gated model's module names. Knockoff images: each image's
+    neighbour in the batch (see docs/methods.md)."""
+    control = KnockoffControl(gated, model)
+    model.eval()  # BatchNorm keeps its running statistics: the knockoff half must not move them
+    model.requires_grad_(False)
+    optimizer = torch.optim.Adam(control.parameters(), lr=SCOP_LR, betas=SCOP_BETAS)
+    device = next(model.parameters()).device
+    try:
+        for _ in range(max(1, epochs)):
+            for x, y in loader:
+                x, n = x.to(device), x.shape[0]
+                output = model(torch.cat([x, x.roll(1, 0)]))
+                loss = loss_fn(_real_half(output, n), y.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    for beta in control.beta:
+                        beta.clamp_(0, 1)
+    finally:
+        control.remove()
+    return [(2 * b.detach() - 1).cpu() for b in control.beta]
+
+
+@register_method("scop", trains=True, paper='Tang et al., NeurIPS 2020, arXiv 2010.10732, '
+                 '"SCOP: Scientific Control for Reliable Neural Network Pruning" (knockoff '
+                 'features as a control group)')
+def scop(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
+    """Control factors learned for `ctx.epochs` (`knockoff_scores`), then one global cut on
+    the scores (a filter below it does not beat its knockoff by enough), bisected on
+    measurements for the target."""
+    torch.manual_seed(ctx.seed)
+    gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind="plain",
+                 channel_multiple=ctx.channel_multiple).eval()
+    scores = knockoff_scores(gated, gated.plain_copy(), train_loader,
+                             ctx.epochs, ctx.loss_fn)
+    per_unit = []
+    with torch.no_grad():  # a unit (channels a grouped conv ties) scores as its channels do
+        for i, (g, s) in enumerate(zip(gated.gates, scores, strict=True)):
+            units = gated._units(i).cpu()
+            n = gated.channel_groups[i].n_units
+            per_unit.append(s.new_zeros(n).index_add_(0, units, s)
+                            / torch.bincount(units, minlength=n))
+            g.value.copy_(per_unit[-1].to(g.value.device))  # the ranking within the group
+    ctx.notes["scop_scores"] = {g.name: s.tolist() for g, s in zip(gated.groups, scores,
+                                                                    strict=True)}
+
+    def build(x: float) -> nn.Module:  # x = 0: every score under the cut; x = 1: none
+        gated.clear_masks()
+        gated.set_masks(threshold_masks(gated, 1.0 - 2.001 * x, per_unit))
         return gated.extract(verify=False)
 
     return _bisect(build, target, ctx)

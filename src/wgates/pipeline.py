@@ -290,7 +290,7 @@ def prune(
     if info.gates is None:
         def choose() -> tuple[nn.Module, list[dict], dict]:
             return _knob_method(method, dense, inputs, train_loader, target, measure,
-                                tolerance, seed, loss_fn, multiple)
+                                tolerance, seed, loss_fn, multiple, epochs)
     else:
         cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
                            progress, force_predictor)
@@ -468,10 +468,12 @@ def lowest_floor(method: str, allocation: str, floor: float) -> float:
 
 def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: float,
                  measure: LatencyMeter, tolerance: float, seed: int,
-                 loss_fn: LossFn, channel_multiple: int = 1) -> tuple[nn.Module, list[dict], dict]:
+                 loss_fn: LossFn, channel_multiple: int = 1,
+                 epochs: int = 1) -> tuple[nn.Module, list[dict], dict]:
     """A knob method's model (`wgates.baselines`): its knob bisected on this run's
     measurements, a reading near the band settled as the closed loop settles its own (so
-    both land in the same band by the same test). Every measurement is a step of `loop`."""
+    both land in the same band by the same test). Every measurement is a step of `loop`.
+    `epochs`: what a knob method that trains (SCOP's control factors) trains for."""
     steps: list[dict] = []
 
     def measured(model: nn.Module) -> tuple[float, float]:
@@ -482,7 +484,7 @@ def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: f
 
     torch.manual_seed(seed)
     ctx = Context(measure=measured, tolerance=tolerance, seed=seed, loss_fn=loss_fn,
-                  channel_multiple=channel_multiple)
+                  channel_multiple=channel_multiple, epochs=epochs)
     return METHODS[method](dense, inputs, loader, target, ctx), steps, {}
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -409,12 +409,15 @@ def search(
     return history, loss
 
 
-def threshold_masks(gated: GatedModel, tau: float) -> dict[str, torch.Tensor]:
-    """Masks keeping every unit scoring above `tau` (and at least min_channels per group)."""
+def threshold_masks(gated: GatedModel, tau: float,
+                    scores: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Masks keeping every unit scoring above `tau` (and at least min_channels per group);
+    the gates' scores, or per group one score per unit that the gates rank alike (a method's
+    own, on one scale for the whole network)."""
     widths = {}
     with torch.no_grad():
         for i, g in enumerate(gated.channel_groups):
-            units = int((gated.scores(i) > tau).sum())
+            units = int(((gated.scores(i) if scores is None else scores[i]) > tau).sum())
             units = max(units, gated._min_units(i))
             widths[g.name] = min(g.size, round(units * g.size / g.n_units))
     return gated.masks_for_widths(widths)
