@@ -602,3 +602,107 @@ def add_methods(sub) -> None:
 
 
 SUBCOMMANDS.extend([add_train, add_prune, add_methods])
+
+
+def add_unify(sub) -> None:
+    p = sub.add_parser(
+        "unify", help="micro-structured weight unification (ADMM) on top of a pruned model",
+        description="Unify --ratio of every conv's blocks of --block input channels (one "
+        "magnitude per block, signs kept; --zero: all zero) with ADMM, then fine-tune with "
+        "them held (Lin et al., 2021). Reports the stored size, the accuracy and the latency "
+        "measured against the input model on each --backend. No connection is removed, so "
+        "dense kernels are not expected to run faster: the figures say whether any did.")
+    _add_model_data_args(p)
+    p.add_argument("--pruned", metavar="DIR", help="a pruned model (save_pruned's directory), "
+                   "rebuilt on a fresh --model; else --weights or an untrained --model")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier outputs (default: the data set's)")
+    p.add_argument("--block", type=int, default=4, help="coefficients per block (default 4)")
+    p.add_argument("--ratio", type=float, default=0.5,
+                   help="fraction of each conv's blocks unified (default 0.5)")
+    p.add_argument("--zero", action="store_true", help="unify to zero: micro-structured pruning")
+    p.add_argument("--admm-epochs", type=int, default=1)
+    p.add_argument("--finetune-epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--distill", action=argparse.BooleanOptionalAction, default=PRUNE.distill,
+                   help="train with distillation from the input model (default: on)")
+    p.add_argument("--backend", nargs="+", default=["torch-cpu", "onnxruntime-cpu"],
+                   help="backends the latency is measured on (default: torch-cpu "
+                   "onnxruntime-cpu)")
+    p.add_argument("--threads", type=int, default=PRUNE.threads)
+    p.add_argument("--latency-batch", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory to write the unified model to")
+    p.set_defaults(func=_run_unify)
+
+
+def _run_unify(args) -> int:
+    """Unify, then report: accuracy before and after, stored bytes, measured latency."""
+    import copy
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from wgates.data import make_loaders
+    from wgates.extract import PLAN_ATTR, load_pruned, save_pruned
+    from wgates.files import write_json
+    from wgates.latency import get_backend
+    from wgates.models import check_spec, create_model
+    from wgates.parts import measure_threads
+    from wgates.train import evaluate
+    from wgates.unify import is_unified, stored_bytes, unify
+
+    for name in args.backend:
+        get_backend(name, args.threads)  # refused before any training
+    check_spec(args.model)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise WgatesError(f"--out {out} is not empty: choose another directory or empty it")
+    torch.manual_seed(args.seed)
+    train_loader, val_loader, info = make_loaders(
+        args.data, batch_size=args.batch_size, workers=args.workers, subset=args.subset)
+    classes = args.num_classes or info.num_classes
+    model = create_model(args.model, num_classes=classes, weights=args.weights)
+    if args.pruned:
+        model = load_pruned(model, args.pruned)
+    original = copy.deepcopy(model).eval()
+    before = evaluate(model, val_loader)
+    result = unify(model, train_loader, block=args.block, ratio=args.ratio, zero=args.zero,
+                   admm_epochs=args.admm_epochs, finetune_epochs=args.finetune_epochs,
+                   lr=args.lr, teacher=original if args.distill else None, seed=args.seed)
+    if not is_unified(model, result):
+        raise WgatesError("the chosen blocks are not unified after the fine-tune (a bug): "
+                          "please report it with the command")
+    example = torch.randn(args.latency_batch, *info.input_shape)
+    latency = {name: measure_threads(original, model.eval(), example, [args.threads], name)[0]
+               for name in args.backend}
+    report = {
+        "settings": {k: getattr(args, k) for k in ("model", "pruned", "weights", "data",
+                                                    "block", "ratio", "zero", "admm_epochs",
+                                                    "finetune_epochs", "lr", "distill")},
+        "accuracy_before": before, "accuracy": evaluate(model, val_loader),
+        "stored_bytes": {"float32": stored_bytes(original), "unified": stored_bytes(model,
+                                                                                   result)},
+        "latency": latency, "history": result.history,
+    }
+    if hasattr(model, PLAN_ATTR):
+        save_pruned(model, out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(out / "model.safetensors"))
+    write_json(out / "unify.json", report)
+    size = report["stored_bytes"]
+    kind = "zero" if args.zero else "one magnitude"
+    print(f"unified {args.ratio:.0%} of the blocks of {args.block} ({kind}): accuracy "
+          f"{before:.4f} -> {report['accuracy']:.4f}; stored (zlib) {size['float32']:,} -> "
+          f"{size['unified']:,} bytes ({size['unified'] / size['float32']:.2f}x)")
+    for name, row in latency.items():
+        print(f"{name} @{args.threads} thread(s), batch {args.latency_batch}: latency "
+              f"{row['ratio']:.3f} of the input model's (spread {row['spread']:.3f})")
+    print(f"wrote {out} (model, unify.json)")
+    return 0
+
+
+SUBCOMMANDS.append(add_unify)
