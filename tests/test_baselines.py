@@ -152,7 +152,9 @@ def test_every_method_names_its_paper_and_how_it_runs():
     assert list(INFO) == list(METHODS)
     gates = {"wgates", "plain", "gdp", "wgates-flops", "wgates-gradient"}
     assert {n for n, i in INFO.items() if i.gates} == gates
-    assert SEARCH_METHODS == gates | {"scop"}  # its control factors train: budget counts them
+    # SCOP's control factors and MetaPruning's PruningNet train: a budget counts them
+    assert SEARCH_METHODS == gates | {"scop", "metapruning"}
+    assert {n for n, i in INFO.items() if i.needs_cost} == gates | {"metapruning"}
     assert all(len(i.paper) > 10 for i in INFO.values())
     assert "2007.02066" in INFO["wgates"].paper and "ICLR 2017" in INFO["l1"].paper
     assert "DepGraph" in INFO["tp-l2"].paper and "Molchanov" in INFO["tp-taylor"].paper
@@ -243,3 +245,29 @@ def test_scop_scores_what_beats_its_knockoff():
     assert float(first[live].median()) > 0 and float((first[live] > 0).float().mean()) > 0.6
     assert all(float(s.min()) >= -1 and float(s.max()) <= 1 for s in scores)
     assert dict(model.named_parameters())["features.0.0.weight"].requires_grad  # untouched
+
+
+def test_pruningnet_starts_as_the_trained_model_and_learns_per_encoding(setup):
+    """Before training, every encoding's generated weights are the trained ones; after, they
+    depend on the encoding. `on_band` puts any fractions on the cost goal."""
+    from wgates.baselines import l1_ranked
+    from wgates.metapruning import PruningNet, evolve, on_band
+
+    model, inputs, loader, _ = setup
+    gated = l1_ranked(model, inputs)
+    net = PruningNet(gated)
+    full = {g.name: g.size for g in gated.channel_groups}
+    half = {g.name: g.size // 2 for g in gated.channel_groups}
+    for name, w in net.weights(half).items():
+        torch.testing.assert_close(w, dict(model.named_parameters())[name])
+    losses = net.fit(loader, 1, lambda: half)
+    assert len(losses) == 1 and losses[0] > 0
+    a, b = net.weights(full), net.weights(half)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    groups = gated.channel_groups
+    widths = on_band(torch.rand(len(groups)).numpy() + 0.1, groups, macs_ratio, 0.5)
+    assert 0.4 < float(macs_ratio(torch.tensor([float(widths[g.name]) for g in groups]))) <= 0.5
+    ranked = evolve(lambda w: -abs(w[groups[0].name] - 8), groups,
+                    lambda f: on_band(f, groups, macs_ratio, 0.5), population=6,
+                    generations=3)
+    assert ranked[0][0] >= ranked[-1][0] and len(ranked) >= 6

@@ -53,6 +53,18 @@ def test_projection_unifies_exactly_the_chosen_share(zero):
         assert torch.allclose(inside.abs(), inside.abs()[:, :1].expand_as(inside))
         assert torch.equal(inside.sign(), b[chosen].sign())  # signs kept
     assert torch.equal(pb[~chosen], b[~chosen])  # the rest untouched
+    torch.testing.assert_close(project(p, chosen, 4, zero), p)  # idempotent
+
+
+def test_short_blocks_are_never_unified():
+    """3 input channels in blocks of 2: the second block is cut short (padded), so unifying
+    it would not hold; and a zero coefficient is unified like any other."""
+    w = torch.randn(4, 3, 1, 1)
+    w[0, 0] = 0.0
+    chosen = choose_blocks(w, 2, 1.0, False)
+    assert chosen[:, 0].all() and not chosen[:, 1].any()
+    p = project(w, chosen, 2, False)
+    torch.testing.assert_close(project(p, chosen, 2, False), p)
 
 
 def test_unify_holds_the_blocks_and_shrinks_the_stored_model():

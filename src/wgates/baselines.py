@@ -108,10 +108,12 @@ class GateSearch:
 @dataclass(frozen=True)
 class MethodInfo:
     """A registered method's paper (one line, for `wgates methods`) and, for a gate method,
-    its search; a method without one decides its widths by a knob bisected on measurements."""
+    its search; a method without one decides its widths itself, most by a knob bisected on
+    measurements. `needs_cost`: it reads the latency predictor (`Context.cost`) too."""
 
     paper: str
     gates: GateSearch | None = None
+    needs_cost: bool = False
 
     @property
     def kind(self) -> str:
@@ -125,15 +127,17 @@ SEARCH_METHODS: set[str] = set()  # methods that train (a gate search): epochs c
 
 
 def register_method(name: str, fn: Method | None = None, *, paper: str,
-                    gates: GateSearch | None = None, trains: bool = False):
+                    gates: GateSearch | None = None, trains: bool = False,
+                    needs_cost: bool = False):
     """Add `fn` (or the decorated function) to `METHODS` under `name`, with its paper; a
-    method with `gates`, or one that `trains` otherwise (SCOP's control factors), trains for
-    `Context.epochs`, which a fixed training budget counts."""
+    method with `gates`, or one that `trains` otherwise (SCOP's control factors,
+    MetaPruning's PruningNet), trains for `Context.epochs`, which a fixed training budget
+    counts; one that `needs_cost` is given the latency predictor."""
     def add(f: Method) -> Method:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice")
         METHODS[name] = f
-        INFO[name] = MethodInfo(paper, gates)
+        INFO[name] = MethodInfo(paper, gates, needs_cost or gates is not None)
         if gates is not None or trains:
             SEARCH_METHODS.add(name)
         return f
@@ -580,8 +584,8 @@ def scop(model, example_inputs, train_loader, target: float, ctx: Context) -> nn
             per_unit.append(s.new_zeros(n).index_add_(0, units, s)
                             / torch.bincount(units, minlength=n))
             g.value.copy_(per_unit[-1].to(g.value.device))  # the ranking within the group
-    ctx.notes["scop_scores"] = {g.name: s.tolist() for g, s in zip(gated.groups, scores,
-                                                                    strict=True)}
+    ctx.notes["scop_beats_knockoff"] = {  # per group, the share of filters scoring above 0
+        g.name: float((s > 0).float().mean()) for g, s in zip(gated.groups, scores, strict=True)}
 
     def build(x: float) -> nn.Module:  # x = 0: every score under the cut; x = 1: none
         gated.clear_masks()
@@ -589,3 +593,59 @@ def scop(model, example_inputs, train_loader, target: float, ctx: Context) -> nn
         return gated.extract(verify=False)
 
     return _bisect(build, target, ctx)
+
+
+# -- MetaPruning (Liu et al., 2019) -----------------------------------------------------------
+@register_method("metapruning", trains=True, needs_cost=True,
+                 paper='Liu et al., ICCV 2019, arXiv 1903.10258, "MetaPruning: Meta Learning '
+                 'for Automatic Neural Network Channel Pruning" (a PruningNet generates the '
+                 'weights; evolutionary search under LPNet)')
+def metapruning(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
+    """PruningNet trained for `ctx.epochs` on random encodings, an evolutionary search under
+    `ctx.cost`, then the best encoding measured and its widths corrected by the measurement
+    (the closed loop's rule: the predicted goal scaled by aim / measured), up to 4 times."""
+    from wgates.metapruning import (
+        LOWEST,
+        SCORE_BATCHES,
+        PruningNet,
+        evolve,
+        on_band,
+        widths_from,
+    )
+
+    if ctx.cost is None:
+        raise WgatesError("metapruning needs a latency predictor: set Context.cost")
+    torch.manual_seed(ctx.seed)
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore, ctx.channel_multiple)
+    groups, multiple = gated.channel_groups, ctx.channel_multiple
+    net = PruningNet(gated)
+    rng = np.random.default_rng(ctx.seed)
+
+    def sample() -> dict[str, int]:  # MetaPruning's random structure: a fraction per group
+        return widths_from(rng.uniform(LOWEST, 1.0, len(groups)), groups, multiple)
+
+    losses = net.fit(train_loader, ctx.epochs, sample, teacher=model if ctx.distill else None,
+                     loss_fn=ctx.loss_fn)
+    batches = calibration_batches(train_loader, 2 * SCORE_BATCHES)
+    aim = target * (1 - ctx.tolerance / 2)
+
+    def predicted(widths: dict[str, int]) -> float:
+        with torch.no_grad():
+            return float(ctx.cost(torch.tensor([float(widths[g.name]) for g in groups])))
+
+    ranked = evolve(lambda w: net.score(w, batches[:SCORE_BATCHES], batches[SCORE_BATCHES:]),
+                    groups, lambda f: on_band(f, groups, ctx.cost, aim, multiple), ctx.seed)
+    widths = ranked[0][1]
+    fractions = np.array([widths[g.name] / g.size for g in groups])
+    steps = []
+    for _ in range(4):
+        small = net.materialise(widths, train_loader)
+        ratio = ctx.measure(small)[0]
+        steps.append({"predicted": predicted(widths), "measured": ratio})
+        if (1 - ctx.tolerance) * target <= ratio <= target:
+            break
+        widths = on_band(fractions, groups, ctx.cost, predicted(widths) * aim / ratio,
+                         multiple)
+    ctx.notes.update(pruningnet_loss=losses, evolution=[s for s, _ in ranked[:8]],
+                     metapruning_loop=steps)
+    return small

@@ -47,7 +47,14 @@ from wgates.predictor import (
     fit_file,
     fit_proxy,
 )
-from wgates.search import ALLOCATIONS, confirmed, parse_target, search, search_optimizers
+from wgates.search import (
+    ALLOCATIONS,
+    Cost,
+    confirmed,
+    parse_target,
+    search,
+    search_optimizers,
+)
 from wgates.train import (
     LossFn,
     StepTrace,
@@ -287,13 +294,13 @@ def prune(
             _discard(path, keep_dir)
         raise
     teacher = dense if distill else None
+    cost = (_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
+                        progress, force_predictor) if info.needs_cost else None)
     if info.gates is None:
         def choose() -> tuple[nn.Module, list[dict], dict]:
             return _knob_method(method, dense, inputs, train_loader, target, measure,
-                                tolerance, seed, loss_fn, multiple, epochs)
+                                tolerance, seed, loss_fn, multiple, epochs, cost, distill)
     else:
-        cost = _cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
-                           progress, force_predictor)
         total = epochs * len(train_loader)
         optimizers = search_optimizers(gated, total, lr, gate_lr)
         trace = StepTrace(every=max(1, total // TRACE_POINTS))
@@ -468,12 +475,14 @@ def lowest_floor(method: str, allocation: str, floor: float) -> float:
 
 def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: float,
                  measure: LatencyMeter, tolerance: float, seed: int,
-                 loss_fn: LossFn, channel_multiple: int = 1,
-                 epochs: int = 1) -> tuple[nn.Module, list[dict], dict]:
+                 loss_fn: LossFn, channel_multiple: int = 1, epochs: int = 1,
+                 cost: Cost | None = None,
+                 distill: bool = False) -> tuple[nn.Module, list[dict], dict]:
     """A knob method's model (`wgates.baselines`): its knob bisected on this run's
     measurements, a reading near the band settled as the closed loop settles its own (so
     both land in the same band by the same test). Every measurement is a step of `loop`.
-    `epochs`: what a knob method that trains (SCOP's control factors) trains for."""
+    `epochs`, `cost`, `distill`: for a method that trains (SCOP, MetaPruning) or reads the
+    latency predictor (MetaPruning)."""
     steps: list[dict] = []
 
     def measured(model: nn.Module) -> tuple[float, float]:
@@ -484,8 +493,9 @@ def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: f
 
     torch.manual_seed(seed)
     ctx = Context(measure=measured, tolerance=tolerance, seed=seed, loss_fn=loss_fn,
-                  channel_multiple=channel_multiple, epochs=epochs)
-    return METHODS[method](dense, inputs, loader, target, ctx), steps, {}
+                  channel_multiple=channel_multiple, epochs=epochs, cost=cost, distill=distill)
+    small = METHODS[method](dense, inputs, loader, target, ctx)
+    return small, steps, ctx.notes
 
 
 def smallest_ratio(gated, measure, floor: float, target: float = math.nan,

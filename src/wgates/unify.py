@@ -60,15 +60,19 @@ def unified_values(blocks: torch.Tensor, zero: bool) -> torch.Tensor:
     """Each block with every magnitude set to the block's mean magnitude (signs kept), or 0."""
     if zero:
         return torch.zeros_like(blocks)
-    return blocks.sign() * blocks.abs().mean(-1, keepdim=True)
+    sign = torch.where(blocks < 0, -1.0, 1.0).to(blocks.dtype)  # a 0 is unified too
+    return sign * blocks.abs().mean(-1, keepdim=True)
 
 
 def choose_blocks(weight: torch.Tensor, block: int, ratio: float, zero: bool) -> torch.Tensor:
-    """Bool [rows, blocks]: the `ratio` of the conv's blocks whose unification changes the
-    weights least (squared error; for zero, the smallest norms)."""
+    """Bool [rows, blocks]: the `ratio` of the conv's whole blocks whose unification changes
+    the weights least (squared error; for zero, the smallest norms). A block cut short by the
+    end of the input channels is never chosen: its padding would change its magnitude."""
     b = _blocks(weight.detach(), block)
     loss = (b - unified_values(b, zero)).pow(2).sum(-1)
-    k = int(round(ratio * loss.numel()))
+    if weight.shape[1] % block:
+        loss[:, -1] = torch.inf
+    k = min(int(round(ratio * loss.numel())), int(torch.isfinite(loss).sum()))
     chosen = torch.zeros(loss.numel(), dtype=torch.bool, device=loss.device)
     chosen[loss.flatten().argsort()[:k]] = True
     return chosen.view_as(loss)
