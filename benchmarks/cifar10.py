@@ -548,12 +548,16 @@ def merged(files: list[Path]) -> list[dict]:
 
 
 def apply_overrides(config: dict, overrides: list[str]) -> dict:
-    """`--set key=JSON` items applied to a dict of Settings fields."""
+    """`--set key=JSON` items applied to a dict of Settings fields; a value that is not JSON
+    is taken as a string (`--set importance=loss`)."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in Settings.__dataclass_fields__:
             raise SystemExit(f"--set {item!r}: give key=JSON with a key of Settings")
-        config[key] = json.loads(value)
+        try:
+            config[key] = json.loads(value)
+        except json.JSONDecodeError:
+            config[key] = value
     return config
 
 

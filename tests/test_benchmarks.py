@@ -91,6 +91,14 @@ def test_pivot_and_resume_keys():
     assert len({row_key(r) for r in rows}) == 4
 
 
+def test_set_overrides_take_json_or_a_plain_string():
+    c = cifar10_module()
+    out = c.apply_overrides({}, ["floor=0.5", "importance=loss", 'targets=[0.5]'])
+    assert out == {"floor": 0.5, "importance": "loss", "targets": [0.5]}
+    with pytest.raises(SystemExit, match="key of Settings"):
+        c.apply_overrides({}, ["nope=1"])
+
+
 def test_budget_regimes_and_paired_differences():
     c = cifar10_module()
     settings = c.MODES["regime"]
