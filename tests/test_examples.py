@@ -48,5 +48,10 @@ def test_segmentation_pruned_to_a_measured_target_in_the_users_own_loop(tmp_path
         expected = loaded(x)["out"].numpy()
     session = onnx_session(tmp_path / "model.onnx")
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    # batch 2: the batch dimension is dynamic (float32 kernels agree to a relative ~1e-5)
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # batch 2: the batch dimension is dynamic. Float32 kernels agree to ~1e-5 of the output's
+    # scale, not of each element: a map reaching 15 differed by 4.2e-4 at an element of 0.46
+    # in a CI run, which an element-wise rtol fails. So the bound is the export check's own
+    # (`onnx_max_difference`: relative to the largest magnitude above 1).
+    scale = max(1.0, float(np.abs(expected).max()))
+    assert got.shape == expected.shape
+    assert float(np.abs(got - expected).max()) <= 1e-4 * scale
