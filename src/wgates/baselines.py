@@ -432,6 +432,15 @@ def channel_responses(gated: GatedModel, batches: list) -> list[torch.Tensor]:
     return [torch.cat(r, dim=1).float().cpu() for r in rows]
 
 
+def unit_means(gated: GatedModel, i: int, values: torch.Tensor) -> torch.Tensor:
+    """Per-channel `values` of group i ([size, ...], on the CPU) averaged over each unit
+    (the channels a grouped conv ties together): [n_units, ...]."""
+    units = gated._units(i).cpu()
+    n = gated.channel_groups[i].n_units
+    counts = torch.bincount(units, minlength=n).view(n, *[1] * (values.dim() - 1))
+    return values.new_zeros(n, *values.shape[1:]).index_add_(0, units, values) / counts
+
+
 class FunctionClusters:
     """Each group's units (channels, or channels a grouped conv ties) clustered by how alike
     their responses are: 1 - correlation, average linkage (Qin et al. compare filters by
@@ -443,10 +452,8 @@ class FunctionClusters:
 
         self.gated, self.trees, self.energy = gated, [], []
         for i, r in enumerate(responses):
-            units = gated._units(i).cpu()
             n = gated.channel_groups[i].n_units
-            r = r.new_zeros(n, r.shape[1]).index_add_(0, units, r) / torch.bincount(
-                units, minlength=n).unsqueeze(1)  # a unit responds as its channels on average
+            r = unit_means(gated, i, r)  # a unit responds as its channels on average
             self.energy.append(r.pow(2).mean(1))
             z = r - r.mean(1, keepdim=True)
             z = z / (z.norm(dim=1, keepdim=True) + 1e-12)
@@ -576,14 +583,10 @@ def scop(model, example_inputs, train_loader, target: float, ctx: Context) -> nn
                  channel_multiple=ctx.channel_multiple).eval()
     scores = knockoff_scores(gated, gated.plain_copy(), train_loader,
                              ctx.epochs, ctx.loss_fn)
-    per_unit = []
+    per_unit = [unit_means(gated, i, s) for i, s in enumerate(scores)]
     with torch.no_grad():  # a unit (channels a grouped conv ties) scores as its channels do
-        for i, (g, s) in enumerate(zip(gated.gates, scores, strict=True)):
-            units = gated._units(i).cpu()
-            n = gated.channel_groups[i].n_units
-            per_unit.append(s.new_zeros(n).index_add_(0, units, s)
-                            / torch.bincount(units, minlength=n))
-            g.value.copy_(per_unit[-1].to(g.value.device))  # the ranking within the group
+        for g, u in zip(gated.gates, per_unit, strict=True):
+            g.value.copy_(u.to(g.value.device))  # the ranking within the group
     ctx.notes["scop_beats_knockoff"] = {  # per group, the share of filters scoring above 0
         g.name: float((s > 0).float().mean()) for g, s in zip(gated.groups, scores, strict=True)}
 
@@ -610,6 +613,7 @@ def metapruning(model, example_inputs, train_loader, target: float, ctx: Context
         PruningNet,
         evolve,
         on_band,
+        predicted_cost,
         widths_from,
     )
 
@@ -629,10 +633,6 @@ def metapruning(model, example_inputs, train_loader, target: float, ctx: Context
     batches = calibration_batches(train_loader, 2 * SCORE_BATCHES)
     aim = target * (1 - ctx.tolerance / 2)
 
-    def predicted(widths: dict[str, int]) -> float:
-        with torch.no_grad():
-            return float(ctx.cost(torch.tensor([float(widths[g.name]) for g in groups])))
-
     ranked = evolve(lambda w: net.score(w, batches[:SCORE_BATCHES], batches[SCORE_BATCHES:]),
                     groups, lambda f: on_band(f, groups, ctx.cost, aim, multiple), ctx.seed)
     widths = ranked[0][1]
@@ -641,11 +641,11 @@ def metapruning(model, example_inputs, train_loader, target: float, ctx: Context
     for _ in range(4):
         small = net.materialise(widths, train_loader)
         ratio = ctx.measure(small)[0]
-        steps.append({"predicted": predicted(widths), "measured": ratio})
+        steps.append({"predicted": predicted_cost(ctx.cost, groups, widths), "measured": ratio})
         if (1 - ctx.tolerance) * target <= ratio <= target:
             break
-        widths = on_band(fractions, groups, ctx.cost, predicted(widths) * aim / ratio,
-                         multiple)
+        goal = predicted_cost(ctx.cost, groups, widths) * aim / ratio
+        widths = on_band(fractions, groups, ctx.cost, goal, multiple)
     ctx.notes.update(pruningnet_loss=losses, evolution=[s for s, _ in ranked[:8]],
                      metapruning_loop=steps)
     return small

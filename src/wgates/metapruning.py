@@ -27,7 +27,7 @@ from torch import nn
 from torch.func import functional_call
 
 from wgates.gated import GatedModel
-from wgates.train import LossFn, classification_loss, recalibrate_bn, task_loss
+from wgates.train import LossFn, classification_loss, evaluate, recalibrate_bn, task_loss
 
 GEN_HIDDEN = 32
 GEN_LR = 1e-3
@@ -37,6 +37,18 @@ MUTATION = 0.1  # per-gene probability of a fresh fraction
 SCORE_BATCHES = 4  # batches for BatchNorm re-estimation, and again for the score
 
 Widths = dict[str, int]
+
+
+class _Generated(nn.Module):
+    """`model` run with `weights` in place of its own (`torch.func.functional_call`), so that
+    `recalibrate_bn` and `evaluate` can take it as they take any model."""
+
+    def __init__(self, model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.model, self.weights = model, weights
+
+    def forward(self, x: torch.Tensor):
+        return functional_call(self.model, self.weights, (x,))
 
 
 class PruningNet(nn.Module):
@@ -114,28 +126,14 @@ class PruningNet(nn.Module):
     def score(self, widths: Widths, calibration: Sequence, held_out: Sequence) -> float:
         """Accuracy on `held_out` with generated weights, after BatchNorm's statistics are
         re-estimated on `calibration` (they were gathered over every encoding)."""
-        model, weights = self.gated.model, self.weights(widths)
         self.gated.clear_masks()
         self.gated.set_masks(self.gated.masks_for_widths(widths))
-        norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-        device = self.base[self.convs[0][0]].device
-        model.train()
-        for x, _ in calibration:
-            functional_call(model, weights, (x.to(device),))
-        model.eval()
-        correct = total = 0
-        for x, y in held_out:
-            pred = functional_call(model, weights, (x.to(device),)).argmax(1)
-            correct += int((pred == y.to(device)).sum())
-            total += y.numel()
-        for m, momentum in zip(norms, saved, strict=True):
-            m.momentum = momentum
-        self.gated.clear_masks()
-        return correct / max(total, 1)
+        generated = _Generated(self.gated.model, self.weights(widths))
+        try:
+            recalibrate_bn(generated, calibration, batches=len(calibration))
+            return evaluate(generated, held_out)
+        finally:
+            self.gated.clear_masks()
 
     @torch.no_grad()
     def materialise(self, widths: Widths, loader: Iterable) -> nn.Module:
@@ -165,19 +163,21 @@ def widths_from(fractions: np.ndarray, groups: Sequence, multiple: int = 1) -> W
     return out
 
 
+def predicted_cost(cost: Callable[[torch.Tensor], torch.Tensor], groups: Sequence,
+                   widths: Widths) -> float:
+    """The cost model's figure for `widths` (kept counts in the groups' order)."""
+    with torch.no_grad():
+        return float(cost(torch.tensor([float(widths[g.name]) for g in groups])))
+
+
 def on_band(fractions: np.ndarray, groups: Sequence, cost: Callable[[torch.Tensor], torch.Tensor],
             goal: float, multiple: int = 1) -> Widths:
     """`widths_from` the fractions scaled by the one factor whose predicted cost is nearest
     under `goal` (bisected)."""
-    def predicted(scale: float) -> float:
-        widths = widths_from(fractions * scale, groups, multiple)
-        with torch.no_grad():
-            return float(cost(torch.tensor([float(widths[g.name]) for g in groups])))
-
     lo, hi = 0.0, 1.0 / max(float(np.min(fractions)), 1e-3)
     for _ in range(30):
         mid = (lo + hi) / 2
-        if predicted(mid) > goal:
+        if predicted_cost(cost, groups, widths_from(fractions * mid, groups, multiple)) > goal:
             hi = mid
         else:
             lo = mid
