@@ -98,3 +98,14 @@ def test_cli_unify_reports_size_accuracy_and_latency(tmp_path, capsys):
     assert (out / "model.safetensors").is_file()
     assert main(["unify", "--out", str(out)]) == 2  # not empty: refused
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_cli_unify_refuses_a_bad_setting_before_any_data(tmp_path, monkeypatch, capsys):
+    import wgates.data
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("data loaded before the setting was checked")
+
+    monkeypatch.setattr(wgates.data, "make_loaders", loaded)
+    assert main(["unify", "--ratio", "1.5", "--out", str(tmp_path / "u")]) == 2
+    assert "ratio must be in (0, 1]" in capsys.readouterr().err

@@ -651,10 +651,11 @@ def _run_unify(args) -> int:
     from wgates.models import check_spec, create_model
     from wgates.parts import measure_threads
     from wgates.train import evaluate
-    from wgates.unify import is_unified, stored_bytes, unify
+    from wgates.unify import check_setting, is_unified, stored_bytes, unify
 
     for name in args.backend:
         get_backend(name, args.threads)  # refused before any training
+    check_setting(args.block, args.ratio)
     check_spec(args.model)
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):

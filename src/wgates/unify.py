@@ -96,6 +96,14 @@ class Unification:
     history: list[dict]
 
 
+def check_setting(block: int, ratio: float) -> None:
+    """Refuse a setting unification cannot take, before any data is read."""
+    if block < 2:
+        raise WgatesError(f"block must be at least 2 coefficients, got {block}")
+    if not 0 < ratio <= 1:
+        raise WgatesError(f"ratio must be in (0, 1], the fraction of blocks unified; got {ratio}")
+
+
 def unify(model: nn.Module, train_loader: Iterable, *, block: int = 4, ratio: float = 0.5,
           zero: bool = False, admm_epochs: int = 1, finetune_epochs: int = 1,
           lr: float = 0.01, rho: float = RHO, admm_every: int = ADMM_EVERY,
@@ -103,10 +111,7 @@ def unify(model: nn.Module, train_loader: Iterable, *, block: int = 4, ratio: fl
           progress: bool = True, seed: int = 0) -> Unification:
     """Unify `ratio` of every conv's blocks of `block` input channels in place (see the
     module docstring): `admm_epochs` of ADMM, then `finetune_epochs` with the blocks held."""
-    if block < 2:
-        raise WgatesError(f"block must be at least 2 coefficients, got {block}")
-    if not 0 < ratio <= 1:
-        raise WgatesError(f"ratio must be in (0, 1], the fraction of blocks unified; got {ratio}")
+    check_setting(block, ratio)
     convs = unified_convs(model)
     if not convs:
         raise WgatesError(f"{type(model).__name__} has no ungrouped conv to unify")
