@@ -626,7 +626,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     name = "full" if args.full else "regime" if args.regime else "quick"
     settings = Settings(**apply_overrides(dict(vars(copy.deepcopy(MODES[name]))), args.set))
-    settings.data = data_spec(args.data or settings.data, parser)
+    if not (args.merge or args.remeasure or args.profile_only):  # the only modes that read it
+        settings.data = data_spec(args.data or settings.data, parser)
     if args.methods:
         settings.methods = args.methods.split(",")
         unknown = set(settings.methods) - set(METHODS)

@@ -127,6 +127,18 @@ def test_data_comes_from_argument_or_environment(monkeypatch, tmp_path):
     assert c.data_spec("digits", None) == "digits"
 
 
+def test_merge_needs_no_data(monkeypatch, tmp_path):
+    """Combining results files reads no images: it must work without WGATES_CIFAR10."""
+    monkeypatch.delenv("WGATES_CIFAR10", raising=False)
+    row = {"model": "resnet20", "backend": "torch-cpu", "batch": 1, "target": 0.5,
+           "method": "uniform", "seed": 0, "accuracy": 0.5, "ratio": 0.5, "macs": 1,
+           "params": 1, "wall_s": 0.0, "widths": [4, 8]}
+    (tmp_path / "a.json").write_text(json.dumps([row]))
+    result = run("cifar10.py", "--regime", "--out", str(tmp_path), "--merge", "a", "--name", "b")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "b.md").exists()
+
+
 def test_merge_keeps_each_row_once(tmp_path):
     c = cifar10_module()
     row = {"model": "m", "backend": "b", "batch": 1, "target": 0.5, "method": "x", "seed": 0,
