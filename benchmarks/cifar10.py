@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--remeasure", nargs="+", default=[], metavar="NAME",
                         help="re-measure the kept pruned models of these results files one by "
                         "one (run it alone on the machine), add the figures to their rows and "
-                        "rewrite them")
+                        "rewrite the file (several files: combined into --name)")
     parser.add_argument("--lanes", type=Path, default=None, metavar="DIR",
                         help="run as one of several benchmark processes on this machine that "
                         "share DIR: every latency measurement pauses the other lanes "
@@ -633,6 +633,9 @@ def main(argv: list[str] | None = None) -> None:
         unknown = set(settings.methods) - set(METHODS)
         if unknown:
             parser.error(f"unknown methods {sorted(unknown)}; choose from {list(METHODS)}")
+    if len(args.remeasure) > 1 and not args.name:  # before any measuring: where would it go?
+        parser.error("--remeasure with several results files writes them as one: name it with "
+                     "--name (or re-measure one file at a time, each rewritten in place)")
     weights = dict(w.split("=", 1) for w in args.dense_weights)
     alone = Lanes(args.lanes).alone if args.lanes else nullcontext
     if args.remeasure:
@@ -641,7 +644,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge:
         rows = merged([args.out / f"{n}.json" for n in args.merge])
         command = shlex.join([Path(sys.executable).name, *sys.argv])
-        md = write_results(rows, settings, args.out, args.name or f"cifar10_{name}", command,
+        default = args.remeasure[0] if args.remeasure else f"cifar10_{name}"
+        md = write_results(rows, settings, args.out, args.name or default, command,
                            "CIFAR-10")
         print(md.read_text())
         return

@@ -127,8 +127,8 @@ def test_data_comes_from_argument_or_environment(monkeypatch, tmp_path):
     assert c.data_spec("digits", None) == "digits"
 
 
-def test_merge_needs_no_data(monkeypatch, tmp_path):
-    """Combining results files reads no images: it must work without WGATES_CIFAR10."""
+def test_merge_and_remeasure_read_no_data_and_write_one_named_file(monkeypatch, tmp_path):
+    """Combining or re-measuring results files reads no images: no WGATES_CIFAR10 needed."""
     monkeypatch.delenv("WGATES_CIFAR10", raising=False)
     row = {"model": "resnet20", "backend": "torch-cpu", "batch": 1, "target": 0.5,
            "method": "uniform", "seed": 0, "accuracy": 0.5, "ratio": 0.5, "macs": 1,
@@ -137,6 +137,12 @@ def test_merge_needs_no_data(monkeypatch, tmp_path):
     result = run("cifar10.py", "--regime", "--out", str(tmp_path), "--merge", "a", "--name", "b")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "b.md").exists()
+    result = run("cifar10.py", "--regime", "--out", str(tmp_path), "--cache", str(tmp_path),
+                 "--remeasure", "a")  # nothing kept to measure: the file is rewritten in place
+    assert result.returncode == 0 and (tmp_path / "a.md").exists(), result.stderr
+    assert not (tmp_path / "cifar10_regime.md").exists()
+    result = run("cifar10.py", "--regime", "--out", str(tmp_path), "--remeasure", "a", "b")
+    assert result.returncode == 2 and "--name" in result.stderr
 
 
 def test_merge_keeps_each_row_once(tmp_path):
