@@ -123,6 +123,31 @@ def test_meter_measures_a_double_workload_at_about_twice_the_reference():
     assert m.ms > 0 and m.dense_ms > 0 and m.spread >= 0 and m.attempts >= 1
 
 
+def _scripted_meter(monkeypatch, readings: list[tuple[float, float]]) -> Meter:
+    """A Meter whose readings are (ratio, reference ms) in this order; the first one only
+    sets the quiet time."""
+    from wgates.latency import Measurement
+
+    script = iter([Measurement(r, r * d, d, 0.0) for r, d in readings])
+    meter = Meter(get_backend("torch-cpu"), lambda: None, Protocol(busy_sleep_s=0.0))
+    monkeypatch.setattr(meter, "_once", lambda candidate: next(script))
+    assert meter.measure(lambda: None).dense_ms == readings[0][1]
+    return meter
+
+
+def test_meter_retakes_a_reading_taken_while_the_reference_ran_slow(monkeypatch):
+    meter = _scripted_meter(monkeypatch, [(1.0, 2.5), (0.72, 3.8), (0.69, 2.6)])
+    m = meter.measure(lambda: None)
+    assert (m.ratio, m.attempts) == (0.69, 2)
+
+
+def test_meter_keeps_the_quickest_reference_reading_when_the_spell_lasts(monkeypatch):
+    slow = [(0.74, 3.9), (0.71, 3.2), (0.73, 3.6), (0.72, 3.4)]
+    meter = _scripted_meter(monkeypatch, [(1.0, 2.5), *slow])
+    m = meter.measure(lambda: None)
+    assert (m.ratio, m.attempts) == (0.71, 1 + Protocol().slow_retries)
+
+
 def test_describe_counts_macs_and_flags_depthwise(tiny_file):
     report = describe(tiny_model(tiny_file), (torch.randn(1, 3, 16, 16),))
     assert report.flops == 256 * (16 * 27 + 16 * 9 + 24 * 16) + 24 * 10

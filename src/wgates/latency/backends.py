@@ -196,7 +196,15 @@ class Protocol:
     preempted far more often than a short one: under a load of 9 on 2 cores, probes measured
     0.06-0.38 for a true 0.36). Such a measurement is recognised by the reference running over
     `max_slowdown` x its quietest time so far, and retaken every `busy_sleep_s` for up to
-    `max_wait_s` (then kept, recognisable by its `dense_ms`)."""
+    `max_wait_s` (then kept, recognisable by its `dense_ms`).
+
+    Milder slow spells move the ratio too. On a shared host the reference's own time jumps
+    for seconds at a time from ~2.6 to ~4 ms (one thread, CPU time, so not preemption), and
+    a pruned ResNet-20 read 0.7125 at the median of the 32 readings taken in such spells
+    against 0.683 below 2.6 ms (582 readings in 43 fresh processes over 7 minutes;
+    `docs/design.md`, "A ratio read while the host is slow"). A reading whose reference ran
+    over `calm_slowdown` x its quietest time is retaken up to `slow_retries` times, every
+    `busy_sleep_s`, and the quickest-reference one kept: the spells are short."""
 
     rounds: int = 60
     min_block_s: float = 0.001
@@ -206,6 +214,8 @@ class Protocol:
     max_spread: float = 0.05
     retries: int = 1
     max_slowdown: float = 2.0
+    calm_slowdown: float = 1.2
+    slow_retries: int = 3
     busy_sleep_s: float = 1.0
     max_wait_s: float = 300.0
 
@@ -276,21 +286,26 @@ class Meter:
         prepared = self._prepare(candidate)
         deadline = time.monotonic() + p.max_wait_s
         calm: list[Measurement] = []
-        busy: list[Measurement] = []
+        slow: list[Measurement] = []  # the reference over calm_slowdown x its quietest time
+        busy: list[Measurement] = []  # ... over max_slowdown x: the ratio itself breaks
         while True:
             m = self._once(prepared)
             self.quiet_ms = min(self.quiet_ms, m.dense_ms)
-            if m.dense_ms <= p.max_slowdown * self.quiet_ms:
+            slowdown = m.dense_ms / self.quiet_ms
+            if slowdown <= p.calm_slowdown:
                 calm.append(m)
                 if m.spread <= p.max_spread or len(calm) > p.retries:
                     break
-            else:
-                busy.append(m)
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(p.busy_sleep_s)
-        best = min(calm or busy, key=lambda m: m.spread)
-        return replace(best, attempts=len(calm) + len(busy))
+                continue
+            (slow if slowdown <= p.max_slowdown else busy).append(m)
+            if len(slow) > p.slow_retries or time.monotonic() > deadline:
+                break
+            time.sleep(p.busy_sleep_s)
+        if calm:
+            best = min(calm, key=lambda m: m.spread)
+        else:  # the machine never calmed down: the reading nearest to it at rest
+            best = min(slow or busy, key=lambda m: m.dense_ms)
+        return replace(best, attempts=len(calm) + len(slow) + len(busy))
 
 
 def settled(measure: Callable[[nn.Module], tuple[float, float]], model: nn.Module,
