@@ -22,11 +22,28 @@ def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.Complete
 
 
 @pytest.mark.parametrize("script", ["cifar10.py", "imagenet.py", "search_diagnosis.py",
-                                    "distill.py"])
+                                    "distill.py", "host_spells.py"])
 def test_help(script):
     result = run(script, "--help")
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout
+
+
+def test_host_spells_replay_drops_slow_readings_and_refuses_a_missing_model(tmp_path):
+    """Two processes: the first catches a spell (reference 1.5x its quietest time) in three
+    of its readings, which the 1.2 filter leaves out of its figure."""
+    rows = [(0, 0.70, 2.5), (0, 0.80, 3.8), (0, 0.81, 3.9), (0, 0.79, 3.7), (0, 0.69, 2.6),
+            (0, 0.71, 2.5), (1, 0.70, 2.5), (1, 0.69, 2.6), (1, 0.71, 2.4), (1, 0.70, 2.5),
+            (1, 0.70, 2.5)]
+    log = tmp_path / "spells.jsonl"
+    log.write_text("".join(json.dumps({"process": p, "ratio": r, "dense_ms": d}) + "\n"
+                           for p, r, d in rows))
+    result = run("host_spells.py", "replay", str(log))
+    assert result.returncode == 0, result.stderr
+    assert "calm_slowdown inf: per-process figure 0.700-0.790" in result.stdout
+    assert "calm_slowdown 1.2: per-process figure 0.700-0.700" in result.stdout
+    result = run("host_spells.py", "hogs", "--pruned", str(tmp_path))
+    assert result.returncode != 0 and "give --pruned DIR" in result.stderr
 
 
 def test_imagenet_config_is_valid():

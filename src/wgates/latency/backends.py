@@ -199,9 +199,9 @@ class Protocol:
     `max_wait_s` (then kept, recognisable by its `dense_ms`).
 
     Milder slow spells move the ratio too. On a shared host the reference's own time jumps
-    for seconds at a time from ~2.6 to ~4 ms (one thread, CPU time, so not preemption), and
-    a pruned ResNet-20 read 0.7125 at the median of the 32 readings taken in such spells
-    against 0.683 below 2.6 ms (582 readings in 43 fresh processes over 7 minutes;
+    for seconds at a time from ~2.6 to 3.3-4.7 ms (one thread, CPU time, so not
+    preemption), and a pruned ResNet-20 read 0.714 at the median of the slowest tenth of
+    885 readings against 0.684 in the quickest quarter (59 fresh processes over 12 minutes;
     `docs/design.md`, "A ratio read while the host is slow"). A reading whose reference ran
     over `calm_slowdown` x its quietest time is retaken up to `slow_retries` times, every
     `busy_sleep_s`, and the quickest-reference one kept: the spells are short."""

@@ -1,0 +1,195 @@
+"""Why one pruned model's latency ratio reads differently from run to run (docs/design.md,
+"A ratio read while the host is slow").
+
+Four checks on one pruned model against its dense model (torch-cpu, one thread, batch 1),
+each a mode of this script:
+
+    python benchmarks/host_spells.py log --processes 43 --readings 15 --out spells.jsonl
+    python benchmarks/host_spells.py replay spells.jsonl      # by reference time; the filter
+    python benchmarks/host_spells.py train --rounds 3         # does training in-process drift?
+    python benchmarks/host_spells.py hogs                     # load on the other core
+
+`log` starts new processes one after another, each taking single readings (no retakes)
+and writing (time, ratio, reference ms) as JSON lines; `replay` bins them by the
+reference's time and replays `Protocol.calm_slowdown` on each process's readings. Run it
+with nothing else on the machine. The pruned model is a directory of `save_pruned`
+(default: the one `benchmarks/cifar10.py` keeps for the 0.7 W-Gates row of cifar10_b1a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from wgates.extract import load_pruned
+from wgates.latency import Meter, Protocol, get_backend, settled
+from wgates.models import create_model
+
+HERE = Path(__file__).resolve().parent
+WEIGHTS = HERE / "weights" / "resnet20_cifar10.safetensors"
+PRUNED = HERE / "cache" / "models" / "cifar10_b1a" / "resnet20_torch-cpu@1_0.7_wgates_0"
+ONE_READING = Protocol(retries=0, calm_slowdown=float("inf"), max_slowdown=float("inf"))
+
+
+def models(pruned: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(dense, pruned) ResNet-20, in eval mode."""
+    dense = create_model("resnet20", 10)
+    dense.load_state_dict(load_file(WEIGHTS))
+    return dense.eval(), load_pruned(create_model("resnet20", 10), pruned).eval()
+
+
+class Ratio:
+    """The pruned model's ratio to a dense reference prepared once, with `protocol`."""
+
+    def __init__(self, dense: torch.nn.Module, protocol: Protocol = Protocol()) -> None:
+        self.backend = get_backend("torch-cpu", 1)
+        self.inputs = (torch.randn(1, 3, 32, 32),)
+        self.meter = Meter(self.backend, self.backend.prepare(dense, self.inputs), protocol)
+
+    def __call__(self, model: torch.nn.Module) -> tuple[float, float]:
+        m = self.meter.measure(self.backend.prepare(model, self.inputs))
+        return m.ratio, m.dense_ms
+
+    def settled(self, model: torch.nn.Module) -> float:
+        return settled(self, model)[0]
+
+
+def child(args: argparse.Namespace) -> None:
+    dense, small = models(args.pruned)
+    if args.readings:
+        ratio = Ratio(dense, ONE_READING)
+        for _ in range(args.readings):
+            r, dense_ms = ratio(small)
+            print(json.dumps({"t": time.time(), "ratio": r, "dense_ms": dense_ms}), flush=True)
+    else:
+        ratio = Ratio(dense)
+        print(json.dumps({"ratio": ratio.settled(small), "dense_ms": ratio.meter.quiet_ms}))
+
+
+def in_child(pruned: Path, readings: int = 0) -> list[dict]:
+    out = subprocess.run([sys.executable, __file__, "child", "--pruned", str(pruned),
+                          "--readings", str(readings)], capture_output=True, text=True,
+                         check=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def log(args: argparse.Namespace) -> None:
+    with open(args.out, "w") as f:
+        for process in range(args.processes):
+            for row in in_child(args.pruned, args.readings):
+                f.write(json.dumps({"process": process, **row}) + "\n")
+            print(f"process {process + 1}/{args.processes}", flush=True)
+
+
+def replay(args: argparse.Namespace) -> None:
+    rows = [json.loads(line) for line in Path(args.log).read_text().splitlines()]
+    dense, ratio = np.array([r["dense_ms"] for r in rows]), np.array([r["ratio"] for r in rows])
+    edges = np.quantile(dense, [0, 0.25, 0.5, 0.75, 0.9, 1.0])
+    print(f"{len(rows)} readings; log-log correlation of ratio with the reference's time: "
+          f"{np.corrcoef(np.log(dense), np.log(ratio))[0, 1]:.2f}")
+    for lo, hi in zip(edges, edges[1:]):
+        inside = ratio[(dense >= lo) & (dense <= hi)]
+        print(f"reference {lo:.2f}-{hi:.2f} ms: {len(inside):4d} readings, ratio median "
+              f"{np.median(inside):.4f}")
+    processes: dict[int, list[dict]] = {}
+    for r in rows:
+        processes.setdefault(r["process"], []).append(r)
+    for limit in (float("inf"), 1.3, 1.2, 1.1):
+        figures = []
+        for readings in processes.values():
+            quiet, kept = float("inf"), []
+            for r in readings:  # as the meter sees them: the quietest time so far
+                quiet = min(quiet, r["dense_ms"])
+                if r["dense_ms"] <= limit * quiet:
+                    kept.append(r["ratio"])
+            figures.append(statistics.median(kept[:5]))
+        q1, mid, q3 = np.quantile(figures, [0.25, 0.5, 0.75])
+        print(f"calm_slowdown {limit}: per-process figure {min(figures):.3f}-{max(figures):.3f}"
+              f" (range {(max(figures) - min(figures)) / mid:.1%}, IQR {(q3 - q1) / mid:.1%})")
+
+
+def train(args: argparse.Namespace) -> None:
+    """Readings with a meter made before training, after rounds of training steps, beside
+    new processes' readings after each round."""
+    dense, small = models(args.pruned)
+    ratio, kept = Ratio(dense), []
+    print(f"before training: {ratio.settled(small):.4f}; new process: "
+          f"{in_child(args.pruned)[0]['ratio']:.4f}", flush=True)
+    for i in range(args.rounds):
+        net = copy.deepcopy(dense).train()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        for _ in range(args.steps):
+            loss = torch.nn.functional.cross_entropy(
+                net(torch.randn(128, 3, 32, 32)), torch.randint(0, 10, (128,)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        kept.append(net)  # a run keeps what it trained alive
+        fresh = in_child(args.pruned)[0]
+        print(f"after {i + 1} x {args.steps} steps: {ratio.settled(small):.4f} (reference "
+              f"{ratio.meter.quiet_ms:.2f} ms); new process: {fresh['ratio']:.4f} (reference "
+              f"{fresh['dense_ms']:.2f} ms)", flush=True)
+
+
+HOGS = {
+    "idle": None,
+    "busy loop": "while True: pass",
+    "one-thread matmul": "import torch\ntorch.set_num_threads(1)\na = torch.randn(1024, 1024)\n"
+                         "while True: a @ a",
+    "64 MB copy": "import numpy as np\na = np.ones(8_000_000)\nwhile True: a.copy()",
+}
+
+
+def hogs(args: argparse.Namespace) -> None:
+    dense, small = models(args.pruned)
+    ratio = Ratio(dense, ONE_READING)
+    for name, code in HOGS.items():
+        hog = subprocess.Popen([sys.executable, "-c", code]) if code else None
+        try:
+            time.sleep(1)
+            readings = [ratio(small) for _ in range(args.readings)]
+        finally:
+            if hog:
+                hog.kill()
+                hog.wait()
+        print(f"{name:18s} ratio {statistics.median(r for r, _ in readings):.4f} reference "
+              f"{statistics.median(d for _, d in readings):.3f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    modes = parser.add_subparsers(dest="mode", required=True)
+    for name, fn in (("log", log), ("replay", replay), ("train", train), ("hogs", hogs),
+                     ("child", child)):
+        sub = modes.add_parser(name)
+        sub.set_defaults(fn=fn)
+        if name != "replay":
+            sub.add_argument("--pruned", type=Path, default=PRUNED)
+    modes.choices["log"].add_argument("--processes", type=int, default=43)
+    modes.choices["log"].add_argument("--readings", type=int, default=15)
+    modes.choices["log"].add_argument("--out", type=Path, default=Path("spells.jsonl"))
+    modes.choices["replay"].add_argument("log", type=Path)
+    modes.choices["train"].add_argument("--rounds", type=int, default=3)
+    modes.choices["train"].add_argument("--steps", type=int, default=60)
+    modes.choices["hogs"].add_argument("--readings", type=int, default=12)
+    modes.choices["child"].add_argument("--readings", type=int, default=0)
+    args = parser.parse_args()
+    if getattr(args, "pruned", None) and not (args.pruned / "pruning.json").exists():
+        raise SystemExit(f"{args.pruned} is not a pruned model saved by wgates.save_pruned: "
+                         "give --pruned DIR (benchmarks/cifar10.py keeps one per row under "
+                         "benchmarks/cache/models/)")
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
