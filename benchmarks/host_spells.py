@@ -32,8 +32,9 @@ import torch
 from safetensors.torch import load_file
 
 from wgates.extract import load_pruned
-from wgates.latency import Meter, Protocol, get_backend, settled
+from wgates.latency import Protocol
 from wgates.models import create_model
+from wgates.parts import LatencyMeter
 
 HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights" / "resnet20_cifar10.safetensors"
@@ -48,32 +49,26 @@ def models(pruned: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     return dense.eval(), load_pruned(create_model("resnet20", 10), pruned).eval()
 
 
-class Ratio:
-    """The pruned model's ratio to a dense reference prepared once, with `protocol`."""
+def meter(dense: torch.nn.Module, protocol: Protocol = Protocol()) -> LatencyMeter:
+    return LatencyMeter(dense, torch.randn(1, 3, 32, 32), "torch-cpu", 1, protocol)
 
-    def __init__(self, dense: torch.nn.Module, protocol: Protocol = Protocol()) -> None:
-        self.backend = get_backend("torch-cpu", 1)
-        self.inputs = (torch.randn(1, 3, 32, 32),)
-        self.meter = Meter(self.backend, self.backend.prepare(dense, self.inputs), protocol)
 
-    def __call__(self, model: torch.nn.Module) -> tuple[float, float]:
-        m = self.meter.measure(self.backend.prepare(model, self.inputs))
-        return m.ratio, m.dense_ms
-
-    def settled(self, model: torch.nn.Module) -> float:
-        return settled(self, model)[0]
+def reading(ratio: LatencyMeter, model: torch.nn.Module) -> tuple[float, float]:
+    """One measurement of `model`: (ratio, the reference's time in ms)."""
+    m = ratio.meter.measure(ratio.backend.prepare(model, ratio.inputs))
+    return m.ratio, m.dense_ms
 
 
 def child(args: argparse.Namespace) -> None:
     dense, small = models(args.pruned)
     if args.readings:
-        ratio = Ratio(dense, ONE_READING)
+        ratio = meter(dense, ONE_READING)
         for _ in range(args.readings):
-            r, dense_ms = ratio(small)
+            r, dense_ms = reading(ratio, small)
             print(json.dumps({"t": time.time(), "ratio": r, "dense_ms": dense_ms}), flush=True)
     else:
-        ratio = Ratio(dense)
-        print(json.dumps({"ratio": ratio.settled(small), "dense_ms": ratio.meter.quiet_ms}))
+        ratio = meter(dense)
+        print(json.dumps({"ratio": ratio.settled(small)[0], "dense_ms": ratio.meter.quiet_ms}))
 
 
 def in_child(pruned: Path, readings: int = 0) -> list[dict]:
@@ -122,8 +117,8 @@ def train(args: argparse.Namespace) -> None:
     """Readings with a meter made before training, after rounds of training steps, beside
     new processes' readings after each round."""
     dense, small = models(args.pruned)
-    ratio, kept = Ratio(dense), []
-    print(f"before training: {ratio.settled(small):.4f}; new process: "
+    ratio, kept = meter(dense), []
+    print(f"before training: {ratio.settled(small)[0]:.4f}; new process: "
           f"{in_child(args.pruned)[0]['ratio']:.4f}", flush=True)
     for i in range(args.rounds):
         net = copy.deepcopy(dense).train()
@@ -136,7 +131,7 @@ def train(args: argparse.Namespace) -> None:
             optimizer.step()
         kept.append(net)  # a run keeps what it trained alive
         fresh = in_child(args.pruned)[0]
-        print(f"after {i + 1} x {args.steps} steps: {ratio.settled(small):.4f} (reference "
+        print(f"after {i + 1} x {args.steps} steps: {ratio.settled(small)[0]:.4f} (reference "
               f"{ratio.meter.quiet_ms:.2f} ms); new process: {fresh['ratio']:.4f} (reference "
               f"{fresh['dense_ms']:.2f} ms)", flush=True)
 
@@ -152,12 +147,12 @@ HOGS = {
 
 def hogs(args: argparse.Namespace) -> None:
     dense, small = models(args.pruned)
-    ratio = Ratio(dense, ONE_READING)
+    ratio = meter(dense, ONE_READING)
     for name, code in HOGS.items():
         hog = subprocess.Popen([sys.executable, "-c", code]) if code else None
         try:
             time.sleep(1)
-            readings = [ratio(small) for _ in range(args.readings)]
+            readings = [reading(ratio, small) for _ in range(args.readings)]
         finally:
             if hog:
                 hog.kill()
