@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import EpochShuffle, loader_on, make_loaders, subset_of
 from wgates.extract import PLAN_ATTR, load_pruned, save_pruned
-from wgates.latency import Meter, Protocol, get_backend, profile, settled
+from wgates.latency import Meter, Protocol, get_backend, profile, profiled_quiet_ms, settled
 from wgates.models import create_model
 from wgates.predictor import count, fit_file
 from wgates.train import evaluate, recalibrate_bn, train
@@ -185,12 +185,14 @@ def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Pat
 
 
 def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: Protocol,
-                 alone: Callable[[], AbstractContextManager] = nullcontext):
+                 alone: Callable[[], AbstractContextManager] = nullcontext,
+                 profile: Path | None = None):
     """ratio of a model's latency to the dense one's, timed interleaved on `backend_name`,
     each measurement inside `alone()` (`Lanes.alone`: the other benchmark lanes paused);
     the dense model's time of the last measurement is kept as `measure.dense_ms` (rows
     record it: ratios taken in sessions whose dense model timed differently, on another
-    host, are not comparable)."""
+    host, are not comparable). `profile`: the latency profile of this model and backend,
+    whose readings tell the meter the dense model's time at rest (`Meter(quiet_ms=)`)."""
     backend = get_backend(backend_name)
     device = "cuda" if backend_name == "torch-cuda" else "cpu"
     on = tuple(x.to(device) for x in inputs)
@@ -200,7 +202,9 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
             copy.deepcopy(model).to(device))
         return backend.prepare(model.eval(), on)
 
-    meter = Meter(backend, runner(dense), protocol)
+    quiet = profiled_quiet_ms(profile, {**backend.fingerprint(), "input_shape": list(
+        on[0].shape)}) if profile is not None else float("inf")
+    meter = Meter(backend, runner(dense), protocol, quiet)
 
     def measure(model: nn.Module) -> tuple[float, float]:
         prepared = runner(model)
@@ -261,7 +265,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
             cost = latency_predictor(dense, at, backend, settings,
                                      profile_path(cache, label, backend, at))
         log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
-        measure = make_measure(dense, inputs, backend, settings.protocol(), alone)
+        measure = make_measure(dense, inputs, backend, settings.protocol(), alone,
+                               profile_path(cache, label, backend, at))
         multiple = settings.channel_multiple or get_backend(backend).channel_multiple
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
@@ -527,7 +532,8 @@ def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: lis
                 inputs = (torch.randn(row.get("batch", 1), *getattr(
                     small, PLAN_ATTR).input_shapes[0][1:]),)
                 measure = make_measure(dense, inputs, row["backend"], settings.protocol(),
-                                       alone)
+                                       alone, profile_path(cache, label, row["backend"],
+                                                           list(inputs[0].shape)))
                 row["ratio_quiet"] = settled(measure, small, repeats=repeats)[0]
                 row["dense_ms_quiet"] = measure.dense_ms
                 print(f"{name}: {label} {row['method']} seed {row['seed']}: "

@@ -8,7 +8,11 @@ each a mode of this script:
     python benchmarks/host_spells.py replay spells.jsonl      # by reference time; the filter
     python benchmarks/host_spells.py train --rounds 3         # does training in-process drift?
     python benchmarks/host_spells.py hogs                     # load on the other core
+    python benchmarks/host_spells.py seeded --pairs 30        # the quiet time from the profile
 
+`seeded` alternates new processes that take the settled figure a run delivers, with the
+meter's quiet time as today's default (the quickest reference it has timed) and seeded from
+the latency profile (`LatencyMeter.seed_quiet`), and compares the two sets of figures.
 `log` starts new processes one after another, each taking single readings (no retakes)
 and writing (time, ratio, reference ms) as JSON lines; `replay` bins them by the
 reference's time and replays `Protocol.calm_slowdown` on each process's readings. Run it
@@ -39,6 +43,7 @@ from wgates.parts import LatencyMeter
 HERE = Path(__file__).resolve().parent
 WEIGHTS = HERE / "weights" / "resnet20_cifar10.safetensors"
 PRUNED = HERE / "cache" / "models" / "cifar10_b1a" / "resnet20_torch-cpu@1_0.7_wgates_0"
+PROFILE = HERE / "cache" / "resnet20_torch-cpu_(1, 3, 32, 32).sqlite"
 ONE_READING = Protocol(retries=0, calm_slowdown=float("inf"), max_slowdown=float("inf"))
 
 
@@ -68,12 +73,18 @@ def child(args: argparse.Namespace) -> None:
             print(json.dumps({"t": time.time(), "ratio": r, "dense_ms": dense_ms}), flush=True)
     else:
         ratio = meter(dense)
-        print(json.dumps({"ratio": ratio.settled(small)[0], "dense_ms": ratio.meter.quiet_ms}))
+        if args.quiet_from:
+            ratio.seed_quiet(args.quiet_from)
+        start = time.monotonic()
+        figure = ratio.settled(small)[0]
+        print(json.dumps({"ratio": figure, "dense_ms": ratio.meter.quiet_ms,
+                          "seconds": time.monotonic() - start}))
 
 
-def in_child(pruned: Path, readings: int = 0) -> list[dict]:
+def in_child(pruned: Path, readings: int = 0, quiet_from: Path | None = None) -> list[dict]:
+    seed = ["--quiet-from", str(quiet_from)] if quiet_from else []
     out = subprocess.run([sys.executable, __file__, "child", "--pruned", str(pruned),
-                          "--readings", str(readings)], capture_output=True, text=True,
+                          "--readings", str(readings), *seed], capture_output=True, text=True,
                          check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
@@ -161,11 +172,26 @@ def hogs(args: argparse.Namespace) -> None:
               f"{statistics.median(d for _, d in readings):.3f} ms", flush=True)
 
 
+def seeded(args: argparse.Namespace) -> None:
+    figures: dict[str, list[float]] = {"unseeded": [], "seeded": []}
+    for pair in range(args.pairs):
+        for arm, quiet_from in (("unseeded", None), ("seeded", args.profile)):
+            row = in_child(args.pruned, quiet_from=quiet_from)[0]
+            figures[arm].append(row["ratio"])
+            print(json.dumps({"pair": pair, "arm": arm, "t": time.time(), **row}), flush=True)
+    for arm, values in figures.items():
+        q1, mid, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+        print(f"{arm}: {len(values)} figures, median {mid:.4f}, range {min(values):.4f}-"
+              f"{max(values):.4f} ({(max(values) - min(values)) / mid:.1%}), IQR "
+              f"{(q3 - q1) / mid:.1%}, over the median by more than 3%: "
+              f"{sum(v > 1.03 * mid for v in values)}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     modes = parser.add_subparsers(dest="mode", required=True)
     for name, fn in (("log", log), ("replay", replay), ("train", train), ("hogs", hogs),
-                     ("child", child)):
+                     ("seeded", seeded), ("child", child)):
         sub = modes.add_parser(name)
         sub.set_defaults(fn=fn)
         if name != "replay":
@@ -178,6 +204,9 @@ def main() -> None:
     modes.choices["train"].add_argument("--steps", type=int, default=60)
     modes.choices["hogs"].add_argument("--readings", type=int, default=12)
     modes.choices["child"].add_argument("--readings", type=int, default=0)
+    modes.choices["child"].add_argument("--quiet-from", type=Path, default=None)
+    modes.choices["seeded"].add_argument("--pairs", type=int, default=30)
+    modes.choices["seeded"].add_argument("--profile", type=Path, default=PROFILE)
     args = parser.parse_args()
     if getattr(args, "pruned", None) and not (args.pruned / "pruning.json").exists():
         raise SystemExit(f"{args.pruned} is not a pruned model saved by wgates.save_pruned: "

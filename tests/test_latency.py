@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import sqlite3
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ from wgates.latency import (
     get_backend,
     probe_widths,
     profile,
+    profiled_quiet_ms,
     sample_widths,
 )
 
@@ -123,15 +126,17 @@ def test_meter_measures_a_double_workload_at_about_twice_the_reference():
     assert m.ms > 0 and m.dense_ms > 0 and m.spread >= 0 and m.attempts >= 1
 
 
-def _scripted_meter(monkeypatch, readings: list[tuple[float, float]]) -> Meter:
-    """A Meter whose readings are (ratio, reference ms) in this order; the first one only
-    sets the quiet time."""
+def _scripted_meter(monkeypatch, readings, quiet_ms: float | None = None, **protocol) -> Meter:
+    """A Meter whose readings are (ratio, reference ms) in this order (any iterable); unless
+    `quiet_ms` seeds the quiet time, the first reading only sets it."""
     from wgates.latency import Measurement
 
-    script = iter([Measurement(r, r * d, d, 0.0) for r, d in readings])
-    meter = Meter(get_backend("torch-cpu"), lambda: None, Protocol(busy_sleep_s=0.0))
+    script = (Measurement(r, r * d, d, 0.0) for r, d in readings)
+    meter = Meter(get_backend("torch-cpu"), lambda: None,
+                  Protocol(**{"busy_sleep_s": 0.0, **protocol}), quiet_ms or math.inf)
     monkeypatch.setattr(meter, "_once", lambda candidate: next(script))
-    assert meter.measure(lambda: None).dense_ms == readings[0][1]
+    if quiet_ms is None:
+        assert meter.measure(lambda: None).slowdown == 1.0
     return meter
 
 
@@ -143,9 +148,28 @@ def test_meter_retakes_a_reading_taken_while_the_reference_ran_slow(monkeypatch)
 
 def test_meter_keeps_the_quickest_reference_reading_when_the_spell_lasts(monkeypatch):
     slow = [(0.74, 3.9), (0.71, 3.2), (0.73, 3.6), (0.72, 3.4)]
-    meter = _scripted_meter(monkeypatch, [(1.0, 2.5), *slow])
+    meter = _scripted_meter(monkeypatch, [(1.0, 2.5), *slow], calm_wait_s=0.0)
     m = meter.measure(lambda: None)
     assert (m.ratio, m.attempts) == (0.71, 1 + Protocol().slow_retries)
+    assert m.slowdown == pytest.approx(3.2 / 2.5)
+
+
+def test_a_seeded_quiet_time_catches_a_spell_the_meter_started_in(monkeypatch):
+    # unseeded, the first reading (3.4 ms) would be taken for the host at rest
+    spell = [(0.72, 3.4)] * 6
+    meter = _scripted_meter(monkeypatch, [*spell, (0.69, 2.6)], quiet_ms=2.5)
+    m = meter.measure(lambda: None)
+    assert (m.ratio, m.attempts) == (0.69, 7)
+
+
+def test_a_spell_that_outlasts_the_wait_becomes_the_quiet_time(monkeypatch):
+    spell = iter(lambda: (0.72, 3.4), None)  # never ends
+    meter = _scripted_meter(monkeypatch, spell, quiet_ms=2.5, calm_wait_s=0.05,
+                            busy_sleep_s=0.01)
+    m = meter.measure(lambda: None)
+    assert m.ratio == 0.72 and m.attempts > 1 + Protocol().slow_retries
+    assert meter.quiet_ms == 3.4
+    assert meter.measure(lambda: None).attempts == 1  # no second wait inside the same spell
 
 
 def test_describe_counts_macs_and_flags_depthwise(tiny_file):
@@ -186,6 +210,11 @@ def test_profile_resumes_and_extends(tiny_file, tmp_path, backend):
     assert samples[1].flops < samples[0].flops == 1.0
     assert sum(len(r) for r in store.repeats(again.id).values()) == 2
     assert store.lut(again.id)
+    quiet = np.quantile([s.dense_ms for s in samples], 0.05)
+    assert store.quiet_ms(again.id) == pytest.approx(quiet)
+    assert profiled_quiet_ms(out, {"backend": backend}) == pytest.approx(quiet)
+    assert profiled_quiet_ms(out, {"backend": "torch-cuda"}) == math.inf  # no such run
+    assert profiled_quiet_ms(tmp_path / "none.sqlite", {}) == math.inf
 
 
 def _count(path) -> int:

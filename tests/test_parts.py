@@ -3,6 +3,8 @@ fine-tune with the user's loss and the teacher's outputs, export from a tensor e
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,6 +108,21 @@ def test_latency_meter_measures_against_the_dense_model():
     ratio, spread = meter(dense)
     assert 0.7 < ratio < 1.3 and spread >= 0
     assert meter.dense_ms() > 0
+
+
+def test_latency_meter_takes_the_quiet_time_from_a_profile(tmp_path):
+    dense = create_model("small_cnn").eval()
+    fast = wgates.latency.Protocol(rounds=10, min_block_s=0.0005, retries=0,
+                                   busy_sleep_s=0.2, max_wait_s=5.0)
+    path = tmp_path / "latency.sqlite"
+    wgates.latency.profile(dense, list(X.shape), path, samples=3, protocol=fast,
+                           progress=False, lookup_table=False)
+    meter = wgates.LatencyMeter(dense, X, protocol=fast)
+    meter.seed_quiet(path)
+    assert meter.meter.quiet_ms <= wgates.latency.LatencyStore(path).quiet_ms(1)
+    other = wgates.LatencyMeter(dense, torch.randn(2, *X.shape[1:]), protocol=fast)
+    other.seed_quiet(path)  # another batch: another reference, so no seed
+    assert other._quiet_ms == math.inf
 
 
 def test_export_onnx_takes_a_tensor_example(tmp_path):

@@ -17,6 +17,7 @@ Each piece is the one `wgates.prune` runs (`wgates.search`, `wgates.latency`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from wgates.defaults import PRUNE
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel
 from wgates.groups import as_input_tuple
-from wgates.latency import Meter, Protocol, get_backend, profile, settled
+from wgates.latency import Meter, Protocol, get_backend, profile, profiled_quiet_ms, settled
 from wgates.predictor import LatencyPredictor, fit_file, fit_proxy
 from wgates.search import (
     Cost,
@@ -56,13 +57,25 @@ class LatencyMeter:
         self.inputs = as_input_tuple(example_inputs)
         self.dense, self.protocol = dense, protocol
         self._meter: Meter | None = None
+        self._quiet_ms = math.inf
 
     @property
     def meter(self) -> Meter:
         if self._meter is None:
             self._meter = Meter(self.backend, self.backend.prepare(self.dense.eval(),
-                                                                   self.inputs), self.protocol)
+                                                                   self.inputs), self.protocol,
+                                self._quiet_ms)
         return self._meter
+
+    def seed_quiet(self, profile: str | Path) -> None:
+        """Take the dense model's time at rest from the latency profile `profile` measured
+        for this model and backend (`LatencyStore.quiet_ms`; nothing when it has none), so
+        that a slow spell of the host is seen as one from the first reading on."""
+        quiet = profiled_quiet_ms(profile, {**self.backend.fingerprint(),
+                                            "input_shape": list(self.inputs[0].shape)})
+        self._quiet_ms = min(self._quiet_ms, quiet)
+        if self._meter is not None:
+            self._meter.quiet_ms = min(self._meter.quiet_ms, quiet)
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
         m = self.meter.measure(self.backend.prepare(model.eval(), self.inputs))

@@ -308,9 +308,7 @@ def fit_and_compare(
     from wgates.latency.backends import Protocol
 
     everything = store.samples(run.id)
-    limit = Protocol.max_slowdown * float(
-        np.quantile([s.dense_ms for s in everything], 0.05) if everything else 0
-    )
+    limit = Protocol.max_slowdown * store.quiet_ms(run.id)
     samples = [s for s in everything if s.dense_ms <= limit]
     repeats = store.repeats(run.id, max_dense_ms=limit)
     table = store.lut(run.id)

@@ -11,7 +11,7 @@ from wgates.latency.backends import (
     settled,
 )
 from wgates.latency.sampling import describe, probe_widths, profile, sample_widths
-from wgates.latency.store import LatencyStore, Run, Sample, fingerprint_key
+from wgates.latency.store import LatencyStore, Run, Sample, fingerprint_key, profiled_quiet_ms
 
 __all__ = [
     "BACKENDS",
@@ -27,6 +27,7 @@ __all__ = [
     "get_backend",
     "probe_widths",
     "profile",
+    "profiled_quiet_ms",
     "sample_widths",
     "settled",
 ]

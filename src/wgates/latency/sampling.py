@@ -229,7 +229,7 @@ def profile(
                 store, run_id, dense, Meter(runner_backend, reference, LUT_PROTOCOL),
                 int(input_shape[0]), runner_backend,
             )
-        meter = Meter(runner_backend, reference, protocol)
+        meter = Meter(runner_backend, reference, protocol, store.quiet_ms(run_id))  # resumed
         probes: dict[int, Runner] = {}
         bar = tqdm(
             total=samples, initial=start, desc="latency samples", unit="sample",

@@ -14,8 +14,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from wgates.errors import WgatesError
 from wgates.latency.backends import Measurement
+
+QUIET_QUANTILE = 0.05  # of the profile's dense readings: the machine at rest
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -185,6 +189,21 @@ class LatencyStore:
             Sample(i, k, json.loads(w), json.loads(la), *rest) for i, k, w, la, *rest in rows
         ]
 
+    def quiet_ms(self, run_id: int) -> float:
+        """The dense reference's time with the machine at rest, as the profile saw it: the 5th
+        percentile of its readings (inf with none). It seeds `Meter(quiet_ms=)`, so that a
+        meter started inside a slow spell of the host knows it is one."""
+        times = [row[0] for row in self.db.execute(
+            "SELECT dense_ms FROM samples WHERE run_id = ?", (run_id,))]
+        return float(np.quantile(times, QUIET_QUANTILE)) if times else math.inf
+
+    def quiet_ms_for(self, fingerprint: dict) -> float:
+        """`quiet_ms` of the quickest run whose fingerprint has every item of `fingerprint`
+        (the backend's, and the input shape: the same reference on the same machine)."""
+        runs = [r for r in self.runs()
+                if all(r.fingerprint.get(k) == v for k, v in fingerprint.items())]
+        return min((self.quiet_ms(r.id) for r in runs), default=math.inf)
+
     def repeats(self, run_id: int, max_dense_ms: float = math.inf) -> dict[int, list[float]]:
         """Repeated ratios of each probe configuration (the measurement noise floor), leaving
         out those taken while the dense reference ran slower than `max_dense_ms`."""
@@ -213,3 +232,15 @@ class LatencyStore:
         ):
             out.setdefault(layer, {})[(cin, cout)] = ratio
         return out
+
+
+def profiled_quiet_ms(path: str | Path, fingerprint: dict) -> float:
+    """The dense reference's time at rest in the latency file `path` for the runs matching
+    `fingerprint` (`LatencyStore.quiet_ms_for`); inf when there is no such file or run."""
+    if not Path(path).is_file():
+        return math.inf
+    store = LatencyStore(path, create=False)
+    try:
+        return store.quiet_ms_for(fingerprint)
+    finally:
+        store.close()
