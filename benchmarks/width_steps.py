@@ -1,16 +1,24 @@
-"""Latency against one group's width, every width, on ONNX Runtime and torch-cpu (issue 15.3).
+"""Latency against the width, on ONNX Runtime and torch-cpu (issue 15.3; batch 32, issue 11).
 
 Why ONNX Runtime's LPNet error was 3-4x torch-cpu's while its noise was not higher: its CPU
 convolutions run channels in blocks, so latency is not smooth in the width. This sweeps one
 group (default: ResNet-20's last, 64 channels) from a quarter of its width to all of it, the
 rest dense, each ratio to the dense model measured by the profiling protocol.
 
+`--uniform` sweeps every group together instead (k/16 of each width, k = 4..16), `--batch`
+measures at another batch, and `--rounds R` measures the whole sweep R times one after
+another, so that a step of the hardware can be told from a slow spell of the host: at batch
+32 on an AMD EPYC host, torch-cpu, the same widths read 0.53-0.75 of the dense latency within
+minutes (docs/design.md, "torch-cpu at batch 32 is not smooth either").
+
     python benchmarks/width_steps.py --lanes /tmp/lanes > benchmarks/results/width_steps.txt
+    python benchmarks/width_steps.py --uniform --batch 32 --backends torch-cpu --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -26,6 +34,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--group", type=int, default=-1, help="index of the group swept")
+    parser.add_argument("--uniform", action="store_true",
+                        help="sweep every group at once (k/16 of each width)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--backends", nargs="+", default=["onnxruntime-cpu", "torch-cpu"])
+    parser.add_argument("--rounds", type=int, default=1, help="times the sweep is measured")
     parser.add_argument("--lanes", type=Path, default=None, metavar="DIR",
                         help="measure alone: pause the other benchmark lanes in DIR")
     args = parser.parse_args()
@@ -33,26 +46,41 @@ def main() -> None:
     alone = Lanes(args.lanes).alone if args.lanes else nullcontext
     torch.manual_seed(0)
     model = create_model(args.model).eval()
-    example = (torch.randn(1, *default_input_shape(args.model)),)
-    gated = gate(model, example)
-    group = gated.groups[args.group]
-    widths = range(max(1, group.size // 4), group.size + 1)
-    ratios: dict[str, list[float]] = {}
-    for name in ("onnxruntime-cpu", "torch-cpu"):
+    shape = default_input_shape(args.model)
+    gated = gate(model, (torch.randn(1, *shape),))
+    example = (torch.randn(args.batch, *shape),)
+    if args.uniform:
+        what = "every group at k/16 of its width"
+        sweep = {k: {g.name: max(1, round(k * g.size / 16)) for g in gated.groups}
+                 for k in range(4, 17)}
+    else:
+        group = gated.groups[args.group]
+        what = f"group {group.name} ({group.size} channels), the rest dense"
+        sweep = {k: {group.name: k} for k in range(max(1, group.size // 4), group.size + 1)}
+    ratios: dict[str, dict[int, list[float]]] = {}
+    for name in args.backends:
         backend = get_backend(name, 1)
         with alone():
             meter = Meter(backend, backend.prepare(model, example), Protocol())
-        for k in widths:
-            gated.clear_masks()
-            gated.set_masks(gated.masks_for_widths({group.name: k}))
-            runner = backend.prepare(gated.extract(verify=False), example)
-            with alone():
-                ratios.setdefault(name, []).append(meter.measure(runner).ratio)
-    print(f"{args.model}, group {group.name} ({group.size} channels), the rest dense; "
-          "latency ratio to the dense model, 1 thread, batch 1")
-    print("width onnxruntime-cpu torch-cpu")
-    for k, ort, pt in zip(widths, ratios["onnxruntime-cpu"], ratios["torch-cpu"]):
-        print(f"{k} {ort:.3f} {pt:.3f}")
+        for _ in range(args.rounds):
+            for k, widths in sweep.items():
+                gated.clear_masks()
+                gated.set_masks(gated.masks_for_widths(widths))
+                runner = backend.prepare(gated.extract(verify=False), example)
+                with alone():
+                    ratios.setdefault(name, {}).setdefault(k, []).append(
+                        meter.measure(runner).ratio)
+    print(f"{args.model}, {what}; latency ratio to the dense model, 1 thread, batch "
+          f"{args.batch}" + (f"; median of {args.rounds} sweeps (min-max)" if args.rounds > 1
+                             else ""))
+    print("width " + " ".join(args.backends))
+    for k in sweep:
+        cells = []
+        for name in args.backends:
+            r = ratios[name][k]
+            cells.append(f"{statistics.median(r):.3f}" + (
+                f" ({min(r):.3f}-{max(r):.3f})" if len(r) > 1 else ""))
+        print(f"{k} " + " ".join(cells))
 
 
 if __name__ == "__main__":
