@@ -202,8 +202,8 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
             copy.deepcopy(model).to(device))
         return backend.prepare(model.eval(), on)
 
-    quiet = profiled_quiet_ms(profile, {**backend.fingerprint(), "input_shape": list(
-        on[0].shape)}) if profile is not None else float("inf")
+    quiet = profiled_quiet_ms(profile, backend.fingerprint_at(on[0].shape)) if profile else (
+        float("inf"))
     meter = Meter(backend, runner(dense), protocol, quiet)
 
     def measure(model: nn.Module) -> tuple[float, float]:

@@ -71,8 +71,7 @@ class LatencyMeter:
         """Take the dense model's time at rest from the latency profile `profile` measured
         for this model and backend (`LatencyStore.quiet_ms`; nothing when it has none), so
         that a slow spell of the host is seen as one from the first reading on."""
-        quiet = profiled_quiet_ms(profile, {**self.backend.fingerprint(),
-                                            "input_shape": list(self.inputs[0].shape)})
+        quiet = profiled_quiet_ms(profile, self.backend.fingerprint_at(self.inputs[0].shape))
         self._quiet_ms = min(self._quiet_ms, quiet)
         if self._meter is not None:
             self._meter.quiet_ms = min(self._meter.quiet_ms, quiet)

@@ -296,7 +296,7 @@ def prune(
     teacher = dense if distill else None
     cost = (_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
                         progress, force_predictor) if info.needs_cost else None)
-    if distributed.is_main() and (run.path / "latency.sqlite").is_file():
+    if distributed.is_main():
         measure.seed_quiet(run.path / "latency.sqlite")  # the host at rest, as profiled
     if info.gates is None:
         def choose() -> tuple[nn.Module, list[dict], dict]:
@@ -434,7 +434,7 @@ def preflight(
             for module, training in modes:
                 module.training = training
         if predictor is not None:
-            expected = _fingerprint(meter_backend, inputs)
+            expected = meter_backend.fingerprint_at(inputs[0].shape)
             names = [g.name for g in gated.groups]
             distributed.once("check the latency predictor", lambda: _check_predictor(
                 predictor, expected, names, force_predictor))
@@ -443,11 +443,6 @@ def preflight(
                 _measure_reachable(gated, inputs, threads, target_latency, backend,
                                    lowest_floor(method, allocation, floor), tolerance)))
 
-
-def _fingerprint(meter_backend, inputs: tuple) -> dict:
-    """What a latency predictor must have been measured on to hold for this run."""
-    return {**meter_backend.fingerprint(), "batch": int(inputs[0].shape[0]),
-            "input_shape": list(inputs[0].shape)}
 
 
 def _check_predictor(path, expected: dict, names: list[str], force: bool) -> None:
@@ -628,7 +623,8 @@ def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samp
         net = fit_proxy(gated, proxy)
     elif lpnet_file.exists():  # a resumed run: it may have been moved to another machine
         net = LatencyPredictor.load(lpnet_file)
-        check_fingerprint(net, _fingerprint(get_backend(backend, threads), inputs), lpnet_file,
+        check_fingerprint(net, get_backend(backend, threads).fingerprint_at(inputs[0].shape),
+                          lpnet_file,
                           force=force_predictor, advice=f"resume it on the machine it began "
                           f"on, or delete {lpnet_file} to profile this one")
     else:

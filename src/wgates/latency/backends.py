@@ -98,6 +98,12 @@ class Backend(ABC):
             "onnxruntime": onnxruntime.__version__,
         }
 
+    def fingerprint_at(self, input_shape) -> dict:
+        """`fingerprint` and the input's shape: what a latency measured on this backend, and
+        the dense reference's time, hold for."""
+        return {**self.fingerprint(), "batch": int(input_shape[0]),
+                "input_shape": list(input_shape)}
+
 
 class TorchCPU(Backend):
     """Eager PyTorch on CPU, inference mode, `threads` intra-op threads."""

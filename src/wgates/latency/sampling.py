@@ -202,9 +202,7 @@ def profile(
     gated = gate(model, example, channel_multiple=multiple)
     groups = gated.groups
     fingerprint = {
-        **runner_backend.fingerprint(),
-        "batch": int(input_shape[0]),
-        "input_shape": list(input_shape),
+        **runner_backend.fingerprint_at(input_shape),
         "model": model_spec or type(model).__name__,
         "groups": [[g.name, g.size, g.min_channels] for g in groups],
         **({"channel_multiple": multiple} if multiple > 1 else {}),
