@@ -296,7 +296,7 @@ def prune(
     teacher = dense if distill else None
     cost = (_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samples,
                         progress, force_predictor) if info.needs_cost else None)
-    if distributed.is_main():
+    if distributed.is_main() and (run.path / "latency.sqlite").is_file():
         measure.seed_quiet(run.path / "latency.sqlite")  # the host at rest, as profiled
     if info.gates is None:
         def choose() -> tuple[nn.Module, list[dict], dict]:
