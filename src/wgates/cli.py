@@ -115,7 +115,9 @@ def add_profile(sub) -> None:
     p.add_argument("--input-shape", type=_shape, help="N,C,H,W (default: 1 x the model's)")
     p.add_argument("--backend", default="torch-cpu", help="torch-cpu, onnxruntime-cpu, torch-cuda")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
-    p.add_argument("--samples", type=int, default=500, help="total samples wanted in the file")
+    p.add_argument("--samples", type=int, default=500,
+                   help="samples wanted in the file, measured on a calm machine (ones the "
+                   "host's load spoiled are replaced)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rounds", type=int,
                    help="interleaved candidate/reference timings per measurement (default 60)")
@@ -130,7 +132,7 @@ def add_profile(sub) -> None:
     p.add_argument("--out", default="latency.sqlite", help="SQLite file (created or extended)")
 
     def run(args) -> int:
-        from wgates.latency import Protocol, profile
+        from wgates.latency import LatencyStore, Protocol, profile
         from wgates.models import create_model, default_input_shape
 
         shape = args.input_shape or (1, *default_input_shape(args.model))
@@ -142,7 +144,12 @@ def add_profile(sub) -> None:
             channel_multiple=args.channel_multiple,
             protocol=Protocol(**{k: v for k, v in overrides.items() if v is not None}),
         )
-        print(f"{args.out}: run {done.key} has {done.n_samples} samples")
+        store = LatencyStore(args.out)
+        spoiled = done.n_samples - len(store.calm_samples(done.id))
+        store.close()
+        print(f"{args.out}: run {done.key} has {done.n_samples} samples"
+              + (f" ({spoiled} measured on a contended machine, left out of the fit)"
+                 if spoiled else ""))
         return 0
 
     p.set_defaults(func=run)

@@ -305,16 +305,16 @@ def fit_and_compare(
     Samples measured while the machine was contended (dense reference slower than
     `Protocol.max_slowdown` x its 5th percentile, kept by profiling after `max_wait_s`) are
     left out of everything, and counted in `n_contended`."""
-    from wgates.latency.backends import Protocol
-
     everything = store.samples(run.id)
-    limit = Protocol.max_slowdown * store.quiet_ms(run.id)
-    samples = [s for s in everything if s.dense_ms <= limit]
-    repeats = store.repeats(run.id, max_dense_ms=limit)
+    samples = store.calm_samples(run.id)
+    repeats = store.repeats(run.id, max_dense_ms=store.calm_limit_ms(run.id))
     table = store.lut(run.id)
     if len(samples) < 10:
+        contended = len(everything) - len(samples)
         raise WgatesError(
-            f"only {len(samples)} latency samples: profile at least 10 (hundreds for a good fit)"
+            f"only {len(samples)} latency samples measured on a calm machine"
+            + (f" ({contended} more were taken while it was contended)" if contended else "")
+            + ": profile at least 10 (hundreds for a good fit), with nothing else running"
         )
     names, sizes, _ = zip(*run.fingerprint["groups"], strict=True)
     kept = np.array([[s.widths[n] for n in names] for s in samples], dtype=np.float64)

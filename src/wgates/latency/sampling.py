@@ -185,8 +185,10 @@ def profile(
     lookup_table: bool = True,
     channel_multiple: int | None = None,
 ) -> Run:
-    """Measure width configurations of `model` until `out` holds `samples` of them for this
-    fingerprint (so re-running resumes, and a larger `samples` adds more).
+    """Measure width configurations of `model` until `out` holds `samples` of them measured on
+    a calm machine for this fingerprint (so re-running resumes, and a larger `samples` adds
+    more). Samples the host's load spoiled (`LatencyStore.calm_samples`) are replaced, up to
+    `samples // 2 + 10` extra configurations; the fit says so if that was not enough.
 
     Every `repeat_every`-th sample also re-measures a probe configuration: the noise floor.
     `lookup_table`: also time every conv alone at a grid of widths, for the lookup-table
@@ -218,7 +220,8 @@ def profile(
     try:
         run_id = store.run_for(fingerprint)
         start = store.next_index(run_id)
-        if start >= samples:
+        calm = len(store.calm_samples(run_id))
+        if calm >= samples:
             return next(r for r in store.runs() if r.id == run_id)
         dense_model, dense, _ = build({g.name: g.size for g in groups})
         reference = runner_backend.prepare(dense_model, example)
@@ -230,10 +233,11 @@ def profile(
         meter = Meter(runner_backend, reference, protocol, store.quiet_ms(run_id))  # resumed
         probes: dict[int, Runner] = {}
         bar = tqdm(
-            total=samples, initial=start, desc="latency samples", unit="sample",
+            total=samples, initial=calm, desc="latency samples", unit="sample",
             disable=not progress,
         )
-        for idx in range(start, samples):
+        idx = start
+        while calm < samples and idx < samples * 3 // 2 + 10:
             kind, widths = sample_widths(groups, idx, seed)
             variant, report, widths = build(widths)
             m = meter.measure(runner_backend.prepare(variant, example))
@@ -255,8 +259,11 @@ def profile(
                 m.dense_ms, m.spread, m.attempts,
             )
             store.add_sample(run_id, sample, repeat)
-            bar.update()
-            bar.set_postfix(ratio=f"{m.ratio:.3f}", spread=f"{m.spread:.3f}")
+            idx += 1
+            calm = len(store.calm_samples(run_id))
+            bar.update(calm - bar.n)
+            bar.set_postfix(ratio=f"{m.ratio:.3f}", spread=f"{m.spread:.3f}",
+                            contended=idx - calm)
         bar.close()
         return next(r for r in store.runs() if r.id == run_id)
     finally:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from wgates.errors import WgatesError
-from wgates.latency.backends import Measurement
+from wgates.latency.backends import Measurement, Protocol
 
 QUIET_QUANTILE = 0.05  # of the profile's dense readings: the machine at rest
 
@@ -188,6 +188,16 @@ class LatencyStore:
         return [
             Sample(i, k, json.loads(w), json.loads(la), *rest) for i, k, w, la, *rest in rows
         ]
+
+    def calm_limit_ms(self, run_id: int) -> float:
+        """The dense time over which a sample counts as measured on a contended machine
+        (`Protocol.max_slowdown` x `quiet_ms`): its ratio is not trusted."""
+        return Protocol.max_slowdown * self.quiet_ms(run_id)
+
+    def calm_samples(self, run_id: int) -> list[Sample]:
+        """The samples a predictor may learn from: those measured on a calm machine."""
+        limit = self.calm_limit_ms(run_id)
+        return [s for s in self.samples(run_id) if s.dense_ms <= limit]
 
     def quiet_ms(self, run_id: int) -> float:
         """The dense reference's time with the machine at rest, as the profile saw it: the 5th
