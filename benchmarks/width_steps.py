@@ -5,7 +5,9 @@ convolutions run channels in blocks, so latency is not smooth in the width. This
 group (default: ResNet-20's last, 64 channels) from a quarter of its width to all of it, the
 rest dense, each ratio to the dense model measured by the profiling protocol.
 
-`--uniform` sweeps every group together instead (k/16 of each width, k = 4..16), `--batch`
+`--uniform` sweeps every group together instead (k/16 of each width, k = 4..16), `--configs`
+measures named configurations from a JSON file (each maps group-name prefixes to widths; the
+longest matching prefix wins, unmatched groups stay dense), `--batch`
 measures at another batch, and `--rounds R` measures the whole sweep R times one after
 another, so that a step of the hardware can be told from a slow spell of the host: at batch
 32 on an AMD EPYC host, torch-cpu, the same widths read 0.53-0.75 of the dense latency within
@@ -13,11 +15,14 @@ minutes (docs/design.md, "torch-cpu at batch 32 is not smooth either").
 
     python benchmarks/width_steps.py --lanes /tmp/lanes > benchmarks/results/width_steps.txt
     python benchmarks/width_steps.py --uniform --batch 32 --backends torch-cpu --rounds 3
+    python benchmarks/width_steps.py --configs benchmarks/configs/resnet20_stage1_cliff.json \
+        --batch 32 --backends torch-cpu --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,12 +35,24 @@ from wgates.latency import Meter, Protocol, get_backend
 from wgates.models import create_model, default_input_shape
 
 
+def widths_from_prefixes(groups, prefixes: dict[str, int]) -> dict[str, int]:
+    """Each group's width from the longest of `prefixes` its name starts with (none: dense)."""
+    out = {}
+    for g in groups:
+        matches = [p for p in prefixes if g.name.startswith(p)]
+        if matches:
+            out[g.name] = prefixes[max(matches, key=len)]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
     parser.add_argument("--group", type=int, default=-1, help="index of the group swept")
     parser.add_argument("--uniform", action="store_true",
                         help="sweep every group at once (k/16 of each width)")
+    parser.add_argument("--configs", type=Path, default=None, metavar="JSON",
+                        help="measure the named configurations in this file instead")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--backends", nargs="+", default=["onnxruntime-cpu", "torch-cpu"])
     parser.add_argument("--rounds", type=int, default=1, help="times the sweep is measured")
@@ -49,7 +66,11 @@ def main() -> None:
     shape = default_input_shape(args.model)
     gated = gate(model, (torch.randn(1, *shape),))
     example = (torch.randn(args.batch, *shape),)
-    if args.uniform:
+    if args.configs:
+        what = f"the configurations of {args.configs.name}, unlisted groups dense"
+        sweep = {name: widths_from_prefixes(gated.groups, prefixes)
+                 for name, prefixes in json.loads(args.configs.read_text()).items()}
+    elif args.uniform:
         what = "every group at k/16 of its width"
         sweep = {k: {g.name: max(1, round(k * g.size / 16)) for g in gated.groups}
                  for k in range(4, 17)}
@@ -57,7 +78,7 @@ def main() -> None:
         group = gated.groups[args.group]
         what = f"group {group.name} ({group.size} channels), the rest dense"
         sweep = {k: {group.name: k} for k in range(max(1, group.size // 4), group.size + 1)}
-    ratios: dict[str, dict[int, list[float]]] = {}
+    ratios: dict[str, dict[int | str, list[float]]] = {}
     for name in args.backends:
         backend = get_backend(name, 1)
         with alone():
@@ -73,14 +94,15 @@ def main() -> None:
     print(f"{args.model}, {what}; latency ratio to the dense model, 1 thread, batch "
           f"{args.batch}" + (f"; median of {args.rounds} sweeps (min-max)" if args.rounds > 1
                              else ""))
-    print("width " + " ".join(args.backends))
+    pad = max(len(str(k)) for k in sweep)
+    print(f"{'width':<{pad}} " + " ".join(args.backends))
     for k in sweep:
         cells = []
         for name in args.backends:
             r = ratios[name][k]
             cells.append(f"{statistics.median(r):.3f}" + (
                 f" ({min(r):.3f}-{max(r):.3f})" if len(r) > 1 else ""))
-        print(f"{k} " + " ".join(cells))
+        print(f"{k!s:<{pad}} " + " ".join(cells))
 
 
 if __name__ == "__main__":

@@ -90,3 +90,33 @@ def test_start_reopens_below_the_aim_and_closes_from_itself_above_it():
     kept = from_start([8, 4], 0.5)
     assert kept[1] <= 4 and float(cost(torch.tensor(kept) * 1.0)) <= 0.5 + 1e-6
     assert from_start([8, 4], 0.75) == [8, 4]  # already at the aim: nothing moves
+
+
+def cliff_cost(kept: torch.Tensor) -> torch.Tensor:
+    """Groups 0 and 1 (8 units each) share a cache: their part of the latency drops from 0.6
+    to 0.18 only once both are at 4 units or fewer; group 2's 0.4 is linear in its width."""
+    both_narrow = (kept[..., :2].max(-1).values <= 4).float()
+    return 0.6 * (1.0 - 0.7 * both_narrow) + 0.4 * kept[..., 2] / 8
+
+
+def test_a_tier_moves_jointly_over_a_cliff_no_single_group_can_see():
+    order, imp = [torch.arange(8)] * 3, [torch.ones(8)] * 3
+
+    def alloc(tiers):
+        return allocate(cliff_cost, [8] * 3, [8] * 3, [1] * 3, order, imp, 0.62, tiers=tiers)
+
+    alone = alloc(())
+    assert alone[:2] == [8, 8] and float(cliff_cost(torch.tensor(alone) * 1.0)) > 0.62
+    jointly = alloc([[0, 1]])
+    # both at 4 (not lower: reopening a unit of either would climb the cliff again), and
+    # group 2 reopened to full width with the latency the jump saved
+    assert jointly == [4, 4, 8] and float(cliff_cost(torch.tensor(jointly) * 1.0)) <= 0.62
+
+
+def test_a_tier_move_waits_while_single_steps_are_cheaper():
+    # no cliff: a joint move loses as much per latency saved as single steps, so the
+    # allocation is the one without tiers
+    cost = linear_cost([0.4, 0.4, 0.2])
+    order, imp = [torch.arange(8)] * 3, [torch.ones(8), torch.ones(8), torch.full((8,), 0.1)]
+    plain = allocate(cost, [8] * 3, [8] * 3, [1] * 3, order, imp, 0.8)
+    assert allocate(cost, [8] * 3, [8] * 3, [1] * 3, order, imp, 0.8, tiers=[[0, 1]]) == plain

@@ -140,3 +140,14 @@ def test_channel_multiple_snaps_the_delivered_widths(resnet20, x32):
         del small
     with pytest.raises(WgatesError, match="channel_multiple"):
         wgates.gate(resnet20, x32, channel_multiple=0)
+
+
+def test_resolution_tiers_group_the_stages_and_skip_linear_layers(gated):
+    # ResNet-20: each stage's stream and inner groups (layer2.0.conv1 has stride 2)
+    assert gated.resolution_tiers() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    mlp_head = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 2))
+    tiers = wgates.gate(mlp_head, torch.randn(1, 3, 8, 8), verify=False).resolution_tiers()
+    assert tiers == []  # the convs are 6x6 and 4x4, one group each; the Linear has no size

@@ -73,6 +73,7 @@ def allocate(
     aim: float,
     floor: float = 0.0,
     start: Sequence[int] | None = None,
+    tiers: Sequence[Sequence[int]] = (),
 ) -> list[int]:
     """Units kept per group so that `cost` predicts at most `aim` (or as close as the minimum
     widths allow). `order[i]`: group i's units, best first (the gate's ranking); `importance`:
@@ -80,13 +81,20 @@ def allocate(
 
     `start`: the widths to move from (default: full). Below the aim already, units are
     reopened instead, the most valuable per unit of latency first, while the aim still
-    holds: a correction changes the fewest widths, which the weights were trained at."""
+    holds: a correction changes the fewest widths, which the weights were trained at.
+
+    `tiers`: sets of groups that are also moved together (`GatedModel.resolution_tiers`):
+    every group of a tier down to one fraction of its units, tried at each 1/PROBE level.
+    A one-group step cannot see a saving that appears only once all of them are narrow (a
+    cache cliff); a joint move that is taken may overshoot the aim, and units are then
+    reopened up to it."""
     n = len(sizes)
     kept = list(n_units if start is None else start)
     lowest = lowest_units(n_units, min_units, floor)
     scale = torch.tensor([s / u for s, u in zip(sizes, n_units)], dtype=torch.float32)
     ranked_value = [imp[o] for imp, o in zip(importance, order)]  # value of the k-th best unit
     step = [max(1, u // 64) for u in n_units]  # wide groups close a few units per decision
+    jumped = False
     with torch.no_grad():
         if float(cost(torch.tensor(kept, dtype=torch.float32) * scale)) <= aim:
             return _reopen(cost, kept, n_units, scale, ranked_value, step, aim)
@@ -94,10 +102,13 @@ def allocate(
             counts = torch.tensor(kept, dtype=torch.float32) * scale
             current = float(cost(counts))
             if current <= aim:
-                return kept
+                return _reopen(cost, kept, n_units, scale, ranked_value, step, aim) if jumped \
+                    else kept
             movable = [i for i in range(n) if kept[i] - step[i] >= lowest[i]]
             if not movable:
                 return kept
+            joint = _joint_move(cost, kept, n_units, lowest, scale, ranked_value, tiers,
+                                current)
             probes = []
             for i in movable:
                 probe = max(step[i], min(kept[i] - lowest[i], n_units[i] // PROBE))
@@ -111,10 +122,41 @@ def allocate(
                 lost = float(ranked_value[i][kept[i] - step[i]: kept[i]].sum())
                 if saving > 0:  # ties (no importance measured yet) go to the larger saving
                     choices.append((lost / saving, -saving, i))
+            if joint is not None and (not choices or joint[0] < min(choices)[0]):
+                kept, jumped = joint[1], True
+                continue
             if not choices:  # nothing saves latency any more: the aim is out of reach
                 return kept
             best = min(choices)[2]
             kept[best] -= step[best]
+
+
+def _joint_move(cost: Cost, kept: list[int], n_units: Sequence[int], lowest: Sequence[int],
+                scale: torch.Tensor, ranked_value: list[torch.Tensor],
+                tiers: Sequence[Sequence[int]], current: float,
+                ) -> tuple[float, list[int]] | None:
+    """The tier move (every group of a tier down to k/PROBE of its units) that loses the
+    least importance per unit of predicted latency saved: (that ratio, the widths), or None
+    when no tier move saves latency."""
+    moves = []
+    for tier in tiers:
+        for k in range(1, PROBE):
+            trial = list(kept)
+            for i in tier:
+                trial[i] = min(kept[i], max(lowest[i], math.ceil(k * n_units[i] / PROBE)))
+            if trial != kept and sum(t < w for t, w in zip(trial, kept)) > 1:
+                moves.append(trial)
+    if not moves:
+        return None
+    rows = torch.tensor(moves, dtype=torch.float32) * scale
+    best = None
+    for trial, pred in zip(moves, _each(cost, rows).tolist()):
+        if pred < current:
+            lost = sum(float(v[t:w].sum()) for v, t, w in zip(ranked_value, trial, kept))
+            ratio = lost / (current - pred)
+            if best is None or ratio < best[0]:
+                best = (ratio, trial)
+    return best
 
 
 def _reopen(cost: Cost, kept: list[int], n_units: Sequence[int], scale: torch.Tensor,

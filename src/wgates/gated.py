@@ -85,6 +85,7 @@ class GatedModel(nn.Module):
         self._kept_units: dict[int, int] = {}
         self.gate_grad_hook: Callable[[int, torch.Tensor], None] | None = None
         self._flat: torch.Tensor | None = None
+        self._tiers: list[list[int]] | None = None
         self._hook_ids: dict[str, list[int]] = {}
         self._install_hooks()
         # extract() delivers each group's width as a multiple of this (see `snapped`)
@@ -278,6 +279,35 @@ class GatedModel(nn.Module):
             return (self._scale(args[0], buf, dim), *args[1:])
 
         return hook
+
+    def resolution_tiers(self) -> list[list[int]]:
+        """Indices of the groups whose producers' outputs share one spatial size (two or more
+        per tier). Their activations share the caches, so a latency cliff can hang on all
+        of them at once: ResNet-20 at batch 32 on an AMD EPYC host runs at 0.55 of its
+        latency once every stage-1 group is at 8 channels, and at 0.90 with only the stream
+        there (benchmarks/results/width_steps_b32_stage1.txt). `allocate` moves each tier
+        jointly as well as group by group."""
+        if self._tiers is None:
+            shapes: dict[int, tuple[int, ...]] = {}
+
+            def record(i: int):
+                def hook(module, args, out) -> None:
+                    shapes.setdefault(i, tuple(out.shape[2:]))
+                return hook
+
+            plain = self.plain_copy().eval()
+            hooks = [plain.get_submodule(g.producers[0].module).register_forward_hook(record(i))
+                     for i, g in enumerate(self.channel_groups) if g.producers]
+            with torch.no_grad():
+                plain(*self.example_inputs)
+            for h in hooks:
+                h.remove()
+            tiers: dict[tuple[int, ...], list[int]] = {}
+            for i, shape in sorted(shapes.items()):
+                if shape:  # a linear layer's output has no spatial size
+                    tiers.setdefault(shape, []).append(i)
+            self._tiers = [t for t in tiers.values() if len(t) > 1]
+        return self._tiers
 
     def plain_copy(self) -> nn.Module:
         """A deep copy of the wrapped model without this wrapper's hooks."""
