@@ -85,9 +85,11 @@ def allocate(
 
     `tiers`: sets of groups that are also moved together (`GatedModel.resolution_tiers`):
     every group of a tier down to one fraction of its units, tried at each 1/PROBE level.
-    A one-group step cannot see a saving that appears only once all of them are narrow (a
-    cache cliff); a joint move that is taken may overshoot the aim, and units are then
-    reopened up to it."""
+    A one-group step cannot see a saving that appears only once all of them are narrow; a
+    joint move that is taken may overshoot the aim, and units are then reopened up to it.
+    The search does not pass tiers: measured on the AMD batch-32 profile, LPNet does not
+    see the steps either, and the allocation with tiers was the one without
+    (benchmarks/results/tier_allocation_b32_amd.txt)."""
     n = len(sizes)
     kept = list(n_units if start is None else start)
     lowest = lowest_units(n_units, min_units, floor)

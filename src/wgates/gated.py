@@ -282,11 +282,11 @@ class GatedModel(nn.Module):
 
     def resolution_tiers(self) -> list[list[int]]:
         """Indices of the groups whose producers' outputs share one spatial size (two or more
-        per tier). Their activations share the caches, so a latency cliff can hang on all
-        of them at once: ResNet-20 at batch 32 on an AMD EPYC host runs at 0.55 of its
-        latency once every stage-1 group is at 8 channels, and at 0.90 with only the stream
-        there (benchmarks/results/width_steps_b32_stage1.txt). `allocate` moves each tier
-        jointly as well as group by group."""
+        per tier): groups that share the caches and the kernels of one stage, so that a
+        latency step can hang on several of them at once. ResNet-20 at batch 32 on an AMD EPYC
+        host: 8/16/32 channels per stage run at 0.340 of the dense latency and 9/18/36 at
+        0.555; 8/16/48 at 0.366 but 8/24/48 at 0.555 (benchmarks/results/
+        width_steps_b32_stage1.txt). `allocate(tiers=)` moves each tier jointly."""
         if self._tiers is None:
             shapes: dict[int, tuple[int, ...]] = {}
 

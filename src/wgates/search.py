@@ -253,7 +253,7 @@ class KnapsackSchedule:
         else:
             values = [self.importance.get(i) for i in range(len(g.groups))]
         return allocate(self.cost, [c.size for c in g.channel_groups], n_units, min_units,
-                        order, values, aim, self.floor, start, tiers=g.resolution_tiers())
+                        order, values, aim, self.floor, start)
 
     def masks_at(self, aim: float) -> dict[str, torch.Tensor]:
         """Masks (the gates' top units) for a predicted cost of `aim`, moved from the
