@@ -51,7 +51,9 @@ from torch.utils.data import DataLoader
 from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import EpochShuffle, loader_on, make_loaders, subset_of
 from wgates.extract import PLAN_ATTR, load_pruned, save_pruned
+from wgates.gated import gate
 from wgates.latency import Meter, Protocol, get_backend, profile, profiled_quiet_ms, settled
+from wgates.macs import MacsModel
 from wgates.models import create_model
 from wgates.predictor import count, fit_file
 from wgates.train import evaluate, recalibrate_bn, train
@@ -176,7 +178,8 @@ def latency_predictor(dense: nn.Module, shape: list[int], backend: str, settings
     run = profile(copy.deepcopy(dense).cpu(), shape, path, samples=settings.lpnet_samples,
                   backend=backend, protocol=settings.protocol(),
                   channel_multiple=settings.channel_multiple)
-    return fit_file(path, run).predictor.requires_grad_(False)
+    gated = gate(copy.deepcopy(dense).cpu(), (torch.randn(1, *shape[1:]),))
+    return fit_file(path, run, macs=MacsModel.of(gated)).predictor.requires_grad_(False)
 
 
 def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Path:

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from lanes import Lanes
 
+from wgates.gated import gate
 from wgates.latency import LatencyStore, profile
+from wgates.macs import MacsModel
 from wgates.models import create_model, default_input_shape
 from wgates.predictor import fit_and_compare
 
@@ -42,7 +44,8 @@ def bench(model: str, backend: str, samples: int, workdir: Path, threads: int) -
         "JOIN samples s ON s.run_id = r.id WHERE r.id = ?",
         (run.id,),
     ).fetchone()
-    result = fit_and_compare(store, run)
+    gated = gate(create_model(model), (torch.randn(shape),))
+    result = fit_and_compare(store, run, macs=MacsModel.of(gated))
     store.close()
     return {
         "model": model,

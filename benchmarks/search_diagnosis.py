@@ -21,6 +21,7 @@ from cifar10 import HERE, conv_widths, data_spec, limited, make_measure, profile
 from wgates.data import make_loaders
 from wgates.gated import gate
 from wgates.latency import LatencyStore, Protocol
+from wgates.macs import MacsModel
 from wgates.models import create_model
 from wgates.predictor import fit_and_compare
 from wgates.search import closed_loop, search
@@ -57,14 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     val_loader = limited(val_loader, args.val_subset, shuffle=False)
     dense = create_model(args.model, info.num_classes, args.dense_weights).eval()
     inputs = (torch.randn(1, *info.input_shape),)
+    torch.manual_seed(args.seed)
+    gated = gate(copy.deepcopy(dense), inputs, kind=args.kind)
     store = LatencyStore(profile_path(HERE / "cache", args.model, "torch-cpu",
                                       [1, *info.input_shape]))
     try:
-        cost = fit_and_compare(store, store.select_run()).predictor.requires_grad_(False)
+        cost = fit_and_compare(store, store.select_run(), macs=MacsModel.of(gated)
+                               ).predictor.requires_grad_(False)
     finally:
         store.close()
-    torch.manual_seed(args.seed)
-    gated = gate(copy.deepcopy(dense), inputs, kind=args.kind)
     record: dict = {"args": {k: str(v) for k, v in vars(args).items()},
                     "dense": evaluate(dense, val_loader)}
     measure = make_measure(dense, inputs, "torch-cpu", Protocol(rounds=60, max_wait_s=60))

@@ -10,6 +10,10 @@ several groups at once: 8/16/32 channels per stage run at 0.340 of the dense lat
 at 0.555, 8/16/48 at 0.366 and 8/24/48 at 0.555 (benchmarks/results/
 width_steps_b32_stage1.txt).
 
+LPNet (on its MACs prior, as `wgates.prune` fits it) is allocated with beside the plain MLP,
+which extrapolates into holes the knapsack finds (benchmarks/results/
+tier_allocation_b32_amd_prior.txt).
+
 `--tier-samples` also measures every tier alone at each k/8 of its widths (the rest dense)
 and fits a second LPNet on the profile plus those: the directions a joint move is priced
 along, which a profile of random configurations rarely visits.
@@ -32,6 +36,7 @@ import torch
 from wgates.allocate import allocate
 from wgates.gated import gate
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend, profiled_quiet_ms
+from wgates.macs import MacsModel
 from wgates.models import create_model
 from wgates.predictor import LatencyPredictor
 
@@ -68,7 +73,9 @@ def main() -> None:
 
     kept = np.array([[s.widths[n] for n in names] for s in samples], dtype=np.float64)
     ratios = np.array([s.ratio for s in samples])
-    lpnets = {"LPNet": LatencyPredictor.fit(names, sizes, kept, ratios)}
+    macs = MacsModel.of(gated)
+    lpnets = {"LPNet": LatencyPredictor.fit(names, sizes, kept, ratios, macs=macs),
+              "plain MLP": LatencyPredictor.fit(names, sizes, kept, ratios)}
     if args.tier_samples:
         extra = [{n: (math.ceil(k * s / 8) if i in tier else s)
                   for i, (n, s) in enumerate(zip(names, sizes))}
@@ -76,7 +83,7 @@ def main() -> None:
         measured = [meter.measure(runner(w)).ratio for w in extra]
         lpnets["LPNet + tier samples"] = LatencyPredictor.fit(
             names, sizes, np.vstack([kept, [[w[n] for n in names] for w in extra]]),
-            np.concatenate([ratios, measured]))
+            np.concatenate([ratios, measured]), macs=macs)
 
     flat = [torch.ones(n) for n in sizes]
     order = [torch.arange(n) for n in sizes]

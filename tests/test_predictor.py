@@ -108,7 +108,9 @@ def test_cli_fit_latency_json_and_plot(tmp_path, capsys):
     out = tmp_path / "lp.pt"
     args = ["fit-latency", str(tmp_path / "l.sqlite"), "--out", str(out), "--steps", "100"]
     assert main([*args, "--json"]) == 0
-    metrics = json.loads(capsys.readouterr().out)
+    out_err = capsys.readouterr()
+    metrics = json.loads(out_err.out)
+    assert "without its MACs prior" in out_err.err and metrics["prior"] == "none"
     for key in ("mape", "max_error", "spearman", "noise_cv", "flops_mape", "lut_mape"):
         assert isinstance(metrics[key], float)
     assert out.is_file() and out.with_suffix(".png").stat().st_size > 0
@@ -191,3 +193,32 @@ def test_cli_refuses_a_predictor_from_elsewhere_before_any_work(weights, tmp_pat
     assert len(err.strip().splitlines()) == 1
     assert "backend was 'onnxruntime-cpu', here 'torch-cpu'" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_fit_latency_fits_on_the_macs_prior_of_the_profiled_model(tmp_path, capsys):
+    import wgates
+    from wgates.macs import MacsModel
+    from wgates.models import create_model
+
+    gated = wgates.gate(create_model("resnet20").eval(), (torch.randn(1, 3, 32, 32),))
+    macs = MacsModel.of(gated)
+    store = LatencyStore(tmp_path / "r.sqlite")
+    run = store.run_for({"model": "resnet20", "backend": "torch-cpu", "input_shape": [1, 3, 32, 32],
+                         "groups": [[g.name, g.size, 1] for g in gated.channel_groups]})
+    rng = np.random.default_rng(0)
+    for idx in range(30):
+        kept = {g.name: int(rng.integers(1, g.size + 1)) for g in gated.channel_groups}
+        with torch.no_grad():
+            share = float(macs(torch.tensor([float(k) for k in kept.values()])))
+        ratio = 0.3 + 0.7 * share
+        store.add_sample(run, Sample(idx, "random", kept, [], share, ratio, ratio, 1.0, 0.01))
+    store.close()
+    args = ["fit-latency", str(tmp_path / "r.sqlite"), "--out", str(tmp_path / "lp.pt"),
+            "--steps", "100", "--json"]
+    assert main(args) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["prior"] == "a + b * MACs" and metrics["mape"] < 0.02
+    assert main([*args, "--no-prior"]) == 0
+    assert json.loads(capsys.readouterr().out)["prior"] == "none"
+    assert main([*args, "--model", "mobilenetv2_cifar"]) == 2
+    assert "other channel groups" in capsys.readouterr().err

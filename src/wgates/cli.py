@@ -168,6 +168,10 @@ def add_fit_latency(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3000, help="LPNet training steps")
     p.add_argument("--json", action="store_true", help="print one JSON object of metrics")
+    p.add_argument("--model", help="the profiled model's spec, for LPNet's MACs prior "
+                   "(default: the one the profile recorded, when it names a known model)")
+    p.add_argument("--no-prior", action="store_true",
+                   help="fit the plain MLP, without the MACs prior (to compare)")
 
     def run(args) -> int:
         from pathlib import Path
@@ -178,8 +182,10 @@ def add_fit_latency(sub) -> None:
         store = LatencyStore(args.latency, create=False)
         try:
             chosen = store.select_run(args.run)
+            macs = None if args.no_prior else _macs_prior(chosen.fingerprint, args.model)
             result = fit_and_compare(
-                store, chosen, holdout=args.holdout, seed=args.seed, steps=args.steps
+                store, chosen, holdout=args.holdout, seed=args.seed, steps=args.steps,
+                macs=macs,
             )
         finally:
             store.close()
@@ -203,6 +209,37 @@ def add_fit_latency(sub) -> None:
         return 0
 
     p.set_defaults(func=run)
+
+
+def _macs_prior(fingerprint: dict, spec: str | None):
+    """LPNet's MACs prior for the profiled model: `spec`, else the model the profile
+    recorded (`wgates profile --model` records its spec; `wgates prune` its class name,
+    which names no model: then the plain MLP is fitted, and the reason printed)."""
+    import torch
+
+    from wgates.gated import gate
+    from wgates.macs import MacsModel
+    from wgates.models import check_spec, create_model
+
+    recorded = fingerprint.get("model", "")
+    if spec is None:
+        try:
+            check_spec(recorded)
+        except WgatesError:
+            print(f"note: the profile names its model {recorded!r}, not a model spec: LPNet "
+                  "is fitted without its MACs prior (pass --model SPEC to use it)",
+                  file=sys.stderr)
+            return None
+    spec = spec or recorded
+    shape = fingerprint["input_shape"]
+    gated = gate(create_model(spec), (torch.randn(1, *shape[1:]),))
+    names = [g.name for g in gated.channel_groups]
+    profiled = [name for name, *_ in fingerprint["groups"]]
+    if names != profiled:
+        raise WgatesError(f"--model {spec} has other channel groups than the profiled model "
+                          f"({len(names)} against {len(profiled)}): give the spec it was "
+                          "profiled with")
+    return MacsModel.of(gated)
 
 
 SUBCOMMANDS.extend([add_profile, add_fit_latency])

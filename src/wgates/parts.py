@@ -29,6 +29,7 @@ from wgates.errors import WgatesError
 from wgates.gated import GatedModel
 from wgates.groups import as_input_tuple
 from wgates.latency import Meter, Protocol, get_backend, profile, profiled_quiet_ms, settled
+from wgates.macs import MacsModel
 from wgates.predictor import LatencyPredictor, fit_file, fit_proxy
 from wgates.search import (
     Cost,
@@ -127,7 +128,7 @@ def fit_latency(gated: GatedModel, path: str | Path = "latency.sqlite", *,
                       samples=samples, backend=backend, threads=threads, protocol=protocol,
                       progress=progress, lookup_table=lookup_table,
                       channel_multiple=gated.channel_multiple)  # the widths it will deliver
-        net = fit_file(path, run).predictor
+        net = fit_file(path, run, macs=MacsModel.of(gated)).predictor
     return net.requires_grad_(False)
 
 

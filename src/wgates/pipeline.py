@@ -37,6 +37,7 @@ from wgates.files import load_checkpoint, save_checkpoint, write_json
 from wgates.gated import gate
 from wgates.groups import as_input_tuple
 from wgates.latency import Protocol, get_backend, profile, settled
+from wgates.macs import MacsModel
 from wgates.models import check_forward
 from wgates.parts import PROXIES, LatencyMeter, LatencyTerm, measure_threads
 from wgates.predictor import (
@@ -632,7 +633,7 @@ def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samp
         prof = profile(gated.plain_copy(), list(inputs[0].shape), db, samples=samples,
                        backend=backend, threads=threads, progress=progress,
                        channel_multiple=gated.channel_multiple)
-        comparison = fit_file(db, prof)
+        comparison = fit_file(db, prof, macs=MacsModel.of(gated))
         net = comparison.predictor
         net.save(lpnet_file)
         run.save(lpnet={k: v for k, v in comparison.metrics.items() if k != "predictors"})

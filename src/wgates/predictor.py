@@ -32,12 +32,19 @@ from wgates.errors import WgatesError
 from wgates.gated import GatedModel
 from wgates.latency.sampling import sample_widths
 from wgates.latency.store import LatencyStore
+from wgates.macs import MacsModel
 
 FORMAT = "wgates-lpnet-1"
+PRIOR_SHARPNESS = 20.0
+PRIOR_DECAY = 10.0  # AdamW weight decay of the MLP on the MACs prior (held-out error, design.md)
 
 
 class LatencyPredictor(nn.Module):
-    """MLP from per-group kept-channel counts to latency / dense latency (positive)."""
+    """MLP from per-group kept-channel counts to latency / dense latency (positive).
+
+    With `macs` (a `MacsModel`, as `wgates.prune` fits it) the MLP is a correction on top
+    of `a + b * MACs` (a and b fitted too): away from the samples the prediction falls back
+    on the compute, not on wherever an MLP extrapolates (wgates.macs says why)."""
 
     def __init__(
         self,
@@ -46,6 +53,7 @@ class LatencyPredictor(nn.Module):
         hidden: int = 64,
         dense_ms: float = float("nan"),
         fingerprint: Mapping | None = None,
+        macs: MacsModel | None = None,
     ) -> None:
         super().__init__()
         self.group_names = list(group_names)
@@ -58,12 +66,22 @@ class LatencyPredictor(nn.Module):
             nn.Linear(n, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
             nn.Linear(hidden, 1),
         )
+        self.macs = macs
+        if macs is not None:
+            self.prior = nn.Parameter(torch.tensor([0.0, 1.0]))  # a, b of a + b * MACs
+            nn.init.zeros_(self.mlp[-1].weight)  # starts as the prior alone
+            nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, kept: torch.Tensor) -> torch.Tensor:
         """Predicted latency ratio for kept counts `kept` ([n_groups] or [batch, n_groups]);
         differentiable in `kept`."""
         x = kept.to(self.sizes.dtype) / self.sizes
-        return nn.functional.softplus(self.mlp(2 * x - 1)).squeeze(-1)
+        y = self.mlp(2 * x - 1).squeeze(-1)
+        if self.macs is None:
+            return nn.functional.softplus(y)
+        a, b = self.prior
+        # sharp softplus: the identity above a few percent, positive below
+        return nn.functional.softplus(a + b * self.macs(kept) + y, beta=PRIOR_SHARPNESS)
 
     def predict_ms(self, kept: torch.Tensor) -> torch.Tensor:
         """Predicted latency in milliseconds (dense latency at profiling time x ratio)."""
@@ -101,7 +119,12 @@ class LatencyPredictor(nn.Module):
         as loss (robust to the odd disturbed measurement), full batch, Adam, cosine schedule.
         The weights kept are those that did best on a `val_fraction` of the data held out of
         training (with a few hundred samples, the last step overfits). Runs on one thread: at
-        this size more threads only add synchronisation (7x slower on a busy 2-core machine)."""
+        this size more threads only add synchronisation (7x slower on a busy 2-core machine).
+
+        With `macs=` (in `meta`) the prior `a + b * MACs` is first fitted alone (least
+        relative squares), and the MLP on top decays towards zero (`PRIOR_DECAY`), so that
+        it keeps only corrections the samples agree on; the prior alone is a candidate of
+        the held-out choice too."""
         torch.manual_seed(seed)
         model = cls(group_names, sizes, hidden, **meta)
         x = torch.as_tensor(kept, dtype=torch.float32)
@@ -109,9 +132,25 @@ class LatencyPredictor(nn.Module):
         order = torch.randperm(len(y))
         n_val = round(val_fraction * len(y))
         val, train = order[:n_val], order[n_val:]
-        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        if model.macs is None:
+            opt = torch.optim.Adam(model.parameters(), lr=lr)
+        else:
+            with torch.no_grad():
+                macs, target = model.macs(x[train]).numpy(), y[train].numpy()
+            b, a = np.polyfit(macs, target, 1, w=1 / target)
+            model.prior.data = torch.tensor([a, b], dtype=torch.float32)
+            opt = torch.optim.AdamW([{"params": model.mlp.parameters()},
+                                     {"params": [model.prior], "weight_decay": 0.0}],
+                                    lr=lr, weight_decay=PRIOR_DECAY)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+
+        def held_out() -> float:
+            with torch.no_grad():
+                return _relative_error(model(x[val]), y[val]).item()
+
         best, best_state = math.inf, None
+        if n_val and model.macs is not None:
+            best, best_state = held_out(), copy.deepcopy(model.state_dict())
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -121,8 +160,7 @@ class LatencyPredictor(nn.Module):
                 opt.step()
                 sched.step()
                 if n_val and (step % 25 == 24 or step == steps - 1):
-                    with torch.no_grad():
-                        err = _relative_error(model(x[val]), y[val]).item()
+                    err = held_out()
                     if err < best:
                         best, best_state = err, copy.deepcopy(model.state_dict())
         finally:
@@ -153,11 +191,13 @@ class LatencyPredictor(nn.Module):
         blob = load_checkpoint(path)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise WgatesError(f"{path} is not a latency predictor: run `wgates fit-latency`")
+        state = blob["state_dict"]
+        prior = {k.removeprefix("macs."): v for k, v in state.items() if k.startswith("macs.")}
         model = cls(
             blob["group_names"], blob["sizes"], blob["hidden"], blob["dense_ms"],
-            json.loads(blob["fingerprint"]),
+            json.loads(blob["fingerprint"]), MacsModel.from_dict(prior) if prior else None,
         )
-        model.load_state_dict(blob["state_dict"])
+        model.load_state_dict(state)
         return model.eval()
 
 
@@ -296,11 +336,13 @@ class Comparison:
 
 
 def fit_and_compare(
-    store, run, holdout: float = 0.2, seed: int = 0, **fit_kwargs
+    store, run, holdout: float = 0.2, seed: int = 0, macs: MacsModel | None = None,
+    **fit_kwargs
 ) -> Comparison:
     """Fit LPNet and both baselines on a random (1 - holdout) split of the samples of `run`
     (a `store.Run` of the `LatencyStore` `store`) and score all three on the rest (the
-    lookup table only when `run` was profiled with one).
+    lookup table only when `run` was profiled with one). `macs`: LPNet's prior
+    (`MacsModel.of` the profiled model; without it, the plain MLP).
 
     Samples measured while the machine was contended (dense reference slower than
     `Protocol.max_slowdown` x its 5th percentile, kept by profiling after `max_wait_s`) are
@@ -326,7 +368,7 @@ def fit_and_compare(
     dense_ms = float(np.median([s.dense_ms for s in samples]))
     predictor = LatencyPredictor.fit(
         names, sizes, kept[train], ratios[train], seed=seed, dense_ms=dense_ms,
-        fingerprint={**run.fingerprint, "key": run.key}, **fit_kwargs,
+        fingerprint={**run.fingerprint, "key": run.key}, macs=macs, **fit_kwargs,
     )
     with torch.no_grad():
         lpnet = predictor(torch.as_tensor(kept[test], dtype=torch.float32)).numpy()
@@ -353,6 +395,7 @@ def fit_and_compare(
         "n_contended": len(everything) - len(samples),
         "dense_ms": dense_ms,
         "run": run.key,
+        "prior": "none" if macs is None else "a + b * MACs",
         "baselines": "FLOPs and lookup table: ratio = a + b*x fitted on the training split",
     }
     return Comparison(predictor, metrics, ratios[test], predictions)
