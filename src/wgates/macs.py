@@ -47,11 +47,13 @@ class MacsModel(nn.Module):
             def hook(module: nn.Module, args, out: torch.Tensor) -> None:
                 if isinstance(module, nn.Linear):
                     macs = out[0].numel() * module.in_features
-                    layers[name] = (macs, module.in_features, module.out_features, False)
+                    shape = (module.in_features, module.out_features, False)
                 else:
                     macs = out[0].numel() * module.weight[0].numel()
                     dw = module.groups > 1 and module.groups == module.in_channels
-                    layers[name] = (macs, module.in_channels, module.out_channels, dw)
+                    shape = (module.in_channels, module.out_channels, dw)
+                before = layers.get(name, (0.0,))[0]  # a layer called twice costs twice
+                layers[name] = (before + macs, *shape)
             return hook
 
         hooks = [m.register_forward_hook(record(n)) for n, m in plain.named_modules()
