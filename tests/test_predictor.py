@@ -11,7 +11,13 @@ import torch
 from wgates.cli import main
 from wgates.errors import WgatesError
 from wgates.latency import LatencyStore, Measurement, Sample
-from wgates.predictor import LatencyPredictor, fit_and_compare, lut_latency, noise_cv
+from wgates.predictor import (
+    LatencyPredictor,
+    fit_and_compare,
+    lut_latency,
+    noise_cv,
+    relative_line,
+)
 
 NAMES, SIZES = ["a", "b", "c"], [16, 32, 64]
 KEYS = ["k16", "k32", "k64"]
@@ -82,6 +88,18 @@ def test_lut_interpolates_bilinearly_and_depthwise_linearly():
     assert lut_latency(table, [["dw", 6, 6], ["conv", 4, 2]]) == pytest.approx(12.0 + 9.0)
     with pytest.raises(WgatesError, match="no entry"):
         lut_latency(table, [["missing", 1, 1]])
+
+
+def test_relative_line_weights_small_ratios_as_much_as_large_ones():
+    x = np.array([1.0, 2.0, 3.0, 10.0])
+    a, b = relative_line(x, 0.05 + 0.1 * x)
+    assert (a, b) == pytest.approx((0.05, 0.1))
+    # one large outlier pulls an unweighted line's intercept far more than the relative one's
+    y = 0.05 + 0.1 * x
+    y[-1] *= 1.5
+    a_rel, _ = relative_line(x, y)
+    b_abs, a_abs = np.polyfit(x, y, 1)
+    assert abs(a_rel - 0.05) < abs(a_abs - 0.05)
 
 
 def test_noise_cv_pools_probes():

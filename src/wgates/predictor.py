@@ -137,7 +137,7 @@ class LatencyPredictor(nn.Module):
         else:
             with torch.no_grad():
                 macs, target = model.macs(x[train]).numpy(), y[train].numpy()
-            b, a = np.polyfit(macs, target, 1, w=1 / target)
+            a, b = relative_line(macs, target)
             model.prior.data = torch.tensor([a, b], dtype=torch.float32)
             opt = torch.optim.AdamW([{"params": model.mlp.parameters()},
                                      {"params": [model.prior], "weight_decay": 0.0}],
@@ -298,9 +298,15 @@ def lut_latency(table: Mapping[str, Mapping[tuple[int, int], float]], layers: Se
     return total
 
 
+def relative_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(a, b) of `a + b x` fitted for relative error (weights 1/y): latency ratios span a
+    decade, and an unweighted line would fit the large ones at the small ones' expense."""
+    b, a = np.polyfit(x, y, 1, w=1 / y)
+    return float(a), float(b)
+
+
 def _affine(x_train, y_train, x_test) -> np.ndarray:
-    """`a + b x` fitted for relative error (weights 1/y)."""
-    b, a = np.polyfit(x_train, y_train, 1, w=1 / y_train)
+    a, b = relative_line(x_train, y_train)
     return a + b * x_test
 
 
