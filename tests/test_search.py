@@ -262,12 +262,20 @@ def test_closed_loop_meets_target_on_torch_cpu():
         assert model(X).shape == (1, 10)
 
 
+def half_open(gated):
+    """The search's decision as half of every group, so that the loop can propose wider
+    widths as well as narrower ones."""
+    gated.set_masks(gated.masks_for_widths({g.name: max(g.min_channels, g.size // 2)
+                                            for g in gated.channel_groups}))
+    return gated
+
+
 @pytest.mark.parametrize("first, n_steps", [(0.465, 1), (0.40, 2), (0.52, 2)])
 def test_closed_loop_keeps_searched_widths_only_within_budget(first, n_steps):
     """A search's widths measured a little under the band are kept (other widths were never
     trained); far under it, or over the target, the loop proposes others."""
     torch.manual_seed(0)
-    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False).eval()
+    gated = half_open(gate(create_model("small_cnn", width_mult=0.5), X, verify=False).eval())
     seen: list = []
 
     def measure(model):  # the searched widths read `first` every time, any others 0.49
@@ -276,6 +284,31 @@ def test_closed_loop_keeps_searched_widths_only_within_budget(first, n_steps):
 
     model, steps = closed_loop(gated, macs_cost(gated), measure, 0.5, tolerance=0.05)
     assert len(steps) == n_steps and steps[0].measured == first
+
+
+def test_closed_loop_stops_inside_a_latency_step_and_delivers_under_the_target():
+    """Hardware with a step across the band (as at batch 32, where readings went 0.458 <->
+    0.519 for 8 rounds): the loop bisects between the two misses, stops once they are closer
+    in cost than the band is wide, never measures the same widths twice, and delivers the
+    reading under the target."""
+    from wgates.predictor import count
+
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False).eval()
+    dense_macs = count(gated.plain_copy(), (X,))[0]
+    seen: list[float] = []
+
+    def measure(model):  # latency 0.8 x MACs, plus 0.06 from MACs 0.57 on: nothing in band
+        macs = count(model, (X,))[0] / dense_macs
+        seen.append(macs)
+        return 0.8 * macs + (0.06 if macs >= 0.57 else 0.0), 0.0
+
+    model, steps = closed_loop(gated, macs_cost(gated), measure, 0.5, tolerance=0.05,
+                               max_steps=20)
+    assert not any(0.475 <= s.measured <= 0.5 for s in steps)
+    assert any(s.measured > 0.5 for s in steps) and any(s.measured < 0.475 for s in steps)
+    assert len(steps) <= 8 and len(set(seen)) == len(steps), (steps, seen)
+    assert 0.4 < 0.8 * count(model, (X,))[0] / dense_macs < 0.475  # the one under the target
 
 
 def test_knapsack_measures_its_widths_when_the_ramp_ends():
@@ -309,7 +342,7 @@ def test_closed_loop_reestimates_bn_only_for_other_widths(first, recalibrated, m
     calls = []
     monkeypatch.setattr(wgates.search, "recalibrate_bn", lambda m, loader: calls.append(m))
     torch.manual_seed(0)
-    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False).eval()
+    gated = half_open(gate(create_model("small_cnn", width_mult=0.5), X, verify=False).eval())
     seen: list = []
 
     def measure(model):

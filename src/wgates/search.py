@@ -22,7 +22,11 @@
    [(1 - tolerance) * target, target], the gate scores are thresholded globally (closing the
    lowest-scoring open units, or reopening the highest-scoring closed ones) at the threshold
    where the cost model, recalibrated by the last measurement, predicts the band's middle;
-   after a knapsack search the allocation is redone for that goal instead.
+   after a knapsack search the allocation is redone for that goal instead. Once one reading
+   is over the target and another under the band, the goal is bisected between their
+   predictions; when they are closer in predicted cost than half the band's width, or a
+   proposal repeats widths already measured, the band lies inside one latency step (seen at
+   batch 32: 0.458 <-> 0.519 for 8 rounds), and the loop stops there.
 """
 
 from __future__ import annotations
@@ -474,7 +478,9 @@ def closed_loop(
 ) -> tuple[nn.Module, list[LoopStep]]:
     """Extract, measure (`measure(model) -> (ratio, spread)`), correct, until the measured
     ratio lies in [(1 - tolerance) * target, target]. Returns the last extracted model and
-    the steps; the caller decides what a final miss means (it is reported, not hidden).
+    the steps; the caller decides what a final miss means (it is reported, not hidden): the
+    model returned is the in-band one, else the nearest under the target (a budget is a
+    ceiling), else the nearest over it.
     `propose(goal)`: masks for a predicted cost `goal` (a knapsack search passes its own
     allocation); by default the gate scores are thresholded globally.
 
@@ -488,9 +494,16 @@ def closed_loop(
     aim = target * (1 - tolerance / 2)
     steps: list[LoopStep] = []
     masks, tau = gated.masks(), float("nan")  # first: the search's own decision
-    best: tuple[float, nn.Module, int] | None = None  # distance, model, step number
+    best: tuple[tuple[bool, float], nn.Module, int] | None = None  # rank, model, step number
+    measured: set[tuple[int, ...]] = set()  # widths already measured
+    over: list[float] = []  # predicted costs of the readings over the target
+    under: list[float] = []  # ... and of those under the band
     for _ in range(max_steps):
         low = (1 - (1 if steps else 2) * tolerance) * target  # the searched widths: 2x slack
+        widths = tuple(int(m.sum()) for m in masks.values())
+        if widths in measured:  # no other widths between the misses: the band is in a step
+            break
+        measured.add(widths)
         gated.clear_masks()
         gated.set_masks(masks)
         model = gated.extract()
@@ -499,12 +512,19 @@ def closed_loop(
             predicted = float(cost(gated.kept_counts()))
         steps.append(LoopStep(tau, predicted, ratio, spread))
         in_band = low <= ratio <= target
-        if best is None or in_band or abs(ratio - aim) < best[0]:
-            best = (0.0 if in_band else abs(ratio - aim), model, len(steps))
+        rank = (ratio > target, 0.0 if in_band else abs(ratio - aim))
+        if best is None or rank < best[0]:
+            best = (rank, model, len(steps))
         if in_band:
             break
+        (over if ratio > target else under).append(predicted)
+        if over and under and min(over) - max(under) < tolerance * target / 2:
+            break  # the misses are closer in cost than the band is wide: a latency step
         gated.clear_masks()
-        goal = predicted * aim / ratio  # the cost model, recalibrated by the measurement
+        if over and under:  # bracketed: bisect the cost model between the nearest misses
+            goal = (min(over) + max(under)) / 2
+        else:
+            goal = predicted * aim / ratio  # the cost model, recalibrated by the measurement
         if propose is None:
             tau = threshold_for(gated, cost, goal)
             masks = threshold_masks(gated, tau)
