@@ -295,3 +295,35 @@ def test_a_host_too_busy_to_profile_stops_and_the_fit_says_why(tiny_file, tmp_pa
     assert run.n_samples == 10 * 3 // 2 + 10  # the cap on replacements
     with pytest.raises(WgatesError, match=r"only 2 .* calm machine \(23 more .* contended\)"):
         fit_file(tmp_path / "lat.sqlite", run)
+
+
+PAGE_FAULTS = """
+import resource, sys, torch
+from wgates.latency import Meter, get_backend
+if sys.argv[1] == "meter":  # a meter pins the allocator before it times anything
+    backend = get_backend("torch-cpu", 1)
+    Meter(backend, backend.prepare(torch.nn.Linear(1, 1), (torch.zeros(1, 1),)))
+x = torch.randn(32, 16, 32, 32)  # 2 MB, a batch-32 ResNet-20 activation
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        y = torch.relu(x) + 1
+        del y
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(faults())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_meter_pins_the_allocator_so_large_tensors_stop_faulting_in():
+    """glibc returns 2 MB blocks to the kernel after each use in a new process, and the next
+    forward faults them in again (the batch-32 dense reference's slow pace); a meter pins the
+    thresholds, after which the same loop takes no page faults at all."""
+    def run(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", PAGE_FAULTS, mode], check=True,
+                             capture_output=True, text=True).stdout
+        return int(out.split()[-1])
+
+    assert run("plain") > 1000
+    assert run("meter") < 50

@@ -8,6 +8,7 @@ from wgates.latency.backends import (
     Meter,
     Protocol,
     get_backend,
+    pin_allocator,
     settled,
 )
 from wgates.latency.sampling import describe, probe_widths, profile, sample_widths
@@ -25,6 +26,7 @@ __all__ = [
     "describe",
     "fingerprint_key",
     "get_backend",
+    "pin_allocator",
     "probe_widths",
     "profile",
     "profiled_quiet_ms",

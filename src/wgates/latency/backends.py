@@ -9,6 +9,8 @@ the primary figure is the ratio of the two; milliseconds are kept too. See `Prot
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
 import platform
@@ -247,11 +249,35 @@ class Measurement:
     slowdown: float = 1.0  # the reference's time over the meter's quiet time when it was read
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def pin_allocator(mmap_bytes: int = 64 << 20, trim_bytes: int = 256 << 20) -> bool:
+    """Pin glibc malloc's mmap and trim thresholds for this process; True where applied
+    (Linux with glibc). Otherwise glibc hands large freed blocks back to the kernel and
+    faults them in on the next call, as often as a threshold set by the process's history
+    allows: a dense ResNet-20 at batch 32 read 50 ms in a new process and 32-35 ms after
+    training or pinned, while its pruned models (smaller tensors) did not change
+    (`benchmarks/allocator_pace.py`). Pinned, every measurement sees one allocator state.
+    The cost: up to `trim_bytes` of freed heap stays with the process."""
+    if not platform.system() == "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(M_TRIM_THRESHOLD,
+                                                                         trim_bytes))
+
+
 class Meter:
     """Measures candidates against one dense reference runner with a fixed protocol."""
 
     def __init__(self, backend: Backend, reference: Runner, protocol: Protocol = Protocol(),
                  quiet_ms: float = math.inf):
+        pin_allocator()  # before the reference is timed: one allocator state for every reading
         self.protocol = protocol
         self.backend = backend
         self.reference = self._prepare(reference)
