@@ -327,3 +327,13 @@ def test_meter_pins_the_allocator_so_large_tensors_stop_faulting_in():
 
     assert run("plain") > 1000
     assert run("meter") < 50
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
+def test_fingerprint_records_the_pinned_allocator():
+    """A profile taken without the pin is another setting's: its store key must differ."""
+    from wgates.latency import fingerprint_key
+
+    fp = get_backend("torch-cpu", 1).fingerprint()
+    assert fp["allocator"] == "glibc-pinned"
+    assert fingerprint_key(fp) != fingerprint_key({**fp, "allocator": "default"})
