@@ -300,8 +300,9 @@ def test_a_host_too_busy_to_profile_stops_and_the_fit_says_why(tiny_file, tmp_pa
 PAGE_FAULTS = """
 import ctypes, resource, sys, torch
 from wgates.latency import Meter, get_backend
+from wgates.latency.backends import M_MMAP_THRESHOLD
 # glibc's own default (128 KiB), fixed: what a process's history would otherwise decide
-ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)
+ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 << 10)
 if sys.argv[1] == "meter":  # a meter pins the allocator before it times anything
     backend = get_backend("torch-cpu", 1)
     Meter(backend, backend.prepare(torch.nn.Linear(1, 1), (torch.zeros(1, 1),)))

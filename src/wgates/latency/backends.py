@@ -96,7 +96,7 @@ class Backend(ABC):
             "clock": self.clock.__name__,
             # the meter's allocator state (`pin_allocator`): a profile taken without it read
             # the batch-32 dense model up to 1.5x slower, so it is another setting's
-            "allocator": "glibc-pinned" if pin_allocator() else "default",
+            "allocator": "glibc-pinned" if _mallopt() is not None else "default",
             "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
@@ -256,6 +256,17 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 
 
 @functools.cache
+def _mallopt() -> Callable[[int, int], int] | None:
+    """glibc's `mallopt`, or None where there is none (not Linux, or musl)."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+@functools.cache
 def pin_allocator(mmap_bytes: int = 64 << 20, trim_bytes: int = 256 << 20) -> bool:
     """Pin glibc malloc's mmap and trim thresholds for this process; True where applied
     (Linux with glibc). Otherwise glibc hands large freed blocks back to the kernel and
@@ -264,15 +275,9 @@ def pin_allocator(mmap_bytes: int = 64 << 20, trim_bytes: int = 256 << 20) -> bo
     training or pinned, while its pruned models (smaller tensors) did not change
     (`benchmarks/allocator_pace.py`). Pinned, every measurement sees one allocator state.
     The cost: up to `trim_bytes` of freed heap stays with the process."""
-    if not platform.system() == "Linux":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, mmap_bytes)) and bool(mallopt(M_TRIM_THRESHOLD,
-                                                                         trim_bytes))
+    mallopt = _mallopt()
+    return (mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, mmap_bytes))
+            and bool(mallopt(M_TRIM_THRESHOLD, trim_bytes)))
 
 
 class Meter:
