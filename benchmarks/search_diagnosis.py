@@ -24,7 +24,7 @@ from wgates.latency import LatencyStore, Protocol
 from wgates.macs import MacsModel
 from wgates.models import create_model
 from wgates.predictor import fit_and_compare
-from wgates.search import closed_loop, search
+from wgates.search import accepted_band, closed_loop, search
 from wgates.train import evaluate, recalibrate_bn, train
 
 
@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> None:
                     "dense": evaluate(dense, val_loader)}
     measure = make_measure(dense, inputs, "torch-cpu", Protocol(rounds=60, max_wait_s=60))
     start = time.perf_counter()
-    middle = args.target * (1 - args.tolerance / 2)
+    band = accepted_band(args.target, args.tolerance)
     history, control = search(
-        gated, cost, middle, train_loader, args.search_epochs, lr=args.lr,
+        gated, cost, band.middle, train_loader, args.search_epochs, lr=args.lr,
         gate_lr=args.gate_lr, val_loader=val_loader, allocation=args.allocation,
         ramp=args.ramp, floor=args.floor, teacher=None if args.no_distill else dense,
         measure=None if args.no_calibrate else measure,
-        band=((1 - args.tolerance) * args.target, args.target))
+        band=band)
     record["calibration"] = getattr(control, "calibration", [])
     record["search_s"] = time.perf_counter() - start
     record["search_epochs"] = history.epochs

@@ -4,7 +4,7 @@ treat them alike. `wgates methods` lists them; docs/methods.md reads each paper.
 Every method in `METHODS` is `(model, example_inputs, train_loader, target, ctx) -> nn.Module`
 and returns a plain, physically smaller model (carrying its `PruningPlan`, so it saves and
 reloads) whose latency ratio to `model`, measured by `ctx.measure`, lies in
-[(1 - ctx.tolerance) * target, target] when some setting of the method reaches it.
+`accepted_band(target, ctx.tolerance)` when some setting of the method reaches it.
 Fine-tuning is not part of a method: the pipeline and the benchmark give every method the same.
 
 - `uniform`: every group keeps the same fraction of its channels, the highest L1 norms.
@@ -46,7 +46,14 @@ from wgates.errors import WgatesError
 from wgates.gated import GatedModel, gate
 from wgates.groups import Ignore, as_input_tuple, resolve_ignore
 from wgates.predictor import check_groups, fit_proxy
-from wgates.search import Cost, calibration_batches, closed_loop, search, threshold_masks
+from wgates.search import (
+    Cost,
+    accepted_band,
+    calibration_batches,
+    closed_loop,
+    search,
+    threshold_masks,
+)
 from wgates.train import LossFn, classification_loss
 
 Measure = Callable[[nn.Module], tuple[float, float]]  # model -> (latency / dense, spread)
@@ -164,18 +171,20 @@ def match_latency(
     steps: int = 12,
 ) -> tuple[nn.Module, float, float]:
     """Bisect a knob in [lo, hi] on which latency grows, for a model whose *measured* ratio
-    lies in [(1 - tolerance) * target, target]. Returns (model, knob, ratio): the first model
-    in the band, else the slowest one under the target, else (unreachable) the fastest seen."""
+    lies in `accepted_band(target, tolerance)`, as the closed loop's. Returns (model, knob,
+    ratio): the first model in the band, else the slowest one under its ceiling, else
+    (unreachable) the fastest seen."""
+    low, ceiling = accepted_band(target, tolerance)
     under: tuple[nn.Module, float, float] | None = None
     over: tuple[nn.Module, float, float] | None = None
     for _ in range(steps):
         knob = (lo + hi) / 2
         model = build(knob)
         ratio = measure(model)[0]
-        if ratio <= target:
+        if ratio <= ceiling:
             if under is None or ratio > under[2]:
                 under = (model, knob, ratio)
-            if ratio >= (1 - tolerance) * target:
+            if ratio >= low:
                 break
             lo = knob
         else:
@@ -370,13 +379,13 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
     check_groups(cost, [g.name for g in gated.groups])
     if isinstance(cost, nn.Module):
         cost.requires_grad_(False)
-    middle = target * (1 - ctx.tolerance / 2)  # of the band the closed loop accepts
+    band = accepted_band(target, ctx.tolerance)  # what the closed loop accepts
     steps = ctx.epochs * len(train_loader)
     history, control = search(
-        gated, cost, middle, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,
+        gated, cost, band.middle, train_loader, ctx.epochs, lr=ctx.lr, gate_lr=ctx.gate_lr,
         progress=ctx.progress, allocation=how.allocation or ctx.allocation, ramp=ctx.ramp,
         floor=ctx.floor, importance=ctx.importance, teacher=model if ctx.distill else None,
-        measure=ctx.measure, band=((1 - ctx.tolerance) * target, target),
+        measure=ctx.measure, band=band,
         val_loader=ctx.val_loader, loss_fn=ctx.loss_fn,
         regulariser=how.regulariser(gated, steps) if how.regulariser else None)
     small, loop = closed_loop(gated.eval(), cost, ctx.measure, target, ctx.tolerance,
@@ -631,7 +640,8 @@ def metapruning(model, example_inputs, train_loader, target: float, ctx: Context
     losses = net.fit(train_loader, ctx.epochs, sample, teacher=model if ctx.distill else None,
                      loss_fn=ctx.loss_fn)
     batches = calibration_batches(train_loader, 2 * SCORE_BATCHES)
-    aim = target * (1 - ctx.tolerance / 2)
+    low, ceiling = band = accepted_band(target, ctx.tolerance)
+    aim = band.middle
 
     ranked = evolve(lambda w: net.score(w, batches[:SCORE_BATCHES], batches[SCORE_BATCHES:]),
                     groups, lambda f: on_band(f, groups, ctx.cost, aim, multiple), ctx.seed)
@@ -642,7 +652,7 @@ def metapruning(model, example_inputs, train_loader, target: float, ctx: Context
         small = net.materialise(widths, train_loader)
         ratio = ctx.measure(small)[0]
         steps.append({"predicted": predicted_cost(ctx.cost, groups, widths), "measured": ratio})
-        if (1 - ctx.tolerance) * target <= ratio <= target:
+        if low <= ratio <= ceiling:
             break
         goal = predicted_cost(ctx.cost, groups, widths) * aim / ratio
         widths = on_band(fractions, groups, ctx.cost, goal, multiple)

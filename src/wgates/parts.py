@@ -36,6 +36,7 @@ from wgates.search import (
     KnapsackSchedule,
     LatencyLoss,
     LoopStep,
+    accepted_band,
     closed_loop,
     latency_control,
     parse_target,
@@ -143,7 +144,7 @@ class LatencyTerm:
     gates' gradients show in your backward passes; with `"gradient"` it is the paper's
     adaptive latency loss, whose gradient moves the widths (train the gate offsets with
     `wgates.search.search_optimizers` then). The search aims at the middle of the band
-    [(1 - tolerance) * target, target] that the closed loop accepts, so that the cost
+    `accepted_band(target, tolerance)` that the closed loop accepts, so that the cost
     model's error and the measurement noise do not push its decision out of it; with
     `measure` the knapsack measures its widths when the ramp ends (`KnapsackSchedule`).
     `importance`, `loader`, `loss_fn`: `importance="loss"` values units by the `loss_fn`
@@ -158,10 +159,11 @@ class LatencyTerm:
                  loss_fn: LossFn = classification_loss) -> None:
         self.gated, self.cost, self.measure = gated, cost, measure
         self.target, self.tolerance = parse_target(target), tolerance
-        self.aim = self.target * (1 - tolerance / 2)
+        band = accepted_band(self.target, tolerance)
+        self.aim = band.middle
         self.control: LatencyLoss | KnapsackSchedule = latency_control(
             gated, cost, self.aim, steps, allocation, ramp, floor, measure,
-            band=((1 - tolerance) * self.target, self.target), importance=importance,
+            band=band, importance=importance,
             loader=loader, loss_fn=loss_fn)
         self.stats: dict = {}
 
