@@ -270,7 +270,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
         log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
         measure = make_measure(dense, inputs, backend, settings.protocol(), alone,
                                profile_path(cache, label, backend, at))
-        multiple = settings.channel_multiple or get_backend(backend).channel_multiple
+        multiple = get_backend(backend).multiple(settings.channel_multiple)
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
                           lr=settings.lr, gate_lr=settings.gate_lr,

@@ -188,6 +188,12 @@ def test_unknown_backend_and_missing_gpu_are_user_errors():
             get_backend("torch-cuda")
 
 
+def test_backend_multiple_is_the_request_else_the_backends_own():
+    assert get_backend("torch-cpu").multiple() == 1
+    assert get_backend("onnxruntime-cpu").multiple() == 8  # blocks of 8 measured
+    assert get_backend("onnxruntime-cpu").multiple(4) == 4
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_cuda_backend_times_with_events():
     backend = get_backend("torch-cuda")

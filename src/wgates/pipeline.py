@@ -240,7 +240,7 @@ def prune(
         raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if info.gates:
         proxy, allocation = info.gates.settings(proxy, allocation)
-    multiple = channel_multiple or get_backend(backend, threads).channel_multiple
+    multiple = get_backend(backend, threads).multiple(channel_multiple)
     torch.manual_seed(seed)
     if device is not None:
         place(model, device)
@@ -423,7 +423,7 @@ def preflight(
         modes = [(m, m.training) for m in model.modules()]
         try:
             gated = gate(model.eval(), inputs, kind=info.kind,
-                         channel_multiple=channel_multiple or meter_backend.channel_multiple)
+                         channel_multiple=meter_backend.multiple(channel_multiple))
         except WgatesError as err:
             if "no prunable channel group" not in str(err):
                 raise

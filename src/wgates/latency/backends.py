@@ -55,6 +55,10 @@ class Backend(ABC):
             raise WgatesError(f"threads must be >= 1, got {threads}")
         self.threads = threads
 
+    def multiple(self, requested: int | None = None) -> int:
+        """The multiple pruned widths are delivered in: `requested`, else this backend's."""
+        return requested or self.channel_multiple
+
     @abstractmethod
     def prepare(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Runner:
         """A callable running one inference of `model` on `example_inputs`."""

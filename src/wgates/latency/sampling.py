@@ -199,7 +199,7 @@ def profile(
     from wgates.gated import gate
 
     runner_backend = get_backend(backend, threads)
-    multiple = channel_multiple or runner_backend.channel_multiple
+    multiple = runner_backend.multiple(channel_multiple)
     example = (torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)),)
     gated = gate(model, example, channel_multiple=multiple)
     groups = gated.groups
