@@ -353,12 +353,12 @@ def fit_and_compare(
     Samples measured while the machine was contended (dense reference slower than
     `Protocol.max_slowdown` x its 5th percentile, kept by profiling after `max_wait_s`) are
     left out of everything, and counted in `n_contended`."""
-    everything = store.samples(run.id)
+    n_samples, _ = store.counts(run.id)
     samples = store.calm_samples(run.id)
     repeats = store.repeats(run.id, max_dense_ms=store.calm_limit_ms(run.id))
     table = store.lut(run.id)
     if len(samples) < 10:
-        contended = len(everything) - len(samples)
+        contended = n_samples - len(samples)
         raise WgatesError(
             f"only {len(samples)} latency samples measured on a calm machine"
             + (f" ({contended} more were taken while it was contended)" if contended else "")
@@ -398,7 +398,7 @@ def fit_and_compare(
         "n_train": int(len(train)),
         "n_test": int(len(test)),
         "n_repeats": int(sum(len(r) for r in repeats.values())),
-        "n_contended": len(everything) - len(samples),
+        "n_contended": n_samples - len(samples),
         "dense_ms": dense_ms,
         "run": run.key,
         "prior": "none" if macs is None else "a + b * MACs",

@@ -220,7 +220,7 @@ def profile(
     try:
         run_id = store.run_for(fingerprint)
         start = store.next_index(run_id)
-        calm = len(store.calm_samples(run_id))
+        calm = store.counts(run_id)[1]
         if calm >= samples:
             return next(r for r in store.runs() if r.id == run_id)
         dense_model, dense, _ = build({g.name: g.size for g in groups})
@@ -260,7 +260,7 @@ def profile(
             )
             store.add_sample(run_id, sample, repeat)
             idx += 1
-            calm = len(store.calm_samples(run_id))
+            calm = store.counts(run_id)[1]
             bar.update(calm - bar.n)
             bar.set_postfix(ratio=f"{m.ratio:.3f}", spread=f"{m.spread:.3f}",
                             contended=idx - calm)

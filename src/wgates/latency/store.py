@@ -78,6 +78,7 @@ class Run:
     key: str
     fingerprint: dict
     n_samples: int
+    n_calm: int  # those measured on a calm machine (`LatencyStore.calm_samples`)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class LatencyStore:
             "SELECT r.id, r.key, r.fingerprint, COUNT(s.idx) FROM runs r "
             "LEFT JOIN samples s ON s.run_id = r.id GROUP BY r.id ORDER BY r.id"
         ).fetchall()
-        return [Run(i, k, json.loads(f), n) for i, k, f, n in rows]
+        return [Run(i, k, json.loads(f), n, self.counts(i)[1]) for i, k, f, n in rows]
 
     def select_run(self, key: str | None = None) -> Run:
         """The run whose key starts with `key`, or the only run with samples."""
@@ -198,6 +199,14 @@ class LatencyStore:
         """The samples a predictor may learn from: those measured on a calm machine."""
         limit = self.calm_limit_ms(run_id)
         return [s for s in self.samples(run_id) if s.dense_ms <= limit]
+
+    def counts(self, run_id: int) -> tuple[int, int]:
+        """(samples, calm samples) of a run, counted in the database: profiling asks after
+        every sample, and the calm limit moves as samples come in."""
+        limit = self.calm_limit_ms(run_id)
+        return self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(dense_ms <= ?), 0) FROM samples WHERE run_id = ?",
+            (limit, run_id)).fetchone()
 
     def quiet_ms(self, run_id: int) -> float:
         """The dense reference's time with the machine at rest, as the profile saw it: the 5th
