@@ -37,7 +37,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -90,6 +90,7 @@ class Settings:
     ramp: float | None = None
     floor: float = 0.0
     importance: str = "taylor"
+    blocks: list[int] = field(default_factory=list)  # the closed loop widens to these blocks
     tolerance: float = 0.05
     lpnet_samples: int = 150
     protocol_rounds: int = 60
@@ -277,7 +278,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                           tolerance=settings.tolerance, seed=seed, distill=settings.distill,
                           allocation=settings.allocation, ramp=settings.ramp,
                           floor=settings.floor, importance=settings.importance,
-                          val_loader=val_loader, channel_multiple=multiple)
+                          blocks=tuple(settings.blocks), val_loader=val_loader,
+                          channel_multiple=multiple)
             torch.manual_seed(seed)
             if isinstance(train_loader.sampler, EpochShuffle):  # the data order is the seed's
                 train_loader.sampler.seed = seed

@@ -318,6 +318,30 @@ def test_closed_loop_stops_inside_a_latency_step_and_delivers_under_the_target()
     assert 0.4 < 0.8 * count(model, (X,))[0] / dense_macs < 0.475  # the one under the target
 
 
+def test_closed_loop_widens_to_blocks_the_hardware_gives_for_free():
+    """Hardware whose last two groups run in blocks of 16 channels: once the searched widths
+    are accepted, those groups are widened to their block's end at no measured cost; a
+    widening that costs more than the band's ceiling allows is measured and refused."""
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn"), X, verify=False).eval()
+    searched = {"features.0.0": 20, "features.2.0": 40, "features.4.0": 100, "features.5.0": 100}
+    gated.set_masks(gated.masks_for_widths(searched))
+
+    def measure(model):  # groups 0-1 smooth, groups 2-3 in blocks of 16
+        w = gated.widths()
+        blocked = [-(-w[n] // 16) * 16 for n in ("features.4.0", "features.5.0")]
+        return (w["features.0.0"] / 64 + w["features.2.0"] / 128 + sum(blocked) / 256) / 4, 0.0
+
+    model, steps = closed_loop(gated, macs_cost(gated), measure, 0.4, tolerance=0.1,
+                               blocks=(16,))
+    assert steps[0].measured == pytest.approx(0.375) and math.isnan(steps[1].threshold)
+    assert len(steps) == 1 + 4  # the searched widths, then one trial per group
+    assert gated.widths() == {**searched, "features.4.0": 112, "features.5.0": 112}
+    convs = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [20, 40, 112, 112]
+    assert [s.measured for s in steps[3:]] == pytest.approx([0.375 + 8 / 512, 0.375 + 12 / 256])
+
+
 def test_knapsack_measures_its_widths_when_the_ramp_ends():
     """Hardware 10% slower than the cost model: the widths are moved into the band before
     the hold, so the closed loop then accepts the searched widths as they are."""

@@ -88,6 +88,7 @@ class Context:
     ramp: float | None = None  # fraction of the search over which the aim reaches the target
     floor: float = 0.0  # no group below this fraction of its width during the search
     importance: str = "taylor"  # what a unit is worth to a knapsack search (wgates.search)
+    blocks: tuple[int, ...] = ()  # a gate method's closed loop widens to these (widen_to_blocks)
     val_loader: Iterable | None = None  # a gate search reports its accuracy per epoch on it
     loss_fn: LossFn = classification_loss  # the task's loss, for sensitivities and gradients
     channel_multiple: int = 1  # widths delivered in multiples of it (`GatedModel.snapped`)
@@ -389,7 +390,8 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
         val_loader=ctx.val_loader, loss_fn=ctx.loss_fn,
         regulariser=how.regulariser(gated, steps) if how.regulariser else None)
     small, loop = closed_loop(gated.eval(), cost, ctx.measure, target, ctx.tolerance,
-                              propose=getattr(control, "masks_at", None), loader=train_loader)
+                              propose=getattr(control, "masks_at", None), loader=train_loader,
+                              blocks=ctx.blocks)
     ctx.notes.update(search=history.epochs, calibration=getattr(control, "calibration", []),
                      loop=[asdict(s) for s in loop])
     return small

@@ -176,19 +176,22 @@ class LatencyTerm:
         """The knapsack's measurements when its ramp ended (predicted and measured)."""
         return getattr(self.control, "calibration", [])
 
-    def close_loop(self, loader: Iterable | None = None,
-                   max_steps: int = 8) -> tuple[nn.Module, list[LoopStep]]:
+    def close_loop(self, loader: Iterable | None = None, max_steps: int = 8,
+                   blocks: Sequence[int] = ()) -> tuple[nn.Module, list[LoopStep]]:
         """Extract, measure, correct until the measured latency lies in the band
         (`wgates.search.closed_loop`); returns the extracted model and the loop's steps
         (predicted and measured). A final miss is in the steps, not raised. `loader`
         re-estimates BatchNorm statistics when the delivered widths are not the searched
-        ones. The gated model is left in eval mode, its masks at the loop's last step."""
+        ones. `blocks`: then widen where the hardware gives channels for free
+        (`wgates.search.widen_to_blocks`). The gated model is left in eval mode, its masks at
+        the loop's last step."""
         if self.measure is None:
             raise WgatesError("close_loop measures on the hardware: make the LatencyTerm "
                               "with measure=wgates.LatencyMeter(model, example_inputs)")
         return closed_loop(self.gated.eval(), self.cost, self.measure, self.target,
                            self.tolerance, max_steps,
-                           propose=getattr(self.control, "masks_at", None), loader=loader)
+                           propose=getattr(self.control, "masks_at", None), loader=loader,
+                           blocks=blocks)
 
     def state_dict(self) -> dict:
         return self.control.state_dict()
