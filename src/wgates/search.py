@@ -505,7 +505,7 @@ def closed_loop(
     `propose(goal)`: masks for a predicted cost `goal` (a knapsack search passes its own
     allocation); by default the gate scores are thresholded globally.
 
-    The search's own widths are kept when they measure under the target by up to twice the
+    The search's own widths are kept when they measure under the band by up to one more
     tolerance: any other widths are ones the weights were not trained at (measured on the
     digits default, a re-proposal 1.1% under the band dropped the accuracy before the
     fine-tune from 98.6% to 75.8%). A reading near the band, on either side, is confirmed
