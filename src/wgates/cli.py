@@ -132,7 +132,7 @@ def add_profile(sub) -> None:
     p.add_argument("--out", default="latency.sqlite", help="SQLite file (created or extended)")
 
     def run(args) -> int:
-        from wgates.latency import Protocol, profile
+        from wgates.latency import LatencyStore, Protocol, profile
         from wgates.models import create_model, default_input_shape
 
         shape = args.input_shape or (1, *default_input_shape(args.model))
@@ -144,7 +144,9 @@ def add_profile(sub) -> None:
             channel_multiple=args.channel_multiple,
             protocol=Protocol(**{k: v for k, v in overrides.items() if v is not None}),
         )
-        spoiled = done.n_samples - done.n_calm
+        store = LatencyStore(args.out)
+        spoiled = done.n_samples - store.counts(done.id)[1]
+        store.close()
         print(f"{args.out}: run {done.key} has {done.n_samples} samples"
               + (f" ({spoiled} measured on a contended machine, left out of the fit)"
                  if spoiled else ""))

@@ -486,6 +486,20 @@ class LoopStep:
     spread: float
 
 
+def _measured_at(gated: GatedModel, masks: dict[str, torch.Tensor], cost: Cost,
+                 measure: Measure, low: float, high: float,
+                 threshold: float = math.nan) -> tuple[nn.Module, LoopStep]:
+    """The model extracted at `masks` (left set) and its step: measured, `confirmed` when
+    the reading falls in [low, high], beside the cost model's prediction."""
+    gated.clear_masks()
+    gated.set_masks(masks)
+    model = gated.extract()
+    ratio, spread = confirmed(measure, model, low, high)
+    with torch.no_grad():
+        predicted = float(cost(gated.kept_counts()))
+    return model, LoopStep(threshold, predicted, ratio, spread)
+
+
 def closed_loop(
     gated: GatedModel,
     cost: Cost,
@@ -528,13 +542,10 @@ def closed_loop(
         if widths in measured:  # no other widths between the misses: the band is in a step
             break
         measured.add(widths)
-        gated.clear_masks()
-        gated.set_masks(masks)
-        model = gated.extract()
-        ratio, spread = confirmed(measure, model, low, target * (1 + tolerance))
-        with torch.no_grad():
-            predicted = float(cost(gated.kept_counts()))
-        steps.append(LoopStep(tau, predicted, ratio, spread))
+        model, step = _measured_at(gated, masks, cost, measure, low, target * (1 + tolerance),
+                                   tau)
+        steps.append(step)
+        ratio, predicted = step.measured, step.predicted
         in_band = low <= ratio <= ceiling
         rank = (ratio > target, 0.0 if in_band else abs(ratio - aim))
         if best is None or rank < best[0]:
@@ -588,14 +599,10 @@ def widen_to_blocks(gated: GatedModel, cost: Cost, measure: Measure,
             if wider == widths[g.name]:
                 continue
             trial = {**widths, g.name: wider}
-            gated.clear_masks()
-            gated.set_masks(gated.masks_for_widths(trial))
-            model = gated.extract()
-            measured, spread = confirmed(measure, model, low, settle_below)
-            with torch.no_grad():
-                predicted = float(cost(gated.kept_counts()))
-            steps.append(LoopStep(math.nan, predicted, measured, spread))
-            if measured <= ceiling:
+            model, step = _measured_at(gated, gated.masks_for_widths(trial), cost, measure,
+                                       low, settle_below)
+            steps.append(step)
+            if step.measured <= ceiling:
                 widths, kept = trial, model
     gated.clear_masks()
     gated.set_masks(gated.masks_for_widths(widths))

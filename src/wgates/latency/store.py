@@ -78,7 +78,6 @@ class Run:
     key: str
     fingerprint: dict
     n_samples: int
-    n_calm: int  # those measured on a calm machine (`LatencyStore.calm_samples`)
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ class LatencyStore:
             "SELECT r.id, r.key, r.fingerprint, COUNT(s.idx) FROM runs r "
             "LEFT JOIN samples s ON s.run_id = r.id GROUP BY r.id ORDER BY r.id"
         ).fetchall()
-        return [Run(i, k, json.loads(f), n, self.counts(i)[1]) for i, k, f, n in rows]
+        return [Run(i, k, json.loads(f), n) for i, k, f, n in rows]
 
     def select_run(self, key: str | None = None) -> Run:
         """The run whose key starts with `key`, or the only run with samples."""
