@@ -180,6 +180,7 @@ def test_cli_and_api_share_the_prune_defaults():
                  "floor", "distill", "threads"):
         assert getattr(args, name) == api[name].default, name
     assert tuple(args.check_threads) == api["check_threads"].default == (1, 2)
+    assert tuple(args.blocks) == api["blocks"].default
     # `wgates measure` checks the same thread counts by default, the pruned-for one first
     measure = build_parser().parse_args(["measure", "--model", "m", "--pruned", "d"])
     assert measure.threads == [1, 2]

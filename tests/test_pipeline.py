@@ -453,6 +453,33 @@ def test_widths_are_delivered_in_the_backends_channel_multiple(backend, multiple
                channel_multiple=2, resume=True)
 
 
+def test_blocks_widen_the_delivered_widths_after_the_loop(dense, data, tmp_path, monkeypatch,
+                                                          macs_meter):
+    """`blocks=(8,)`: after the closed loop each group is tried at the end of its block of 8,
+    each trial a loop step read beside the cost model; what is delivered is wider and stays
+    under the band's ceiling (0.585), and the setting is recorded (a resume with other blocks
+    is refused)."""
+    _fast(monkeypatch)
+    run_dir = tmp_path / "run"
+    result = _prune(dense, data, run_dir, export=False, blocks=(8,))
+    first, *widened = result.loop  # the searched widths, in the band at once here
+    assert 0.54 <= first["measured"] <= 0.585 and widened
+    assert all(r["threshold"] != r["threshold"] for r in widened)  # trials, then the re-check
+    assert first["measured"] < result.latency_ratio <= 0.585  # wider, still under the ceiling
+    assert result.latency_ratio == pytest.approx(widened[-1]["measured"])
+    state = json.loads((run_dir / "state.json").read_text())
+    assert state["settings"]["blocks"] == [8]
+    with pytest.raises(WgatesError, match="blocks was \\[8\\], now \\[16\\]"):
+        _prune(dense, data, run_dir, export=False, resume=True, blocks=(16,))
+
+
+def test_blocks_off_the_channel_multiple_are_refused_before_the_run_directory(dense, data,
+                                                                             tmp_path):
+    with pytest.raises(WgatesError, match=r"blocks \[12\]: each must be a positive multiple"):
+        _prune(dense, data, tmp_path / "run", backend="onnxruntime-cpu", blocks=(12,))
+    assert not (tmp_path / "run").exists()
+
+
 def test_prune_runs_in_the_cuda_layout(dense, data, tmp_path, monkeypatch, macs_meter):
     """`device=` places the model as `wgates.train.place` does: on CUDA, channels_last. That
     layout is run here on the CPU, from the gates reading the weights to the extraction, the

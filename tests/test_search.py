@@ -19,6 +19,7 @@ from wgates.search import (
     LatencyLoss,
     accepted_band,
     calibration_batches,
+    check_blocks,
     closed_loop,
     loss_curves,
     parse_target,
@@ -341,6 +342,13 @@ def test_closed_loop_widens_to_blocks_the_hardware_gives_for_free():
     assert convs == [20, 40, 112, 112]
     assert [s.measured for s in steps[3:5]] == pytest.approx([0.375 + 8 / 512, 0.375 + 12 / 256])
     assert steps[5].measured == pytest.approx(steps[2].measured)  # the widest kept, again
+
+
+def test_check_blocks():
+    assert check_blocks([16, 8], 8) == (16, 8) and check_blocks(()) == ()
+    for bad, multiple in (([12], 8), ([0], 1), ([16, -8], 1)):
+        with pytest.raises(WgatesError, match="each must be a positive multiple"):
+            check_blocks(bad, multiple)
 
 
 def test_widening_kept_on_a_lucky_reading_is_dropped_when_it_reads_over_again():

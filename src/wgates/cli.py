@@ -535,6 +535,11 @@ def add_prune(sub) -> None:
     p.add_argument("--channel-multiple", type=_positive_int, default=None,
                    help="deliver every width as a multiple of this (default: the backend's: "
                    "8 on onnxruntime-cpu, whose convolutions run channels in blocks, else 1)")
+    p.add_argument("--blocks", type=_positive_int, nargs="*", default=list(PRUNE.blocks),
+                   help="after the closed loop, widen each group to the end of its block of "
+                   "this many channels (each in turn, e.g. 16 8) where the measured latency "
+                   "stays in the band: CPU kernels compute channels in blocks, and at batch 32 "
+                   "those channels are nearly free (default: none)")
     p.add_argument("--check-threads", type=int, nargs="*", default=list(PRUNE.check_threads),
                    help="thread counts the delivered model is also measured at, each against "
                    "the dense model at the same count (default: %(default)s; none: give the "
@@ -598,7 +603,8 @@ def _run_prune(args) -> int:
                       target_latency=args.target_latency, backend=args.backend,
                       threads=args.threads, method=args.method, predictor=args.predictor,
                       force_predictor=args.force_predictor, allocation=args.allocation,
-                      floor=args.floor, measure=True, channel_multiple=args.channel_multiple)
+                      floor=args.floor, measure=True, channel_multiple=args.channel_multiple,
+                      blocks=args.blocks)
         if distributed.is_main():
             print(f"no --weights: training {args.model} on {info.name} for "
                   f"{args.dense_epochs} epochs first")
@@ -614,6 +620,7 @@ def _run_prune(args) -> int:
         importance=args.importance,
         resume=args.resume, seed=args.seed, force_predictor=args.force_predictor,
         check_threads=args.check_threads, channel_multiple=args.channel_multiple,
+        blocks=args.blocks,
         device=device,
     )
     if distributed.is_main():

@@ -25,6 +25,7 @@ class PruneDefaults:
     finetune_lr: float = 0.01
     threads: int = 1
     check_threads: tuple[int, ...] = (1, 2)  # the delivered model is also measured at these
+    blocks: tuple[int, ...] = ()  # widen to these channel blocks after the loop (widen_to_blocks)
 
 
 PRUNE = PruneDefaults()

@@ -51,6 +51,7 @@ from wgates.predictor import (
 from wgates.search import (
     ALLOCATIONS,
     Cost,
+    check_blocks,
     confirmed,
     parse_target,
     search,
@@ -197,6 +198,7 @@ def prune(
     check_threads: Sequence[int] = PRUNE.check_threads,
     kind: str | None = None,
     channel_multiple: int | None = None,
+    blocks: Sequence[int] = PRUNE.blocks,
     device: torch.device | str | None = None,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
@@ -219,6 +221,10 @@ def prune(
     count or batch (refused by default, naming what differs);
     `channel_multiple`: deliver every width as a multiple of it (default: the backend's, 8 on
     onnxruntime-cpu, where other widths run slower; 1 elsewhere);
+    `blocks` (e.g. (16, 8)): once the closed loop has delivered a gate method's widths, widen
+    each group to the end of its block of that many channels where the measured latency stays
+    in the band (`wgates.search.widen_to_blocks`: CPU kernels compute channels in blocks, and
+    at batch 32 the widths up to a block's end are nearly free);
     `device`: where the search and the fine-tune train (the model is moved there, in
     channels_last on CUDA, and trains in bf16 autocast; default: where its parameters are);
     latency is measured on `backend`'s own device, on a copy;
@@ -249,7 +255,7 @@ def prune(
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
               method=method, predictor=predictor, force_predictor=force_predictor,
-              channel_multiple=multiple)
+              channel_multiple=multiple, blocks=blocks)
     path = Path(run_dir)
     # a run directory this call makes (or finds empty) is emptied again if the target is
     # refused after measuring: it would hold nothing but block the next run
@@ -265,6 +271,7 @@ def prune(
         "epochs": epochs, "finetune_epochs": finetune_epochs, "lr": lr, "gate_lr": gate_lr,
         "finetune_lr": finetune_lr, "tolerance": tolerance, "seed": seed,
         **({"channel_multiple": multiple} if multiple > 1 else {}),
+        **({"blocks": list(blocks)} if blocks else {}),
     })
 
     measure = LatencyMeter(dense, inputs, backend, threads, Protocol())  # used on rank 0 only
@@ -325,7 +332,7 @@ def prune(
         run.save(search_trace=trace.steps)
 
         def choose() -> tuple[nn.Module, list[dict], dict]:
-            small, steps = term.close_loop(loader=train_loader)
+            small, steps = term.close_loop(loader=train_loader, blocks=blocks)
             return small, [asdict(s) for s in steps], {"calibration": term.calibration}
 
     pruned_dir = run.path / "pruned"
@@ -403,11 +410,13 @@ def preflight(
     tolerance: float = PRUNE.tolerance,
     measure: bool = False,
     channel_multiple: int | None = None,
+    blocks: Sequence[int] = PRUNE.blocks,
 ) -> None:
     """The checks `prune` makes before any work, each refusing in one line: the method's
     name; the target's form and range; that the model runs on the inputs (`check_forward`);
     that it has channel groups to prune (`gate`); that a `predictor` file was measured for
-    this model on this machine, backend, thread count and batch (unless `force_predictor`).
+    this model on this machine, backend, thread count and batch (unless `force_predictor`);
+    that each of `blocks` is a multiple of the delivered channel multiple (`check_blocks`).
     With `measure` (the command line, before it trains a dense model) the untrained model's
     dense latency and the latency with every group at its narrowest are measured too, and
     a target they put out of reach is refused: latency does not depend on the weights'
@@ -417,6 +426,7 @@ def preflight(
     info = method_info(method)
     parse_target(target_latency)  # its form and range, before any work or run directory
     meter_backend = get_backend(backend, threads)
+    check_blocks(blocks, meter_backend.multiple(channel_multiple))
     inputs = as_input_tuple(example_inputs)
     check_forward(model, inputs)
     with torch.random.fork_rng(devices=[]):

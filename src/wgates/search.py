@@ -579,6 +579,18 @@ def closed_loop(
     return model, steps
 
 
+def check_blocks(blocks: Sequence[int], multiple: int = 1) -> tuple[int, ...]:
+    """`blocks` as `widen_to_blocks` takes them, refused before any work when one is not a
+    positive multiple of the delivered channel multiple (a widening would break it)."""
+    blocks = tuple(int(b) for b in blocks)
+    bad = [b for b in blocks if b < 1 or b % multiple]
+    if bad:
+        raise WgatesError(
+            f"blocks {list(blocks)}: each must be a positive multiple of the channel multiple "
+            f"({multiple}); give e.g. 16 8, or none to deliver the loop's widths as they are")
+    return blocks
+
+
 def widen_to_blocks(gated: GatedModel, cost: Cost, measure: Measure,
                     band: tuple[float, float], blocks: Sequence[int], settle_below: float,
                     steps: list[LoopStep]) -> nn.Module | None:
