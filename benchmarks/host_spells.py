@@ -1,12 +1,13 @@
 """Why one pruned model's latency ratio reads differently from run to run (docs/design.md,
 "A ratio read while the host is slow").
 
-Four checks on one pruned model against its dense model (torch-cpu, one thread, batch 1),
-each a mode of this script:
+Four checks on one pruned model against its dense model (torch-cpu, one thread, batch 1 or
+`--batch`), each a mode of this script:
 
     python benchmarks/host_spells.py log --processes 43 --readings 15 --out spells.jsonl
     python benchmarks/host_spells.py replay spells.jsonl      # by reference time; the filter
     python benchmarks/host_spells.py train --rounds 3         # does training in-process drift?
+    python benchmarks/host_spells.py train --own --batch 32   # ... training the measured model?
     python benchmarks/host_spells.py hogs                     # load on the other core
     python benchmarks/host_spells.py seeded --pairs 30        # the quiet time from the profile
 
@@ -54,8 +55,8 @@ def models(pruned: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
     return dense.eval(), load_pruned(create_model("resnet20", 10), pruned).eval()
 
 
-def meter(dense: torch.nn.Module, protocol: Protocol = Protocol()) -> LatencyMeter:
-    return LatencyMeter(dense, torch.randn(1, 3, 32, 32), "torch-cpu", 1, protocol)
+def meter(dense: torch.nn.Module, protocol: Protocol = Protocol(), batch: int = 1) -> LatencyMeter:
+    return LatencyMeter(dense, torch.randn(batch, 3, 32, 32), "torch-cpu", 1, protocol)
 
 
 def reading(ratio: LatencyMeter, model: torch.nn.Module) -> tuple[float, float]:
@@ -67,12 +68,12 @@ def reading(ratio: LatencyMeter, model: torch.nn.Module) -> tuple[float, float]:
 def child(args: argparse.Namespace) -> None:
     dense, small = models(args.pruned)
     if args.readings:
-        ratio = meter(dense, ONE_READING)
+        ratio = meter(dense, ONE_READING, args.batch)
         for _ in range(args.readings):
             r, dense_ms = reading(ratio, small)
             print(json.dumps({"t": time.time(), "ratio": r, "dense_ms": dense_ms}), flush=True)
     else:
-        ratio = meter(dense)
+        ratio = meter(dense, batch=args.batch)
         if args.quiet_from:
             ratio.seed_quiet(args.quiet_from)
         start = time.monotonic()
@@ -81,11 +82,12 @@ def child(args: argparse.Namespace) -> None:
                           "seconds": time.monotonic() - start}))
 
 
-def in_child(pruned: Path, readings: int = 0, quiet_from: Path | None = None) -> list[dict]:
+def in_child(pruned: Path, readings: int = 0, quiet_from: Path | None = None,
+             batch: int = 1) -> list[dict]:
     seed = ["--quiet-from", str(quiet_from)] if quiet_from else []
     out = subprocess.run([sys.executable, __file__, "child", "--pruned", str(pruned),
-                          "--readings", str(readings), *seed], capture_output=True, text=True,
-                         check=True)
+                          "--readings", str(readings), "--batch", str(batch), *seed],
+                         capture_output=True, text=True, check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -126,14 +128,16 @@ def replay(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Readings with a meter made before training, after rounds of training steps, beside
-    new processes' readings after each round."""
+    new processes' readings after each round. `--own`: the measured model itself is trained
+    (as a run's fine-tune trains the model it then measures), and a deep copy of it is read
+    too: the trained model's own tensors against the process's state."""
     dense, small = models(args.pruned)
-    ratio, kept = meter(dense), []
+    ratio, kept = meter(dense, batch=args.batch), []
     print(f"before training: {ratio.settled(small)[0]:.4f}; new process: "
-          f"{in_child(args.pruned)[0]['ratio']:.4f}", flush=True)
+          f"{in_child(args.pruned, batch=args.batch)[0]['ratio']:.4f}", flush=True)
     for i in range(args.rounds):
-        net = copy.deepcopy(dense).train()
-        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        net = small.train() if args.own else copy.deepcopy(dense).train()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         for _ in range(args.steps):
             loss = torch.nn.functional.cross_entropy(
                 net(torch.randn(128, 3, 32, 32)), torch.randint(0, 10, (128,)))
@@ -141,10 +145,12 @@ def train(args: argparse.Namespace) -> None:
             loss.backward()
             optimizer.step()
         kept.append(net)  # a run keeps what it trained alive
-        fresh = in_child(args.pruned)[0]
-        print(f"after {i + 1} x {args.steps} steps: {ratio.settled(small)[0]:.4f} (reference "
-              f"{ratio.meter.quiet_ms:.2f} ms); new process: {fresh['ratio']:.4f} (reference "
-              f"{fresh['dense_ms']:.2f} ms)", flush=True)
+        fresh = in_child(args.pruned, batch=args.batch)[0]
+        copied = (f"; its deep copy {ratio.settled(copy.deepcopy(small).eval())[0]:.4f}"
+                  if args.own else "")
+        print(f"after {i + 1} x {args.steps} steps: {ratio.settled(small.eval())[0]:.4f} "
+              f"(reference {ratio.meter.quiet_ms:.2f} ms){copied}; new process: "
+              f"{fresh['ratio']:.4f} (reference {fresh['dense_ms']:.2f} ms)", flush=True)
 
 
 HOGS = {
@@ -196,12 +202,16 @@ def main() -> None:
         sub.set_defaults(fn=fn)
         if name != "replay":
             sub.add_argument("--pruned", type=Path, default=PRUNED)
+        if name in ("train", "child"):
+            sub.add_argument("--batch", type=int, default=1, help="the latency batch")
     modes.choices["log"].add_argument("--processes", type=int, default=43)
     modes.choices["log"].add_argument("--readings", type=int, default=15)
     modes.choices["log"].add_argument("--out", type=Path, default=Path("spells.jsonl"))
     modes.choices["replay"].add_argument("log", type=Path)
     modes.choices["train"].add_argument("--rounds", type=int, default=3)
     modes.choices["train"].add_argument("--steps", type=int, default=60)
+    modes.choices["train"].add_argument("--own", action="store_true",
+                                        help="train the measured model itself")
     modes.choices["hogs"].add_argument("--readings", type=int, default=12)
     modes.choices["child"].add_argument("--readings", type=int, default=0)
     modes.choices["child"].add_argument("--quiet-from", type=Path, default=None)
