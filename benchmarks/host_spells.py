@@ -7,7 +7,7 @@ Four checks on one pruned model against its dense model (torch-cpu, one thread, 
     python benchmarks/host_spells.py log --processes 43 --readings 15 --out spells.jsonl
     python benchmarks/host_spells.py replay spells.jsonl      # by reference time; the filter
     python benchmarks/host_spells.py train --rounds 3         # does training in-process drift?
-    python benchmarks/host_spells.py train --own --batch 32   # ... training the measured model?
+    python benchmarks/host_spells.py train --what copy --batch 32  # ... training its shapes?
     python benchmarks/host_spells.py hogs                     # load on the other core
     python benchmarks/host_spells.py seeded --pairs 30        # the quiet time from the profile
 
@@ -128,15 +128,17 @@ def replay(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Readings with a meter made before training, after rounds of training steps, beside
-    new processes' readings after each round. `--own`: the measured model itself is trained
-    (as a run's fine-tune trains the model it then measures), and a deep copy of it is read
-    too: the trained model's own tensors against the process's state."""
+    new processes' readings after each round. `--what`: train a copy of the dense model
+    (`dense`), a copy of the measured pruned model (`copy`), or the measured model itself
+    (`own`, as a run's fine-tune trains the model it then measures; a deep copy of it is read
+    too)."""
     dense, small = models(args.pruned)
     ratio, kept = meter(dense, batch=args.batch), []
     print(f"before training: {ratio.settled(small)[0]:.4f}; new process: "
           f"{in_child(args.pruned, batch=args.batch)[0]['ratio']:.4f}", flush=True)
     for i in range(args.rounds):
-        net = small.train() if args.own else copy.deepcopy(dense).train()
+        net = {"dense": lambda: copy.deepcopy(dense), "copy": lambda: copy.deepcopy(small),
+               "own": lambda: small}[args.what]().train()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         for _ in range(args.steps):
             loss = torch.nn.functional.cross_entropy(
@@ -147,10 +149,11 @@ def train(args: argparse.Namespace) -> None:
         kept.append(net)  # a run keeps what it trained alive
         fresh = in_child(args.pruned, batch=args.batch)[0]
         copied = (f"; its deep copy {ratio.settled(copy.deepcopy(small).eval())[0]:.4f}"
-                  if args.own else "")
-        print(f"after {i + 1} x {args.steps} steps: {ratio.settled(small.eval())[0]:.4f} "
-              f"(reference {ratio.meter.quiet_ms:.2f} ms){copied}; new process: "
-              f"{fresh['ratio']:.4f} (reference {fresh['dense_ms']:.2f} ms)", flush=True)
+                  if args.what == "own" else "")
+        print(f"after {i + 1} x {args.steps} steps of the {args.what} model: "
+              f"{ratio.settled(small.eval())[0]:.4f} (reference {ratio.meter.quiet_ms:.2f} ms)"
+              f"{copied}; new process: {fresh['ratio']:.4f} (reference {fresh['dense_ms']:.2f}"
+              " ms)", flush=True)
 
 
 HOGS = {
@@ -210,8 +213,8 @@ def main() -> None:
     modes.choices["replay"].add_argument("log", type=Path)
     modes.choices["train"].add_argument("--rounds", type=int, default=3)
     modes.choices["train"].add_argument("--steps", type=int, default=60)
-    modes.choices["train"].add_argument("--own", action="store_true",
-                                        help="train the measured model itself")
+    modes.choices["train"].add_argument("--what", choices=["dense", "copy", "own"],
+                                        default="dense", help="which model trains")
     modes.choices["hogs"].add_argument("--readings", type=int, default=12)
     modes.choices["child"].add_argument("--readings", type=int, default=0)
     modes.choices["child"].add_argument("--quiet-from", type=Path, default=None)
