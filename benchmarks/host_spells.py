@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
+import ctypes.util
 import json
 import statistics
 import subprocess
@@ -131,12 +133,13 @@ def train(args: argparse.Namespace) -> None:
     new processes' readings after each round. `--what`: train a copy of the dense model
     (`dense`), a copy of the measured pruned model (`copy`), or the measured model itself
     (`own`, as a run's fine-tune trains the model it then measures; a deep copy of it is read
-    too)."""
+    too); then the model is read after `malloc_trim(0)` and with denormals flushed."""
     dense, small = models(args.pruned)
     ratio, kept = meter(dense, batch=args.batch), []
     print(f"before training: {ratio.settled(small)[0]:.4f}; new process: "
           f"{in_child(args.pruned, batch=args.batch)[0]['ratio']:.4f}", flush=True)
     for i in range(args.rounds):
+        torch.set_num_threads(args.train_threads)
         net = {"dense": lambda: copy.deepcopy(dense), "copy": lambda: copy.deepcopy(small),
                "own": lambda: small}[args.what]().train()
         optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -154,6 +157,10 @@ def train(args: argparse.Namespace) -> None:
               f"{ratio.settled(small.eval())[0]:.4f} (reference {ratio.meter.quiet_ms:.2f} ms)"
               f"{copied}; new process: {fresh['ratio']:.4f} (reference {fresh['dense_ms']:.2f}"
               " ms)", flush=True)
+    ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)  # memory the allocator keeps?
+    print(f"then malloc_trim(0): {ratio.settled(small)[0]:.4f}", flush=True)
+    torch.set_flush_denormal(True)  # subnormal numbers in the trained weights?
+    print(f"then denormals flushed: {ratio.settled(small)[0]:.4f}", flush=True)
 
 
 HOGS = {
@@ -215,6 +222,8 @@ def main() -> None:
     modes.choices["train"].add_argument("--steps", type=int, default=60)
     modes.choices["train"].add_argument("--what", choices=["dense", "copy", "own"],
                                         default="dense", help="which model trains")
+    modes.choices["train"].add_argument("--train-threads", type=int, default=1,
+                                        help="threads the training runs with")
     modes.choices["hogs"].add_argument("--readings", type=int, default=12)
     modes.choices["child"].add_argument("--readings", type=int, default=0)
     modes.choices["child"].add_argument("--quiet-from", type=Path, default=None)
