@@ -52,7 +52,16 @@ from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import EpochShuffle, loader_on, make_loaders, subset_of
 from wgates.extract import PLAN_ATTR, load_pruned, save_pruned
 from wgates.gated import gate
-from wgates.latency import Meter, Protocol, get_backend, profile, profiled_quiet_ms, settled
+from wgates.latency import (
+    Measurement,
+    Meter,
+    Protocol,
+    get_backend,
+    profile,
+    profiled_quiet_ms,
+    settled,
+)
+from wgates.latency.worker import IsolatedMeter
 from wgates.macs import MacsModel
 from wgates.models import create_model
 from wgates.predictor import count, fit_file
@@ -97,6 +106,7 @@ class Settings:
     max_wait_s: float = 300.0  # how long a measurement may wait out a contended machine
     num_classes: int | None = None
     channel_multiple: int | None = None  # widths delivered in multiples of it (None: backend's)
+    isolated: bool = False  # measure in a process that never trains (wgates.latency.worker)
 
     def protocol(self) -> Protocol:
         return Protocol(rounds=self.protocol_rounds, max_wait_s=self.max_wait_s)
@@ -190,13 +200,16 @@ def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Pat
 
 def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: Protocol,
                  alone: Callable[[], AbstractContextManager] = nullcontext,
-                 profile: Path | None = None):
+                 profile: Path | None = None, isolated: bool = False):
     """ratio of a model's latency to the dense one's, timed interleaved on `backend_name`,
     each measurement inside `alone()` (`Lanes.alone`: the other benchmark lanes paused);
     the dense model's time of the last measurement is kept as `measure.dense_ms` (rows
     record it: ratios taken in sessions whose dense model timed differently, on another
     host, are not comparable). `profile`: the latency profile of this model and backend,
-    whose readings tell the meter the dense model's time at rest (`Meter(quiet_ms=)`)."""
+    whose readings tell the meter the dense model's time at rest (`Meter(quiet_ms=)`).
+    `isolated` (CPU backends): the meter lives in a process that never trains
+    (`IsolatedMeter`): after training pruned shapes, this process reads them ~2% slower than
+    a new one does."""
     backend = get_backend(backend_name)
     device = "cuda" if backend_name == "torch-cuda" else "cpu"
     on = tuple(x.to(device) for x in inputs)
@@ -208,12 +221,18 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
 
     quiet = profiled_quiet_ms(profile, backend.fingerprint_at(on[0].shape)) if profile else (
         float("inf"))
-    meter = Meter(backend, runner(dense), protocol, quiet)
+    if isolated and device == "cpu":
+        worker = IsolatedMeter(backend_name, backend.threads, dense, on, protocol, quiet)
+        read = worker.measure
+    else:
+        meter = Meter(backend, runner(dense), protocol, quiet)
+
+        def read(model: nn.Module) -> Measurement:
+            return meter.measure(runner(model))
 
     def measure(model: nn.Module) -> tuple[float, float]:
-        prepared = runner(model)
         with alone():
-            m = meter.measure(prepared)
+            m = read(model)
         measure.dense_ms = m.dense_ms
         return m.ratio, m.spread
 
@@ -270,7 +289,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                                      profile_path(cache, label, backend, at))
         log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
         measure = make_measure(dense, inputs, backend, settings.protocol(), alone,
-                               profile_path(cache, label, backend, at))
+                               profile_path(cache, label, backend, at), settings.isolated)
         multiple = get_backend(backend).multiple(settings.channel_multiple)
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,

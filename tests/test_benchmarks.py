@@ -187,7 +187,8 @@ def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
     tiny = {"tiny": {"spec": "small_cnn", "kwargs": {"width_mult": 0.25}}}
     overrides = {"models": tiny, "backends": {"tiny": ["torch-cpu@1"]}, "methods": ["uniform"],
                  "subset": 64, "val_subset": 64, "dense_epochs": 1, "lpnet_samples": 10,
-                 "protocol_rounds": 6, "max_wait_s": 2.0, "tolerance": 0.5}
+                 "protocol_rounds": 6, "max_wait_s": 2.0, "tolerance": 0.5,
+                 "isolated": True}  # the run measures in its worker, --remeasure in-process
     common = ["--quick", "--data", "digits", "--name", "smoke", "--out", str(tmp_path / "out"),
               "--cache", str(tmp_path / "cache"),
               *[f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]]

@@ -1,0 +1,45 @@
+"""`IsolatedMeter`: the meter in a process of its own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from wgates.errors import WgatesError
+from wgates.latency import Protocol
+from wgates.latency.worker import IsolatedMeter
+from wgates.models import create_model
+
+FAST = Protocol(rounds=10, min_block_s=0.0005, retries=0, busy_sleep_s=0.2, max_wait_s=5.0)
+X = torch.randn(1, 1, 32, 32)
+
+
+def test_measures_in_its_own_process_and_stops():
+    torch.manual_seed(0)
+    dense = create_model("small_cnn").eval()
+    with IsolatedMeter("torch-cpu", 1, dense, (X,), FAST) as meter:
+        same = meter.measure(dense)
+        half = meter.measure(create_model("small_cnn", width_mult=0.25).eval())
+        process = meter._process
+        assert process.is_alive() and process.pid is not None
+    assert not process.is_alive()
+    assert 0.7 < same.ratio < 1.4 and same.dense_ms > 0
+    assert half.ratio < same.ratio
+
+
+def test_a_model_that_cannot_travel_is_one_line():
+    class Local(nn.Module):  # a local class: not importable from another process
+        def forward(self, x):
+            return x
+
+    with pytest.raises(WgatesError, match="Local cannot be sent to the measurement process"):
+        IsolatedMeter("torch-cpu", 1, Local(), (X,), FAST)
+
+
+def test_a_failure_in_the_worker_is_a_wgates_error():
+    dense = create_model("small_cnn").eval()
+    with IsolatedMeter("torch-cpu", 1, dense, (X,), FAST) as meter:
+        with pytest.raises(WgatesError, match="could not measure a model"):
+            meter.measure(nn.Linear(3, 3))  # does not take the inputs
+        assert meter.measure(dense).ratio > 0  # the worker goes on serving
