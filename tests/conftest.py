@@ -87,7 +87,7 @@ class MacsMeter:
     model as the latency ratio: deterministic, so a test can hold every method to the band
     [(1 - tolerance) * target, target] without the shared machine's noise deciding."""
 
-    def __init__(self, dense: nn.Module, example_inputs, *args) -> None:
+    def __init__(self, dense: nn.Module, example_inputs, *args, isolated: bool = False) -> None:
         from types import SimpleNamespace
 
         from wgates.groups import as_input_tuple
@@ -96,6 +96,7 @@ class MacsMeter:
         self.inputs, self.count = as_input_tuple(example_inputs), count
         self.dense_macs = count(dense, self.inputs)[0]
         self.meter = SimpleNamespace(quiet_ms=1.0)
+        self.isolated = isolated
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
         return self.count(model, self.inputs)[0] / self.dense_macs, 0.0

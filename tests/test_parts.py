@@ -100,14 +100,40 @@ def test_finetune_passes_the_teachers_output_to_the_users_loss():
     assert calls == [True, True, False, False]
 
 
-def test_latency_meter_measures_against_the_dense_model():
+@pytest.mark.parametrize("isolated", [False, True])
+def test_latency_meter_measures_against_the_dense_model(isolated):
     dense = create_model("small_cnn").eval()
     fast = wgates.latency.Protocol(rounds=10, min_block_s=0.0005, retries=0,
                                    busy_sleep_s=0.2, max_wait_s=5.0)
-    meter = wgates.LatencyMeter(dense, X, protocol=fast)
+    meter = wgates.LatencyMeter(dense, X, protocol=fast, isolated=isolated)
     ratio, spread = meter(dense)
     assert 0.7 < ratio < 1.3 and spread >= 0
     assert meter.dense_ms() > 0
+    assert meter(create_model("small_cnn", width_mult=0.25))[0] < ratio
+    quiet = meter.meter.quiet_ms
+    assert 0 < quiet < math.inf
+    meter.meter.quiet_ms = 0.99 * quiet  # seeded (in the worker when isolated)
+    assert meter.meter.quiet_ms == pytest.approx(0.99 * quiet)
+
+
+def test_latency_meter_measures_here_what_a_new_process_cannot_import(monkeypatch):
+    """A model class of the script being run (here: registered as `__main__`'s) cannot be
+    loaded by the measurement process: the meter says so and measures in this one."""
+    import sys
+
+    class Script(torch.nn.Sequential):
+        pass
+
+    Script.__module__, Script.__qualname__ = "__main__", "Script"
+    monkeypatch.setattr(sys.modules["__main__"], "Script", Script, raising=False)
+    net = create_model("small_cnn")
+    dense = Script(net.features, net.pool, torch.nn.Flatten(), net.classifier).eval()
+    fast = wgates.latency.Protocol(rounds=10, min_block_s=0.0005, retries=0,
+                                   busy_sleep_s=0.2, max_wait_s=5.0)
+    meter = wgates.LatencyMeter(dense, X, protocol=fast, isolated=True)
+    with pytest.warns(UserWarning, match="measuring in this process"):
+        ratio, _ = meter(dense)
+    assert not meter.isolated and 0.7 < ratio < 1.3
 
 
 def test_latency_meter_takes_the_quiet_time_from_a_profile(tmp_path):

@@ -540,6 +540,9 @@ def add_prune(sub) -> None:
                    "this many channels (each in turn, e.g. 16 8) where the measured latency "
                    "stays in the band: CPU kernels compute channels in blocks, and at batch 32 "
                    "those channels are nearly free (default: none)")
+    p.add_argument("--isolated", action=argparse.BooleanOptionalAction, default=PRUNE.isolated,
+                   help="measure latency in a process of its own that never trains (default: "
+                   "on; after training pruned shapes a process reads them ~2%% slow)")
     p.add_argument("--check-threads", type=int, nargs="*", default=list(PRUNE.check_threads),
                    help="thread counts the delivered model is also measured at, each against "
                    "the dense model at the same count (default: %(default)s; none: give the "
@@ -620,7 +623,7 @@ def _run_prune(args) -> int:
         importance=args.importance,
         resume=args.resume, seed=args.seed, force_predictor=args.force_predictor,
         check_threads=args.check_threads, channel_multiple=args.channel_multiple,
-        blocks=args.blocks,
+        blocks=args.blocks, isolated=args.isolated,
         device=device,
     )
     if distributed.is_main():

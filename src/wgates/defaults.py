@@ -26,6 +26,7 @@ class PruneDefaults:
     threads: int = 1
     check_threads: tuple[int, ...] = (1, 2)  # the delivered model is also measured at these
     blocks: tuple[int, ...] = ()  # widen to these channel blocks after the loop (widen_to_blocks)
+    isolated: bool = True  # measure in a process that never trains (wgates.latency.worker)
 
 
 PRUNE = PruneDefaults()

@@ -18,6 +18,7 @@ Each piece is the one `wgates.prune` runs (`wgates.search`, `wgates.latency`,
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -28,7 +29,16 @@ from wgates.defaults import PRUNE
 from wgates.errors import WgatesError
 from wgates.gated import GatedModel
 from wgates.groups import as_input_tuple
-from wgates.latency import Meter, Protocol, get_backend, profile, profiled_quiet_ms, settled
+from wgates.latency import (
+    Measurement,
+    Meter,
+    Protocol,
+    get_backend,
+    profile,
+    profiled_quiet_ms,
+    settled,
+)
+from wgates.latency.worker import IsolatedMeter
 from wgates.macs import MacsModel
 from wgates.predictor import LatencyPredictor, fit_file, fit_proxy
 from wgates.search import (
@@ -50,24 +60,46 @@ class LatencyMeter:
     """`meter(model) -> (latency / dense latency, spread)`, measured on `backend` against
     `dense` timed right beside it (`wgates.latency.Meter`: alternating rounds, so the ratio
     holds where absolute times drift). The dense reference is prepared at the first
-    measurement, not before: under torchrun only the rank that measures pays for it."""
+    measurement, not before: under torchrun only the rank that measures pays for it.
+
+    `isolated` (CPU backends): measure in a process of its own that never trains
+    (`wgates.latency.worker.IsolatedMeter`, started at the first measurement): after this
+    process has trained a pruned network it reads that network ~2% slower than a new
+    process, where the model will be served, does. A model whose class a new process cannot
+    import (defined in a notebook or in the script run) is measured here, with a warning."""
 
     def __init__(self, dense: nn.Module, example_inputs: torch.Tensor | tuple,
                  backend: str = "torch-cpu", threads: int = PRUNE.threads,
-                 protocol: Protocol = Protocol()) -> None:
+                 protocol: Protocol = Protocol(), isolated: bool = False) -> None:
         self.backend = get_backend(backend, threads)
         self.inputs = as_input_tuple(example_inputs)
         self.dense, self.protocol = dense, protocol
-        self._meter: Meter | None = None
+        self.isolated = isolated and self.backend.name != "torch-cuda"
+        self._meter: Meter | IsolatedMeter | None = None
         self._quiet_ms = math.inf
 
     @property
-    def meter(self) -> Meter:
+    def meter(self) -> Meter | IsolatedMeter:
+        if self._meter is None and self.isolated:
+            try:
+                self._meter = IsolatedMeter(self.backend.name, self.backend.threads,
+                                            self.dense.eval(), self.inputs, self.protocol,
+                                            self._quiet_ms)
+            except WgatesError as err:
+                warnings.warn(f"{err}; measuring in this process, where readings after "
+                              "training run ~2% high", stacklevel=2)
+                self.isolated = False
         if self._meter is None:
             self._meter = Meter(self.backend, self.backend.prepare(self.dense.eval(),
                                                                    self.inputs), self.protocol,
                                 self._quiet_ms)
         return self._meter
+
+    def _read(self, model: nn.Module) -> Measurement:
+        meter = self.meter  # first: it may fall back to this process
+        if self.isolated:
+            return meter.measure(model)
+        return meter.measure(self.backend.prepare(model.eval(), self.inputs))
 
     def seed_quiet(self, profile: str | Path) -> None:
         """Take the dense model's time at rest from the latency profile `profile` measured
@@ -79,12 +111,12 @@ class LatencyMeter:
             self._meter.quiet_ms = min(self._meter.quiet_ms, quiet)
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
-        m = self.meter.measure(self.backend.prepare(model.eval(), self.inputs))
+        m = self._read(model)
         return m.ratio, m.spread
 
     def dense_ms(self) -> float:
         """The dense model's latency in milliseconds (for a target given as a time)."""
-        return self.meter.measure(self.backend.prepare(self.dense.eval(), self.inputs)).dense_ms
+        return self._read(self.dense).dense_ms
 
     def settled(self, model: nn.Module) -> tuple[float, float]:
         """The figure to report: the settled median of several measurements (`settled`)."""
@@ -93,14 +125,15 @@ class LatencyMeter:
 
 def measure_threads(dense: nn.Module, model: nn.Module, example_inputs: torch.Tensor | tuple,
                     threads: Sequence[int], backend: str = "torch-cpu",
-                    protocol: Protocol = Protocol(), repeats: int = 3) -> list[dict]:
+                    protocol: Protocol = Protocol(), repeats: int = 3,
+                    isolated: bool = False) -> list[dict]:
     """`model`'s settled latency ratio to `dense` at each thread count, both timed at that
     count (rows of threads, ratio, spread, dense_ms). Why: the widths were chosen for one
     thread count, and at another each layer shares its work differently, so the same model
-    is another fraction of the dense one there."""
+    is another fraction of the dense one there. `isolated`: as `LatencyMeter`'s."""
     rows = []
     for count in threads:
-        meter = LatencyMeter(dense, example_inputs, backend, count, protocol)
+        meter = LatencyMeter(dense, example_inputs, backend, count, protocol, isolated)
         ratio, spread = settled(meter, model, repeats=repeats)
         rows.append({"threads": count, "ratio": ratio, "spread": spread,
                      "dense_ms": meter.meter.quiet_ms})

@@ -199,6 +199,7 @@ def prune(
     kind: str | None = None,
     channel_multiple: int | None = None,
     blocks: Sequence[int] = PRUNE.blocks,
+    isolated: bool = PRUNE.isolated,
     device: torch.device | str | None = None,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
@@ -225,6 +226,8 @@ def prune(
     each group to the end of its block of that many channels where the measured latency stays
     in the band (`wgates.search.widen_to_blocks`: CPU kernels compute channels in blocks, and
     at batch 32 the widths up to a block's end are nearly free);
+    `isolated`: latency is measured in a process of its own that never trains
+    (`LatencyMeter`): after training pruned shapes, this process reads them ~2% slow;
     `device`: where the search and the fine-tune train (the model is moved there, in
     channels_last on CUDA, and trains in bf16 autocast; default: where its parameters are);
     latency is measured on `backend`'s own device, on a copy;
@@ -274,7 +277,8 @@ def prune(
         **({"blocks": list(blocks)} if blocks else {}),
     })
 
-    measure = LatencyMeter(dense, inputs, backend, threads, Protocol())  # used on rank 0 only
+    measure = LatencyMeter(dense, inputs, backend, threads, Protocol(),  # used on rank 0 only
+                           isolated=isolated)
 
     try:  # what needs a measurement: a target this model cannot reach is refused here
         if "dense_ms" not in run.state:
@@ -363,7 +367,8 @@ def prune(
         return ratio, spread, [
             {"threads": threads, "ratio": ratio, "spread": spread,
              "dense_ms": measure.meter.quiet_ms},
-            *measure_threads(dense, small, inputs, others, backend, Protocol())]
+            *measure_threads(dense, small, inputs, others, backend, Protocol(),
+                             isolated=measure.isolated)]
 
     final_ratio, spread, at_threads = distributed.once("measure the pruned model",
                                                        measure_delivered)

@@ -7,19 +7,24 @@ serves the model from a process that never trained. Not the weights, not denorma
 thread pool, not memory `malloc_trim` returns (docs/design.md). A worker started before the
 search keeps the state of a new process for every reading of the run.
 
-Models travel pickled (`torch.save` of the whole module), so their classes must be
-importable in a new Python process: a class defined in a script run as `__main__` is not,
-and `start` says so.
+The worker is a new interpreter (`worker.main`), not a multiprocessing child: spawning one
+re-runs the caller's script, which an unguarded training script must not see. Models travel
+pickled over two pipes, so their
+classes must be importable there (the caller's `sys.path` is passed on); a class defined in
+`__main__` or a notebook is not, and `IsolatedMeter` refuses it when it starts.
 """
 
 from __future__ import annotations
 
 import copy
-import io
 import math
-import multiprocessing as mp
+import os
+import pickle
+import subprocess
+import sys
 import traceback
 from collections.abc import Sequence
+from multiprocessing.connection import Connection
 
 import torch
 from torch import nn
@@ -31,90 +36,129 @@ from wgates.latency.backends import Measurement, Meter, Protocol, get_backend
 def _pickled(model: nn.Module) -> bytes:
     """`model` as bytes, its tensors on the CPU (the worker measures CPU backends)."""
     on_cpu = all(t.device.type == "cpu" for t in (*model.parameters(), *model.buffers()))
-    buffer = io.BytesIO()
     try:
-        torch.save(model if on_cpu else copy.deepcopy(model).cpu(), buffer)
-    except Exception as err:  # pickling: a local class, a lambda held by the model
+        return pickle.dumps(model if on_cpu else copy.deepcopy(model).cpu())
+    except Exception as err:  # a local class, a lambda held by the model
         raise WgatesError(f"{type(model).__name__} cannot be sent to the measurement process "
                           f"({err}): define its class in an importable module, or measure "
-                          "in this process") from None
-    return buffer.getvalue()
+                          "in this process (isolated=False)") from None
 
 
-def _serve(conn, backend: str, threads: int, dense: bytes, inputs: Sequence[torch.Tensor],
-           protocol: Protocol, quiet_ms: float) -> None:
-    """The worker's loop: build the meter, then answer each model's bytes with a
-    `Measurement` (or ('error', text)) until 'stop' or the pipe closes."""
-    def load(data: bytes) -> nn.Module:  # our own parent's bytes, not a user's file
-        return torch.load(io.BytesIO(data), weights_only=False).eval()
+def _send(conn: Connection, message: object) -> None:
+    """Plain pickle over the pipe: `Connection.send` would share tensors through torch's
+    multiprocessing reductions, which need a multiprocessing parent."""
+    conn.send_bytes(pickle.dumps(message))
 
+
+def _recv(conn: Connection):  # our own caller's bytes, not a user's file
+    return pickle.loads(conn.recv_bytes())
+
+
+def serve(requests: Connection, replies: Connection) -> None:
+    """The worker's loop. The first request builds the meter (backend, threads, the dense
+    model's bytes, inputs, protocol, quiet time); then ('measure', a model's bytes) is
+    answered with the `Measurement` and the meter's quiet time, ('quiet', ms) by setting
+    that time, every failure with ('error', text), until 'stop' or the pipe closes."""
     try:
+        backend, threads, dense, inputs, protocol, quiet_ms = _recv(requests)
         hardware = get_backend(backend, threads)
-        meter = Meter(hardware, hardware.prepare(load(dense), inputs), protocol, quiet_ms)
-        conn.send(("ready", None))
+        reference = hardware.prepare(pickle.loads(dense).eval(), inputs)
+        meter = Meter(hardware, reference, protocol, quiet_ms)
+        _send(replies, ("ok", meter.quiet_ms))
     except Exception:
-        conn.send(("error", traceback.format_exc()))
+        _send(replies, ("error", traceback.format_exc()))
         return
     while True:
         try:
-            request, payload = conn.recv()
+            request, payload = _recv(requests)
         except EOFError:
             return
         if request == "stop":
             return
         try:
-            conn.send(("ok", meter.measure(hardware.prepare(load(payload), inputs))))
+            if request == "measure":
+                m = meter.measure(hardware.prepare(pickle.loads(payload).eval(), inputs))
+                _send(replies, ("ok", (m, meter.quiet_ms)))
+            else:  # "quiet"
+                meter.quiet_ms = payload
+                _send(replies, ("ok", meter.quiet_ms))
         except Exception:
-            conn.send(("error", traceback.format_exc()))
+            _send(replies, ("error", traceback.format_exc()))
 
 
 class IsolatedMeter:
-    """`Meter.measure` for models, run in a spawned process that only measures: every
+    """`Meter.measure` for models, run in a new Python process that only measures: every
     reading sees a process that has never trained. `quiet_ms` as `Meter`'s."""
 
     def __init__(self, backend: str, threads: int, dense: nn.Module,
                  example_inputs: Sequence[torch.Tensor], protocol: Protocol = Protocol(),
                  quiet_ms: float = math.inf) -> None:
-        context = mp.get_context("spawn")
-        self._conn, child = context.Pipe()
+        dense_bytes = _pickled(dense)  # refused here, before a process is started
         inputs = tuple(x.detach().cpu() for x in example_inputs)
-        dense_bytes = _pickled(dense)
-        self._process = context.Process(
-            target=_serve, args=(child, backend, threads, dense_bytes, inputs, protocol,
-                                 quiet_ms), daemon=True, name="wgates-meter")
-        self._process.start()
-        child.close()
-        self._reply("start the measurement process")
-        self.protocol = protocol
+        from_parent, to_worker = os.pipe()  # (read end, write end)
+        from_worker, to_parent = os.pipe()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", "import sys; from wgates.latency.worker import main; "
+             "main(sys.argv[1:])", str(from_parent), str(to_parent)],
+            pass_fds=(from_parent, to_parent), env=env)
+        os.close(from_parent)
+        os.close(to_parent)
+        self._requests = Connection(to_worker, readable=False)
+        self._replies = Connection(from_worker, writable=False)
+        _send(self._requests, (backend, threads, dense_bytes, inputs, protocol, quiet_ms))
+        self._quiet_ms = self._reply(
+            "start (is the dense model's class importable from a new process?)")
 
     def _reply(self, doing: str):
         try:
-            status, payload = self._conn.recv()
+            status, payload = _recv(self._replies)
         except EOFError:
             raise WgatesError(f"the measurement process ended while asked to {doing}: "
-                              "measure in this process instead") from None
+                              "measure in this process instead (isolated=False)") from None
         if status == "error":
             raise WgatesError(f"the measurement process could not {doing}: "
                               f"{payload.strip().splitlines()[-1]}")
         return payload
 
     def measure(self, model: nn.Module) -> Measurement:
-        self._conn.send(("measure", _pickled(model)))
-        return self._reply("measure a model (is its class importable from a new process?)")
+        _send(self._requests, ("measure", _pickled(model)))
+        m, self._quiet_ms = self._reply(
+            "measure a model (is its class importable from a new process?)")
+        return m
+
+    @property
+    def quiet_ms(self) -> float:
+        """The dense reference's time at rest, as `Meter.quiet_ms` (the worker's)."""
+        return self._quiet_ms
+
+    @quiet_ms.setter
+    def quiet_ms(self, ms: float) -> None:  # seeded, e.g. from a latency profile
+        _send(self._requests, ("quiet", float(ms)))
+        self._quiet_ms = self._reply("seed the dense model's time at rest")
 
     def close(self) -> None:
-        if self._process.is_alive():
+        if self._process.poll() is None:
             try:
-                self._conn.send(("stop", None))
-            except (BrokenPipeError, OSError):
-                pass
-            self._process.join(timeout=10)
-        if self._process.is_alive():
+                _send(self._requests, ("stop", None))
+                self._process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self._process.kill()
+                self._process.wait()
+        self._requests.close()
+        self._replies.close()
+
+    def __del__(self) -> None:  # a worker must not outlive its meter
+        if getattr(self, "_process", None) is not None and self._process.poll() is None:
             self._process.kill()
-        self._conn.close()
 
     def __enter__(self) -> IsolatedMeter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def main(fds: Sequence[str]) -> None:
+    """The worker process's entry: the pipes' file descriptors (requests, replies)."""
+    serve(Connection(int(fds[0]), writable=False), Connection(int(fds[1]), readable=False))
