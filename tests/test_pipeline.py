@@ -142,6 +142,7 @@ def test_resume_with_other_settings_is_refused_before_any_work(flops_run, dense,
     before = sorted(p.name for p in run_dir.iterdir())
     state = (run_dir / "state.json").read_text()
     monkeypatch.setattr(wgates.parts, "Meter", None)  # measuring anything would fail loudly
+    monkeypatch.setattr(wgates.parts, "IsolatedMeter", None)
     with pytest.raises(WgatesError, match="target_latency was '0.6', now '0.5'"):
         _prune(dense, data, run_dir, resume=True, target_latency=0.5)
     other = copy.deepcopy(dense)
