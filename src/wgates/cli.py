@@ -539,7 +539,8 @@ def add_prune(sub) -> None:
                    help="after the closed loop, widen each group to the end of its block of "
                    "this many channels (each in turn, e.g. 16 8) where the measured latency "
                    "stays in the band: CPU kernels compute channels in blocks, and at batch 32 "
-                   "those channels are nearly free (default: none)")
+                   "those channels are nearly free (default: %(default)s; none: give the "
+                   "option alone)")
     p.add_argument("--isolated", action=argparse.BooleanOptionalAction, default=PRUNE.isolated,
                    help="measure latency in a process of its own that never trains (default: "
                    "on; after training pruned shapes a process reads them ~2%% slow)")

@@ -587,7 +587,8 @@ def check_blocks(blocks: Sequence[int], multiple: int = 1) -> tuple[int, ...]:
     if bad:
         raise WgatesError(
             f"blocks {list(blocks)}: each must be a positive multiple of the channel multiple "
-            f"({multiple}); give e.g. 16 8, or none to deliver the loop's widths as they are")
+            f"({multiple}); give multiples of it (--blocks / blocks=), or none (--blocks "
+            "alone, blocks=()) to deliver the loop's widths as they are")
     return blocks
 
 
