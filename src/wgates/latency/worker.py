@@ -2,7 +2,7 @@
 
 Why: after a process has trained a pruned network, the same untrained model reads ~2% slower
 against its dense reference there than in a new process (ResNet-20 at batch 32, torch-cpu:
-0.478 -> 0.487-0.490; `benchmarks/host_spells.py train --what copy`), while a deployment
+0.476-0.478 -> 0.486-0.488; `benchmarks/host_spells.py train --what copy`), while a deployment
 serves the model from a process that never trained. Not the weights, not denormals, not the
 thread pool, not memory `malloc_trim` returns (docs/design.md). A worker started before the
 search keeps the state of a new process for every reading of the run.
