@@ -138,7 +138,7 @@ MODES = {
         methods=["wgates", "uniform", "l1", "tp-l2", "tp-taylor"], seeds=[0, 1, 2],
         backends={"resnet20": ["torch-cpu@1", "torch-cpu@32", "onnxruntime-cpu@1"]},
         search_epochs=3, budget_epochs=6, distill=True, lpnet_samples=150, floor=0.25,
-        blocks=[16, 8],
+        blocks=[16, 8], isolated=True,
     ),
     "full": Settings(
         models=CIFAR_MODELS, targets=[0.7, 0.5, 0.35], methods=list(METHODS), seeds=[0, 1, 2],
