@@ -197,7 +197,7 @@ def test_cli_prune(tmp_path, monkeypatch, capsys):
     _fast(monkeypatch)
     checked = []
 
-    def at_threads(dense, model, inputs, threads, backend, protocol):  # measured: flops_run
+    def at_threads(dense, model, inputs, threads, backend, protocol, **kwargs):  # flops_run
         checked.extend(threads)
         return [{"threads": t, "ratio": 0.6, "spread": 0.01, "dense_ms": 1.0} for t in threads]
 

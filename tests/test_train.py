@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -143,6 +145,25 @@ def test_recalibrate_bn_restores_statistics_without_touching_weights(loaders):
     for k, v in weights.items():
         if k != "1.num_batches_tracked":
             assert torch.equal(net.state_dict()[k], v), k
+
+
+def test_recalibrate_bn_sees_the_same_batches_whatever_ran_before():
+    """A resumed run skips the search: its loader's epoch and the random state differ from
+    the unbroken run's, and the statistics must not (the kill-resume benchmark's bar)."""
+    from wgates.data import EpochShuffle
+    from wgates.train import recalibrate_bn
+
+    x = torch.randn(64, 1, 8, 8)
+    loader = DataLoader(TensorDataset(x, torch.zeros(64)), batch_size=8,
+                        sampler=EpochShuffle(64, seed=3))
+    stats, base = [], tiny_net()
+    for epoch, seed in ((0, 0), (5, 1)):
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(seed)
+        net = recalibrate_bn(copy.deepcopy(base), loader, batches=2)  # a part of the data
+        stats.append(net[1].running_mean.clone())
+        assert loader.sampler.epoch == epoch and torch.initial_seed() == seed  # left as found
+    assert torch.equal(*stats)
 
 
 def test_default_loss_and_accuracy_per_pixel_for_a_dict_output():

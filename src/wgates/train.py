@@ -144,11 +144,20 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int = 50) -> nn.
         m.momentum = None  # cumulative average over the batches below
     device = next(model.parameters()).device
     model.train()
-    with torch.no_grad(), autocast(device):
+    # the same batches and augmentations whatever ran before in this process (a resumed run
+    # skips the search: its loader's epoch and the random state are not the unbroken run's)
+    sampler = getattr(loader, "sampler", None)
+    epoch = getattr(sampler, "epoch", None)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), autocast(device):
+        seed_epoch(0, "recalibrate_bn", 0)
+        if epoch is not None:
+            sampler.set_epoch(0)
         for i, (x, _) in enumerate(loader):
             if i >= batches:
                 break
             model(x.to(device))
+    if epoch is not None:
+        sampler.set_epoch(epoch)
     for m, momentum in zip(norms, saved):
         m.momentum = momentum
     return model.eval()
