@@ -58,3 +58,15 @@ def test_a_failure_in_the_worker_is_a_wgates_error_and_it_goes_on():
         with pytest.raises(WgatesError, match="could not measure a model"):
             meter.measure(nn.Linear(3, 3))  # does not take the inputs
         assert meter.measure(dense).ratio > 0
+
+
+def test_a_model_from_a_users_file_is_measured_in_the_worker(tmp_path):
+    """`path/to/file.py:Class` models (the CLI's): the worker imports the same file under
+    the same module name, so their pickles load there."""
+    (tmp_path / "net.py").write_text(
+        "from torch import nn\n\n\nclass Net(nn.Sequential):\n"
+        "    def __init__(self, num_classes=10):\n"
+        "        super().__init__(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))\n")
+    dense = create_model(f"{tmp_path / 'net.py'}:Net").eval()
+    with IsolatedMeter("torch-cpu", 1, dense, (X,), FAST) as meter:
+        assert meter.measure(dense).ratio > 0

@@ -10,8 +10,9 @@ search keeps the state of a new process for every reading of the run.
 The worker is a new interpreter (`worker.main`), not a multiprocessing child: spawning one
 re-runs the caller's script, which an unguarded training script must not see. Models travel
 pickled over two pipes, so their
-classes must be importable there (the caller's `sys.path` is passed on); a class defined in
-`__main__` or a notebook is not, and `IsolatedMeter` refuses it when it starts.
+classes must be importable there (the caller's `sys.path` is passed on, and the files of
+`path/to/file.py:Class` models are imported there under the same names); a class defined
+in `__main__` or a notebook is not, and `IsolatedMeter` refuses it when it starts.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 from wgates.errors import WgatesError
 from wgates.latency.backends import Measurement, Meter, Protocol, get_backend
+from wgates.models import USER_MODULE_PREFIX, import_file
 
 
 def _pickled(model: nn.Module) -> bytes:
@@ -60,7 +62,9 @@ def serve(requests: Connection, replies: Connection) -> None:
     answered with the `Measurement` and the meter's quiet time, ('quiet', ms) by setting
     that time, every failure with ('error', text), until 'stop' or the pipe closes."""
     try:
-        backend, threads, dense, inputs, protocol, quiet_ms = _recv(requests)
+        backend, threads, dense, inputs, protocol, quiet_ms, files = _recv(requests)
+        for name, path in files.items():  # the caller's `path/to/file.py:Class` models
+            import_file(path, name)
         hardware = get_backend(backend, threads)
         reference = hardware.prepare(pickle.loads(dense).eval(), inputs)
         meter = Meter(hardware, reference, protocol, quiet_ms)
@@ -106,7 +110,10 @@ class IsolatedMeter:
         os.close(to_parent)
         self._requests = Connection(to_worker, readable=False)
         self._replies = Connection(from_worker, writable=False)
-        _send(self._requests, (backend, threads, dense_bytes, inputs, protocol, quiet_ms))
+        files = {name: module.__file__ for name, module in list(sys.modules.items())
+                 if name.startswith(USER_MODULE_PREFIX) and getattr(module, "__file__", None)}
+        _send(self._requests, (backend, threads, dense_bytes, inputs, protocol, quiet_ms,
+                               files))
         self._quiet_ms = self._reply(
             "start (is the dense model's class importable from a new process?)")
 

@@ -146,16 +146,18 @@ def _split_file_spec(spec: str) -> tuple[Path, str] | None:
     return Path(path).expanduser(), cls
 
 
-def _load_class(path: Path, cls_name: str) -> type:
-    """Import the file at `path` as a fresh module and return its attribute `cls_name`."""
-    if not path.is_file():
-        raise WgatesError(f"model file {path} does not exist: check the path in the model spec")
-    module_name = f"wgates_user_model_{abs(hash(str(path.resolve())))}"
+USER_MODULE_PREFIX = "wgates_user_model_"  # the modules `path/to/file.py:Class` specs import
+
+
+def import_file(path: str | Path, module_name: str):
+    """Import the Python file `path` as the module `module_name`, registered in sys.modules
+    (dataclasses and pickling look modules up there; so does the measurement process, which
+    imports the same files under the same names, `wgates.latency.worker`)."""
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise WgatesError(f"cannot import {path} as Python: give a .py file")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses and pickling look modules up here
+    sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as err:
@@ -163,6 +165,14 @@ def _load_class(path: Path, cls_name: str) -> type:
         raise WgatesError(
             f"importing {path} failed ({type(err).__name__}: {err}): fix the file"
         ) from err
+    return module
+
+
+def _load_class(path: Path, cls_name: str) -> type:
+    """Import the file at `path` as a fresh module and return its attribute `cls_name`."""
+    if not path.is_file():
+        raise WgatesError(f"model file {path} does not exist: check the path in the model spec")
+    module = import_file(path, f"{USER_MODULE_PREFIX}{abs(hash(str(path.resolve())))}")
     cls = getattr(module, cls_name, None)
     if cls is None:
         found = ", ".join(sorted(n for n, v in vars(module).items() if isinstance(v, type)))
