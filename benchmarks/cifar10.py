@@ -52,15 +52,8 @@ from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import EpochShuffle, loader_on, make_loaders, subset_of
 from wgates.extract import PLAN_ATTR, load_pruned, save_pruned
 from wgates.gated import gate
-from wgates.latency import (
-    Measurement,
-    Meter,
-    Protocol,
-    get_backend,
-    profile,
-    profiled_quiet_ms,
-    settled,
-)
+from wgates.latency import Meter, Protocol, get_backend, profile, profiled_quiet_ms, settled
+from wgates.latency.backends import Measurement
 from wgates.latency.worker import IsolatedMeter
 from wgates.macs import MacsModel
 from wgates.models import create_model
