@@ -4,15 +4,15 @@ Why: after a process has trained a pruned network, the same untrained model read
 against its dense reference there than in a new process (ResNet-20 at batch 32, torch-cpu:
 0.476-0.478 -> 0.486-0.488; `benchmarks/host_spells.py train --what copy`), while a deployment
 serves the model from a process that never trained. Not the weights, not denormals, not the
-thread pool, not memory `malloc_trim` returns (docs/design.md). A worker started before the
-search keeps the state of a new process for every reading of the run.
+thread pool, not memory `malloc_trim` returns (docs/design.md). The worker, a new process
+started at the first measurement and never training, keeps that state for every reading.
 
 The worker is a new interpreter (`worker.main`), not a multiprocessing child: spawning one
 re-runs the caller's script, which an unguarded training script must not see. Models travel
-pickled over two pipes, so their
-classes must be importable there (the caller's `sys.path` is passed on, and the files of
-`path/to/file.py:Class` models are imported there under the same names); a class defined
-in `__main__` or a notebook is not, and `IsolatedMeter` refuses it when it starts.
+pickled over two pipes, so their classes must be importable there (the caller's `sys.path`
+is passed on, and the files of `path/to/file.py:Class` models are imported there under the
+same names); a class defined in `__main__` or a notebook is not, and `IsolatedMeter` refuses
+it when it starts.
 """
 
 from __future__ import annotations
