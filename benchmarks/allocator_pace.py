@@ -19,24 +19,20 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+
+from wgates.latency import get_backend
 
 FIXED = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
 
 
 def dense_ms(model: torch.nn.Module, batch: int) -> float:
-    x = torch.randn(batch, 3, 32, 32)
-    with torch.inference_mode():
-        for _ in range(2):
-            model(x)
-        times = []
-        for _ in range(9):
-            start = time.thread_time()
-            model(x)
-            times.append(time.thread_time() - start)
-    return statistics.median(times) * 1e3
+    """The median of 9 single calls after 2 warm-up ones, timed as the meter times them."""
+    backend = get_backend("torch-cpu", threads=1)
+    time_calls = backend.timer(backend.prepare(model, (torch.randn(batch, 3, 32, 32),)))
+    time_calls(2)
+    return statistics.median(time_calls(1) for _ in range(9)) * 1e3
 
 
 def child(kind: str, model_spec: str, batch: int) -> None:

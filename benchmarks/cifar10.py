@@ -52,11 +52,10 @@ from wgates.baselines import METHODS, SEARCH_METHODS, Context
 from wgates.data import EpochShuffle, loader_on, make_loaders, subset_of
 from wgates.extract import PLAN_ATTR, load_pruned, save_pruned
 from wgates.gated import gate
-from wgates.latency import Meter, Protocol, get_backend, profile, profiled_quiet_ms, settled
-from wgates.latency.backends import Measurement
-from wgates.latency.worker import IsolatedMeter
+from wgates.latency import Protocol, get_backend, profile, settled
 from wgates.macs import MacsModel
 from wgates.models import create_model
+from wgates.parts import LatencyMeter
 from wgates.predictor import count, fit_file
 from wgates.train import evaluate, recalibrate_bn, train
 
@@ -200,33 +199,16 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
     the dense model's time of the last measurement is kept as `measure.dense_ms` (rows
     record it: ratios taken in sessions whose dense model timed differently, on another
     host, are not comparable). `profile`: the latency profile of this model and backend,
-    whose readings tell the meter the dense model's time at rest (`Meter(quiet_ms=)`).
-    `isolated` (CPU backends): the meter lives in a process that never trains
-    (`IsolatedMeter`): after training pruned shapes, this process reads them ~2% slower than
-    a new one does."""
-    backend = get_backend(backend_name)
-    device = "cuda" if backend_name == "torch-cuda" else "cpu"
-    on = tuple(x.to(device) for x in inputs)
-
-    def runner(model: nn.Module):
-        model = model if next(model.parameters()).device.type == device else (
-            copy.deepcopy(model).to(device))
-        return backend.prepare(model.eval(), on)
-
-    quiet = profiled_quiet_ms(profile, backend.fingerprint_at(on[0].shape)) if profile else (
-        float("inf"))
-    if isolated and device == "cpu":
-        worker = IsolatedMeter(backend_name, backend.threads, dense, on, protocol, quiet)
-        read = worker.measure
-    else:
-        meter = Meter(backend, runner(dense), protocol, quiet)
-
-        def read(model: nn.Module) -> Measurement:
-            return meter.measure(runner(model))
+    whose readings tell the meter the dense model's time at rest (`LatencyMeter.seed_quiet`).
+    `isolated`: as `LatencyMeter`'s (after training pruned shapes, this process reads them
+    ~2% slower than a new one does)."""
+    meter = LatencyMeter(dense, inputs, backend_name, protocol=protocol, isolated=isolated)
+    if profile is not None:
+        meter.seed_quiet(profile)
 
     def measure(model: nn.Module) -> tuple[float, float]:
         with alone():
-            m = read(model)
+            m = meter.read(model)
         measure.dense_ms = m.dense_ms
         return m.ratio, m.spread
 

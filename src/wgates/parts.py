@@ -95,7 +95,8 @@ class LatencyMeter:
                                 self._quiet_ms)
         return self._meter
 
-    def _read(self, model: nn.Module) -> Measurement:
+    def read(self, model: nn.Module) -> Measurement:
+        """The whole measurement of `model` (ratio, spread and the dense model's time)."""
         meter = self.meter  # first: it may fall back to this process
         if self.isolated:
             return meter.measure(model)
@@ -111,12 +112,12 @@ class LatencyMeter:
             self._meter.quiet_ms = min(self._meter.quiet_ms, quiet)
 
     def __call__(self, model: nn.Module) -> tuple[float, float]:
-        m = self._read(model)
+        m = self.read(model)
         return m.ratio, m.spread
 
     def dense_ms(self) -> float:
         """The dense model's latency in milliseconds (for a target given as a time)."""
-        return self._read(self.dense).dense_ms
+        return self.read(self.dense).dense_ms
 
     def settled(self, model: nn.Module) -> tuple[float, float]:
         """The figure to report: the settled median of several measurements (`settled`)."""

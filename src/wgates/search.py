@@ -579,10 +579,9 @@ def closed_loop(
     return model, steps
 
 
-def check_blocks(blocks: Sequence[int], multiple: int = 1) -> tuple[int, ...]:
-    """`blocks` as `widen_to_blocks` takes them, refused before any work when one is not a
-    positive multiple of the delivered channel multiple (a widening would break it)."""
-    blocks = tuple(int(b) for b in blocks)
+def check_blocks(blocks: Sequence[int], multiple: int = 1) -> None:
+    """Refuse `blocks` before any work when one is not a positive multiple of the delivered
+    channel multiple (`widen_to_blocks` would break it)."""
     bad = [b for b in blocks if b < 1 or b % multiple]
     if bad:
         raise WgatesError(
