@@ -428,10 +428,21 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def recorded_run(out: Path, names: list[str]) -> tuple[Settings, str] | None:
+    """The settings and command that made the results files `names` (<name>.run.json), when
+    they all share them: a re-measurement or a merge reports the run, not itself."""
+    records = [json.loads(p.read_text()) if (p := out / f"{n}.run.json").exists() else None
+               for n in names]
+    if records[0] is None or any(r != records[0] for r in records):
+        return None
+    return Settings(**records[0]["settings"]), records[0]["command"]
+
+
 def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
-                  command: str, dataset: str) -> Path:
-    """<name>.md (table, fingerprint, command, settings), <name>.json (raw rows) and one
-    plot per (model, backend)."""
+                  command: str, dataset: str, then: str | None = None) -> Path:
+    """<name>.md (table, fingerprint, command, settings), <name>.json (raw rows),
+    <name>.run.json (command and settings, for `recorded_run`) and one plot per (model,
+    backend). `then`: the command that re-measured or merged the rows afterwards."""
     out.mkdir(parents=True, exist_ok=True)
     summary = summarise(rows)
     plots = []
@@ -443,7 +454,8 @@ def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
     settings_json = json.dumps(settings.__dict__, indent=1, default=str)
     text = (
         f"# {dataset}: accuracy vs measured latency ({name})\n\n"
-        f"Command: `{command}`\n\n{pivot(summary)}{table(summary)}\n"
+        f"Command: `{command}`\n\n" + (f"Then: `{then}`\n\n" if then else "")
+        + f"{pivot(summary)}{table(summary)}\n"
         "Accuracy after the same fine-tune for every method; mean ± std over seeds; 'before "
         "fine-tune': right after the method (for the gate methods, after their search and "
         "closed loop); 'BN re-estimated': the same model after its BatchNorm statistics are "
@@ -465,6 +477,8 @@ def write_results(rows: list[dict], settings: Settings, out: Path, name: str,
     md = out / f"{name}.md"
     md.write_text(text)
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{name}.run.json").write_text(
+        json.dumps({"command": command, "settings": settings.__dict__}, indent=1, default=str))
     return md
 
 
@@ -644,15 +658,21 @@ def main(argv: list[str] | None = None) -> None:
                      "--name (or re-measure one file at a time, each rewritten in place)")
     weights = dict(w.split("=", 1) for w in args.dense_weights)
     alone = Lanes(args.lanes).alone if args.lanes else nullcontext
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    run_command = None
+    if args.remeasure or args.merge:  # the run's own settings (with --set on top), if recorded
+        recorded = recorded_run(args.out, args.remeasure or args.merge)
+        if recorded:
+            base, run_command = recorded
+            settings = Settings(**apply_overrides(dict(vars(base)), args.set))
     if args.remeasure:
         remeasure(settings, weights, args.out, args.remeasure, args.cache, alone=alone)
         args.merge = args.merge or args.remeasure
     if args.merge:
         rows = merged([args.out / f"{n}.json" for n in args.merge])
-        command = shlex.join([Path(sys.executable).name, *sys.argv])
         default = args.remeasure[0] if args.remeasure else f"cifar10_{name}"
-        md = write_results(rows, settings, args.out, args.name or default, command,
-                           "CIFAR-10")
+        md = write_results(rows, settings, args.out, args.name or default,
+                           run_command or command, "CIFAR-10", then=run_command and command)
         print(md.read_text())
         return
     if args.profile_only:

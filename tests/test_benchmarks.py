@@ -195,13 +195,20 @@ def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
     result = run("cifar10.py", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "cache" / "models" / "smoke" / "tiny_torch-cpu@1_0.5_uniform_0").is_dir()
-    result = run("cifar10.py", *common, "--remeasure", "smoke")
+    # no --set: the run's own settings (which model, which regime) are read back
+    result = run("cifar10.py", "--quick", "--out", str(tmp_path / "out"),
+                 "--cache", str(tmp_path / "cache"), "--remeasure", "smoke")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "smoke: tiny uniform seed 0:" in result.stdout
     rows = json.loads((tmp_path / "out" / "smoke.json").read_text())
     (pruned,) = [r for r in rows if r["method"] == "uniform"]
     assert 0 < pruned["ratio_quiet"] < 1
-    assert "re-measured alone" in (tmp_path / "out" / "smoke.md").read_text()
+    report = (tmp_path / "out" / "smoke.md").read_text()
+    assert "re-measured alone" in report
+    command, then = (line for line in report.splitlines() if line.startswith(("Command:", "Then:")))
+    assert "--remeasure" not in command and "--set=lpnet_samples=10" in command
+    assert then.startswith("Then:") and "--remeasure smoke" in then
+    assert '"lpnet_samples": 10' in report  # the run's settings, not --quick's
 
 
 TICKER = """
