@@ -588,7 +588,6 @@ def check_blocks(blocks: Sequence[int], multiple: int = 1) -> None:
             f"blocks {list(blocks)}: each must be a positive multiple of the channel multiple "
             f"({multiple}); give multiples of it (--blocks / blocks=), or none (--blocks "
             "alone, blocks=()) to deliver the loop's widths as they are")
-    return blocks
 
 
 def widen_to_blocks(gated: GatedModel, cost: Cost, measure: Measure,
