@@ -99,6 +99,7 @@ class Settings:
     num_classes: int | None = None
     channel_multiple: int | None = None  # widths delivered in multiples of it (None: backend's)
     isolated: bool = False  # measure in a process that never trains (wgates.latency.worker)
+    remember: bool = False  # pool readings across runs in the profile (LatencyMeter.remember)
 
     def protocol(self) -> Protocol:
         return Protocol(rounds=self.protocol_rounds, max_wait_s=self.max_wait_s)
@@ -130,7 +131,7 @@ MODES = {
         methods=["wgates", "uniform", "l1", "tp-l2", "tp-taylor"], seeds=[0, 1, 2],
         backends={"resnet20": ["torch-cpu@1", "torch-cpu@32", "onnxruntime-cpu@1"]},
         search_epochs=3, budget_epochs=6, distill=True, lpnet_samples=150, floor=0.25,
-        blocks=[16, 8], isolated=True,
+        blocks=[16, 8], isolated=True, remember=True,
     ),
     "full": Settings(
         models=CIFAR_MODELS, targets=[0.7, 0.5, 0.35], methods=list(METHODS), seeds=[0, 1, 2],
@@ -193,7 +194,7 @@ def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Pat
 
 def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: Protocol,
                  alone: Callable[[], AbstractContextManager] = nullcontext,
-                 profile: Path | None = None, isolated: bool = False):
+                 profile: Path | None = None, isolated: bool = False, remember: bool = False):
     """ratio of a model's latency to the dense one's, timed interleaved on `backend_name`,
     each measurement inside `alone()` (`Lanes.alone`: the other benchmark lanes paused);
     the dense model's time of the last measurement is kept as `measure.dense_ms` (rows
@@ -201,10 +202,14 @@ def make_measure(dense: nn.Module, inputs: tuple, backend_name: str, protocol: P
     host, are not comparable). `profile`: the latency profile of this model and backend,
     whose readings tell the meter the dense model's time at rest (`LatencyMeter.seed_quiet`).
     `isolated`: as `LatencyMeter`'s (after training pruned shapes, this process reads them
-    ~2% slower than a new one does)."""
+    ~2% slower than a new one does). `remember`: keep the readings in `profile` and pool
+    them with earlier runs' (`LatencyMeter.remember`); not for a re-measurement, which must
+    be independent of the run's own readings."""
     meter = LatencyMeter(dense, inputs, backend_name, protocol=protocol, isolated=isolated)
     if profile is not None:
         meter.seed_quiet(profile)
+        if remember:
+            meter.remember(profile)
 
     def measure(model: nn.Module) -> tuple[float, float]:
         with alone():
@@ -265,7 +270,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                                      profile_path(cache, label, backend, at))
         log(f"{label} {backend}@{batch}: LPNet profile + fit {time.perf_counter() - start:.0f} s")
         measure = make_measure(dense, inputs, backend, settings.protocol(), alone,
-                               profile_path(cache, label, backend, at), settings.isolated)
+                               profile_path(cache, label, backend, at), settings.isolated,
+                               remember=settings.remember)
         multiple = get_backend(backend).multiple(settings.channel_multiple)
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
@@ -435,6 +441,11 @@ def recorded_run(out: Path, names: list[str]) -> tuple[Settings, str] | None:
                for n in names]
     if records[0] is None or any(r != records[0] for r in records):
         return None
+    unknown = sorted(set(records[0]["settings"]) - set(Settings.__dataclass_fields__))
+    if unknown:
+        raise SystemExit(f"{out / names[0]}.run.json has settings this script no longer "
+                         f"knows ({', '.join(unknown)}): remove them from the file, or "
+                         "re-measure with the version of this script that made it")
     return Settings(**records[0]["settings"]), records[0]["command"]
 
 

@@ -104,6 +104,9 @@ class MacsMeter:
     def dense_ms(self) -> float:
         return 1.0
 
+    def remember(self, path) -> None:
+        """Deterministic already: nothing to pool."""
+
 
 @pytest.fixture
 def macs_meter(monkeypatch):

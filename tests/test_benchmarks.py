@@ -4,6 +4,7 @@ tiny generated ImageFolder (tiny model, one step per epoch, CPU)."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -188,13 +189,22 @@ def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
     overrides = {"models": tiny, "backends": {"tiny": ["torch-cpu@1"]}, "methods": ["uniform"],
                  "subset": 64, "val_subset": 64, "dense_epochs": 1, "lpnet_samples": 10,
                  "protocol_rounds": 6, "max_wait_s": 2.0, "tolerance": 0.5,
-                 "isolated": True}  # the run measures in its worker, --remeasure in-process
+                 "isolated": True,  # the run measures in its worker, --remeasure in-process
+                 "remember": True}  # the run's readings kept, --remeasure independent of them
     common = ["--quick", "--data", "digits", "--name", "smoke", "--out", str(tmp_path / "out"),
               "--cache", str(tmp_path / "cache"),
               *[f"--set={k}={json.dumps(v)}" for k, v in overrides.items()]]
     result = run("cifar10.py", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "cache" / "models" / "smoke" / "tiny_torch-cpu@1_0.5_uniform_0").is_dir()
+    (profile,) = (tmp_path / "cache").glob("tiny_torch-cpu_*.sqlite")
+
+    def readings() -> int:
+        with sqlite3.connect(profile) as db:
+            return db.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+
+    kept = readings()
+    assert kept > 0
     # no --set: the run's own settings (which model, which regime) are read back
     result = run("cifar10.py", "--quick", "--out", str(tmp_path / "out"),
                  "--cache", str(tmp_path / "cache"), "--remeasure", "smoke")
@@ -209,6 +219,15 @@ def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
     assert "--remeasure" not in command and "--set=lpnet_samples=10" in command
     assert then.startswith("Then:") and "--remeasure smoke" in then
     assert '"lpnet_samples": 10' in report  # the run's settings, not --quick's
+    assert readings() == kept  # the re-measurement pooled nothing
+    record = tmp_path / "out" / "smoke.run.json"
+    recorded = json.loads(record.read_text())
+    recorded["settings"]["gone"] = 1  # a setting of an older version of the script
+    record.write_text(json.dumps(recorded))
+    result = run("cifar10.py", "--quick", "--out", str(tmp_path / "out"),
+                 "--cache", str(tmp_path / "cache"), "--remeasure", "smoke")
+    assert result.returncode != 0 and "no longer knows (gone)" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 TICKER = """

@@ -151,6 +151,42 @@ def test_latency_meter_takes_the_quiet_time_from_a_profile(tmp_path):
     assert other._quiet_ms == math.inf
 
 
+def test_latency_meter_pools_the_readings_it_remembers(tmp_path):
+    """A remembered reading is answered with the median of every reading of the same
+    architecture in the file (earlier runs' included); another architecture, another
+    dense reference or another batch is another setting, not pooled."""
+    dense = create_model("small_cnn").eval()
+    small = create_model("small_cnn", width_mult=0.25).eval()
+    fast = wgates.latency.Protocol(rounds=10, min_block_s=0.0005, retries=0,
+                                   busy_sleep_s=0.2, max_wait_s=5.0)
+    path = tmp_path / "readings.sqlite"
+    first = wgates.LatencyMeter(dense, X, protocol=fast)
+    first.remember(path)
+    own = first.read(small)
+    assert 0 < own.ratio < 1  # one reading: its own
+    setting = {**first.backend.fingerprint_at(X.shape), "isolated": False,
+               "dense": wgates.latency.architecture_key(dense)}
+    store = wgates.latency.LatencyStore(path)
+    arch = wgates.latency.architecture_key(small)
+    for ratio in (5.0, 5.0, 5.0):  # as if earlier runs had read these
+        store.add_reading(setting, arch, own)
+        store.db.execute("UPDATE readings SET ratio = ? WHERE rowid = "
+                         "(SELECT MAX(rowid) FROM readings)", (ratio,))
+    store.db.commit()
+    second = wgates.LatencyMeter(dense, X, protocol=fast)  # a later run, same file
+    second.remember(path)
+    pooled = second.read(small)
+    assert pooled.ratio == 5.0 and pooled.spread > 0  # median of [own, 5, 5, 5, new]
+    assert len(store.readings(setting, arch)) == 5
+    assert second.read(dense).ratio < 1.5  # another architecture: not pooled with `small`
+    assert wgates.latency.architecture_key(small) != wgates.latency.architecture_key(
+        create_model("small_cnn", width_mult=0.5))
+    other = wgates.LatencyMeter(dense, torch.randn(2, *X.shape[1:]), protocol=fast)
+    other.remember(path)  # another batch: its own readings
+    assert other.read(small).ratio < 1
+    store.close()
+
+
 def test_export_onnx_takes_a_tensor_example(tmp_path):
     gated = wgates.gate(create_model("small_cnn"), X, verify=False)
     gated.set_masks(gated.masks_for_widths({g.name: g.size // 2 for g in gated.groups}))

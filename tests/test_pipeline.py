@@ -482,6 +482,17 @@ def test_blocks_off_the_channel_multiple_are_refused_before_the_run_directory(de
     assert not (tmp_path / "run").exists()
 
 
+def test_readings_that_cannot_be_kept_are_refused_before_the_run_directory(dense, data,
+                                                                           tmp_path):
+    with pytest.raises(WgatesError, match="folder .*nowhere does not exist; make it or give "
+                       "another --readings"):
+        _prune(dense, data, tmp_path / "run", readings=tmp_path / "nowhere" / "r.sqlite")
+    (tmp_path / "text.sqlite").write_text("not a database")
+    with pytest.raises(WgatesError, match="not a wgates latency file"):
+        _prune(dense, data, tmp_path / "run", readings=tmp_path / "text.sqlite")
+    assert not (tmp_path / "run").exists()
+
+
 def test_prune_runs_in_the_cuda_layout(dense, data, tmp_path, monkeypatch, macs_meter):
     """`device=` places the model as `wgates.train.place` does: on CUDA, channels_last. That
     layout is run here on the CPU, from the gates reading the weights to the extraction, the

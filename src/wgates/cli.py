@@ -565,6 +565,10 @@ def add_prune(sub) -> None:
                    help="what a unit is worth to the knapsack: the Taylor estimate from the "
                    "gate gradients, or the measured loss rise of each group's width")
     p.add_argument("--predictor", help="an LPNet file from `wgates fit-latency` (skips profiling)")
+    p.add_argument("--readings", help="a latency file that keeps every measurement of a pruned "
+                   "model, pooled with the earlier ones of the same architecture (default: the "
+                   "run directory's latency.sqlite); share one between runs on this machine so "
+                   "that a repeated run decides on all the readings, not on its own noise")
     p.add_argument("--force-predictor", action="store_true",
                    help="use --predictor even though it was measured on another machine, "
                    "backend, thread count or batch (refused by default)")
@@ -608,7 +612,7 @@ def _run_prune(args) -> int:
                       threads=args.threads, method=args.method, predictor=args.predictor,
                       force_predictor=args.force_predictor, allocation=args.allocation,
                       floor=args.floor, measure=True, channel_multiple=args.channel_multiple,
-                      blocks=args.blocks)
+                      blocks=args.blocks, readings=args.readings)
         if distributed.is_main():
             print(f"no --weights: training {args.model} on {info.name} for "
                   f"{args.dense_epochs} epochs first")
@@ -624,7 +628,7 @@ def _run_prune(args) -> int:
         importance=args.importance,
         resume=args.resume, seed=args.seed, force_predictor=args.force_predictor,
         check_threads=args.check_threads, channel_multiple=args.channel_multiple,
-        blocks=args.blocks, isolated=args.isolated,
+        blocks=args.blocks, isolated=args.isolated, readings=args.readings,
         device=device,
     )
     if distributed.is_main():

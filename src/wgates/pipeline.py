@@ -36,7 +36,7 @@ from wgates.extract import PLAN_ATTR, PruningPlan, apply_plan, load_pruned, save
 from wgates.files import load_checkpoint, save_checkpoint, write_json
 from wgates.gated import gate
 from wgates.groups import as_input_tuple
-from wgates.latency import Protocol, get_backend, profile, settled
+from wgates.latency import Protocol, check_readings, get_backend, profile, settled
 from wgates.macs import MacsModel
 from wgates.models import check_forward
 from wgates.parts import PROXIES, LatencyMeter, LatencyTerm, measure_threads
@@ -200,6 +200,7 @@ def prune(
     channel_multiple: int | None = None,
     blocks: Sequence[int] = PRUNE.blocks,
     isolated: bool = PRUNE.isolated,
+    readings: str | Path | None = None,
     device: torch.device | str | None = None,
 ) -> PruneResult:
     """Prune `model` to `target_latency` (a fraction of its measured latency, or '8ms') on
@@ -228,6 +229,10 @@ def prune(
     at batch 32 the widths up to a block's end are nearly free);
     `isolated`: latency is measured in a process of its own that never trains
     (`LatencyMeter`): after training pruned shapes, this process reads them ~2% slow;
+    `readings`: the latency file where every measurement of a pruned model is kept and
+    pooled with the earlier ones of the same architecture (`LatencyMeter.remember`; default
+    the run directory's latency.sqlite): give runs on one machine the same file, and a
+    repeated run reads what the earlier ones did instead of deciding on its own noise;
     `device`: where the search and the fine-tune train (the model is moved there, in
     channels_last on CUDA, and trains in bf16 autocast; default: where its parameters are);
     latency is measured on `backend`'s own device, on a copy;
@@ -258,7 +263,7 @@ def prune(
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
               method=method, predictor=predictor, force_predictor=force_predictor,
-              channel_multiple=multiple, blocks=blocks)
+              channel_multiple=multiple, blocks=blocks, readings=readings)
     path = Path(run_dir)
     # a run directory this call makes (or finds empty) is emptied again if the target is
     # refused after measuring: it would hold nothing but block the next run
@@ -310,6 +315,7 @@ def prune(
                         progress, force_predictor) if info.needs_cost else None)
     if distributed.is_main() and (run.path / "latency.sqlite").is_file():
         measure.seed_quiet(run.path / "latency.sqlite")  # the host at rest, as profiled
+    measure.remember(run.path / "latency.sqlite" if readings is None else readings)
     if info.gates is None:
         def choose() -> tuple[nn.Module, list[dict], dict]:
             return _knob_method(method, dense, inputs, train_loader, target, measure,
@@ -416,12 +422,14 @@ def preflight(
     measure: bool = False,
     channel_multiple: int | None = None,
     blocks: Sequence[int] = PRUNE.blocks,
+    readings: str | Path | None = None,
 ) -> None:
     """The checks `prune` makes before any work, each refusing in one line: the method's
     name; the target's form and range; that the model runs on the inputs (`check_forward`);
     that it has channel groups to prune (`gate`); that a `predictor` file was measured for
     this model on this machine, backend, thread count and batch (unless `force_predictor`);
-    that each of `blocks` is a multiple of the delivered channel multiple (`check_blocks`).
+    that each of `blocks` is a multiple of the delivered channel multiple (`check_blocks`);
+    that a `readings` file is a latency file, or can be made (`check_readings`).
     With `measure` (the command line, before it trains a dense model) the untrained model's
     dense latency and the latency with every group at its narrowest are measured too, and
     a target they put out of reach is refused: latency does not depend on the weights'
@@ -432,6 +440,8 @@ def preflight(
     parse_target(target_latency)  # its form and range, before any work or run directory
     meter_backend = get_backend(backend, threads)
     check_blocks(blocks, meter_backend.multiple(channel_multiple))
+    if readings is not None:
+        check_readings(readings)
     inputs = as_input_tuple(example_inputs)
     check_forward(model, inputs)
     with torch.random.fork_rng(devices=[]):

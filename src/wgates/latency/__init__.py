@@ -12,7 +12,15 @@ from wgates.latency.backends import (
     settled,
 )
 from wgates.latency.sampling import describe, probe_widths, profile, sample_widths
-from wgates.latency.store import LatencyStore, Run, Sample, fingerprint_key, profiled_quiet_ms
+from wgates.latency.store import (
+    LatencyStore,
+    Run,
+    Sample,
+    architecture_key,
+    check_readings,
+    fingerprint_key,
+    profiled_quiet_ms,
+)
 
 __all__ = [
     "BACKENDS",
@@ -23,6 +31,8 @@ __all__ = [
     "Protocol",
     "Run",
     "Sample",
+    "architecture_key",
+    "check_readings",
     "describe",
     "fingerprint_key",
     "get_backend",

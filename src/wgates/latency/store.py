@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from torch import nn
 
 from wgates.errors import WgatesError
 from wgates.latency.backends import Measurement, Protocol
@@ -54,6 +55,15 @@ CREATE TABLE IF NOT EXISTS repeats (
     created REAL NOT NULL,
     PRIMARY KEY (run_id, idx)
 );
+CREATE TABLE IF NOT EXISTS readings (
+    setting TEXT NOT NULL,
+    arch TEXT NOT NULL,
+    ratio REAL NOT NULL,
+    spread REAL NOT NULL,
+    dense_ms REAL NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS readings_by_arch ON readings (setting, arch);
 CREATE TABLE IF NOT EXISTS lut (
     run_id INTEGER NOT NULL REFERENCES runs(id),
     layer TEXT NOT NULL,
@@ -233,6 +243,20 @@ class LatencyStore:
             out.setdefault(probe, []).append(ratio)
         return out
 
+    def add_reading(self, setting: dict, arch: str, m: Measurement) -> None:
+        """Keep one measurement of the architecture `arch` (`architecture_key`) in the
+        `setting` it was taken in (the backend's fingerprint, the dense reference)."""
+        with self.db:
+            self.db.execute("INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?)",
+                            (fingerprint_key(setting), arch, m.ratio, m.spread, m.dense_ms,
+                             time.time()))
+
+    def readings(self, setting: dict, arch: str) -> list[float]:
+        """Every ratio kept for `arch` in `setting`, oldest first."""
+        return [row[0] for row in self.db.execute(
+            "SELECT ratio FROM readings WHERE setting = ? AND arch = ? ORDER BY rowid",
+            (fingerprint_key(setting), arch))]
+
     def add_lut_entry(
         self, run_id: int, layer: str, cin: int, cout: int, m: Measurement
     ) -> None:
@@ -250,6 +274,25 @@ class LatencyStore:
         ):
             out.setdefault(layer, {})[(cin, cout)] = ratio
         return out
+
+
+def check_readings(path: str | Path) -> None:
+    """Refuse, before any work, a readings file (`LatencyMeter.remember`) that is not a
+    latency file or cannot be made: the run would fail at its first measurement."""
+    path = Path(path)
+    if path.exists():
+        LatencyStore(path, create=False).close()
+    elif not path.parent.is_dir():
+        raise WgatesError(f"readings file {path}: folder {path.parent} does not exist; make it "
+                          "or give another --readings")
+
+
+def architecture_key(model: nn.Module) -> str:
+    """What a model's latency depends on, not its weights: its module types and the shapes
+    of its parameters and buffers, hashed (a pruned model's key is its widths)."""
+    shapes = [type(m).__name__ for m in model.modules()]
+    shapes += [f"{k}:{list(v.shape)}" for k, v in model.state_dict().items()]
+    return fingerprint_key({"modules": shapes})
 
 
 def profiled_quiet_ms(path: str | Path, fingerprint: dict) -> float:
