@@ -4,6 +4,7 @@ tiny generated ImageFolder (tiny model, one step per epoch, CPU)."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from wgates.models import create_model
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -163,6 +167,22 @@ def test_merge_and_remeasure_read_no_data_and_write_one_named_file(monkeypatch, 
     assert result.returncode == 2 and "--name" in result.stderr
 
 
+def test_at_widths_rebuilds_a_rows_architecture():
+    """A row's widths are enough to re-measure it: the rebuilt model has exactly them."""
+    c = cifar10_module()
+    dense = create_model("resnet20", 10).eval()
+    inputs = (torch.randn(1, 3, 32, 32),)
+    widths = c.conv_widths(dense)
+    widths[:7] = [5] * 7  # the stage-1 residual stream and its blocks' inner convs
+    widths[7] = 20  # stage 2, first block's inner conv
+    small = c.at_widths(dense, widths, inputs)
+    assert c.conv_widths(small) == widths
+    assert small(*inputs).shape == (1, 10)
+    assert c.at_widths(dense, [4, 8], inputs) is None
+    uneven = [*widths[:2], 6, *widths[3:]]  # one residual stream, two widths
+    assert c.at_widths(dense, uneven, inputs) is None
+
+
 def test_merge_keeps_each_row_once(tmp_path):
     c = cifar10_module()
     row = {"model": "m", "backend": "b", "batch": 1, "target": 0.5, "method": "x", "seed": 0,
@@ -220,6 +240,13 @@ def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
     assert then.startswith("Then:") and "--remeasure smoke" in then
     assert '"lpnet_samples": 10' in report  # the run's settings, not --quick's
     assert readings() == kept  # the re-measurement pooled nothing
+    shutil.rmtree(tmp_path / "cache" / "models")  # another machine: only the results file
+    result = run("cifar10.py", "--quick", "--out", str(tmp_path / "out"),
+                 "--cache", str(tmp_path / "cache"), "--remeasure", "smoke")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (again,) = [r for r in json.loads((tmp_path / "out" / "smoke.json").read_text())
+                if r["method"] == "uniform"]
+    assert again["quiet_from"] == "widths" and 0 < again["ratio_quiet"] < 1
     record = tmp_path / "out" / "smoke.run.json"
     recorded = json.loads(record.read_text())
     recorded["settings"]["gone"] = 1  # a setting of an older version of the script
