@@ -300,6 +300,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                    "ratio": settled(measure, small)[0], "dense_ms": measure.dense_ms,
                    "macs": macs,
                    "params": params, "wall_s": wall, "widths": conv_widths(small),
+                   "input_shape": at[1:],
                    "finetune_epochs": settings.finetune_for(method), "channel_multiple": multiple,
                    **ctx.notes}
             if hasattr(small, PLAN_ATTR):  # kept for re-measuring later (--remeasure)
@@ -572,16 +573,18 @@ def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: lis
                     continue
                 found = [d for d in (model_dir(cache / "models" / name, row),
                                      model_dir(cache / "models", row)) if d.exists()]
-                inputs = (torch.randn(row.get("batch", 1), 3, 32, 32),)  # CIFAR images
                 if found:
                     small = load_pruned(build(), found[0]).eval()
+                    shape = getattr(small, PLAN_ATTR).input_shapes[0][1:]
                 else:  # the kept model is gone: latency needs only its architecture
-                    small = at_widths(dense, row["widths"], inputs)
+                    shape = row.get("input_shape", [3, 32, 32])  # older rows: CIFAR images
+                    small = at_widths(dense, row["widths"], (torch.randn(1, *shape),))
                     if small is None:
                         print(f"{name}: {label} {row['method']} seed {row['seed']}: no kept "
                               "model and its widths do not map onto the groups; skipped")
                         continue
                 row["quiet_from"] = "model" if found else "widths"
+                inputs = (torch.randn(row.get("batch", 1), *shape),)
                 measure = make_measure(dense, inputs, row["backend"], settings.protocol(),
                                        alone, profile_path(cache, label, row["backend"],
                                                            list(inputs[0].shape)))
