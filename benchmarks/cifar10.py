@@ -97,7 +97,8 @@ class Settings:
     protocol_rounds: int = 60
     max_wait_s: float = 300.0  # how long a measurement may wait out a contended machine
     num_classes: int | None = None
-    channel_multiple: int | None = None  # widths delivered in multiples of it (None: backend's)
+    channel_multiple: int | None = None  # widths delivered in multiples of it, blocks of it
+    # above one block (None: the backend's `width_grid`)
     isolated: bool = False  # measure in a process that never trains (wgates.latency.worker)
     remember: bool = False  # pool readings across runs in the profile (LatencyMeter.remember)
 
@@ -272,7 +273,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
         measure = make_measure(dense, inputs, backend, settings.protocol(), alone,
                                profile_path(cache, label, backend, at), settings.isolated,
                                remember=settings.remember)
-        multiple = get_backend(backend).multiple(settings.channel_multiple)
+        multiple, block = get_backend(backend).width_grid(settings.channel_multiple)
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
                           lr=settings.lr, gate_lr=settings.gate_lr,
@@ -280,7 +281,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                           allocation=settings.allocation, ramp=settings.ramp,
                           floor=settings.floor, importance=settings.importance,
                           blocks=tuple(settings.blocks), val_loader=val_loader,
-                          channel_multiple=multiple)
+                          channel_multiple=multiple, channel_block=block)
             torch.manual_seed(seed)
             if isinstance(train_loader.sampler, EpochShuffle):  # the data order is the seed's
                 train_loader.sampler.seed = seed
@@ -302,6 +303,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                    "params": params, "wall_s": wall, "widths": conv_widths(small),
                    "input_shape": at[1:],
                    "finetune_epochs": settings.finetune_for(method), "channel_multiple": multiple,
+                   "channel_block": block,
                    **ctx.notes}
             if hasattr(small, PLAN_ATTR):  # kept for re-measuring later (--remeasure)
                 save_pruned(small, model_dir(models or cache / "models", row))

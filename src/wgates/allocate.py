@@ -74,6 +74,7 @@ def allocate(
     floor: float = 0.0,
     start: Sequence[int] | None = None,
     tiers: Sequence[Sequence[int]] = (),
+    grid: Sequence[Sequence[int] | None] | None = None,
 ) -> list[int]:
     """Units kept per group so that `cost` predicts at most `aim` (or as close as the minimum
     widths allow). `order[i]`: group i's units, best first (the gate's ranking); `importance`:
@@ -89,39 +90,50 @@ def allocate(
     joint move that is taken may overshoot the aim, and units are then reopened up to it.
     The search does not pass tiers: measured on the AMD batch-32 profile, LPNet does not
     see the steps either, and the allocation with tiers was the one without
-    (benchmarks/results/tier_allocation_b32_amd.txt)."""
+    (benchmarks/results/tier_allocation_b32_amd.txt).
+
+    `grid`: per group, the unit counts it may take (sorted; None: any), so that every move
+    goes from one deliverable width to the next (`GatedModel.unit_grid`) and is priced as
+    such: where a runtime computes channels in blocks, a width between two of them costs
+    what the next one does, and a one-unit price would not show it."""
     n = len(sizes)
+    grid = list(grid or [None] * n)
     kept = list(n_units if start is None else start)
-    lowest = lowest_units(n_units, min_units, floor)
+    lowest = [lo if g is None else min([c for c in g if c >= lo] or [g[-1]])
+              for lo, g in zip(lowest_units(n_units, min_units, floor), grid)]
     scale = torch.tensor([s / u for s, u in zip(sizes, n_units)], dtype=torch.float32)
     ranked_value = [imp[o] for imp, o in zip(importance, order)]  # value of the k-th best unit
     step = [max(1, u // 64) for u in n_units]  # wide groups close a few units per decision
+    moves = _Moves(grid, step, lowest, n_units)
     jumped = False
     with torch.no_grad():
         if float(cost(torch.tensor(kept, dtype=torch.float32) * scale)) <= aim:
-            return _reopen(cost, kept, n_units, scale, ranked_value, step, aim)
+            return _reopen(cost, kept, scale, ranked_value, moves, aim)
         while True:
             counts = torch.tensor(kept, dtype=torch.float32) * scale
             current = float(cost(counts))
             if current <= aim:
-                return _reopen(cost, kept, n_units, scale, ranked_value, step, aim) if jumped \
+                return _reopen(cost, kept, scale, ranked_value, moves, aim) if jumped \
                     else kept
-            movable = [i for i in range(n) if kept[i] - step[i] >= lowest[i]]
+            down = {i: moves.down(i, kept[i]) for i in range(n)}
+            movable = [i for i, to in down.items() if to is not None]
             if not movable:
                 return kept
-            joint = _joint_move(cost, kept, n_units, lowest, scale, ranked_value, tiers,
+            joint = _joint_move(cost, kept, n_units, moves, scale, ranked_value, tiers,
                                 current)
             probes = []
             for i in movable:
-                probe = max(step[i], min(kept[i] - lowest[i], n_units[i] // PROBE))
+                move = kept[i] - down[i]  # priced over 1/PROBE of the group where it is finer
+                probe = move if grid[i] else max(move, min(kept[i] - lowest[i],
+                                                           n_units[i] // PROBE))
                 trial = counts.clone()
                 trial[i] -= probe * scale[i]
                 probes.append((trial, probe))
             predicted = _each(cost, torch.stack([t for t, _ in probes]))
             choices = []
             for i, (_, probe), pred in zip(movable, probes, predicted.tolist()):
-                saving = (current - pred) / probe * step[i]
-                lost = float(ranked_value[i][kept[i] - step[i]: kept[i]].sum())
+                saving = (current - pred) / probe * (kept[i] - down[i])
+                lost = float(ranked_value[i][down[i]: kept[i]].sum())
                 if saving > 0:  # ties (no importance measured yet) go to the larger saving
                     choices.append((lost / saving, -saving, i))
             if joint is not None and (not choices or joint[0] < min(choices)[0]):
@@ -130,29 +142,57 @@ def allocate(
             if not choices:  # nothing saves latency any more: the aim is out of reach
                 return kept
             best = min(choices)[2]
-            kept[best] -= step[best]
+            kept[best] = down[best]
 
 
-def _joint_move(cost: Cost, kept: list[int], n_units: Sequence[int], lowest: Sequence[int],
+class _Moves:
+    """The next unit count below or above a group's current one: `step` units, or the next
+    count on the group's grid."""
+
+    def __init__(self, grid: list[Sequence[int] | None], step: list[int], lowest: list[int],
+                 n_units: Sequence[int]) -> None:
+        self.grid, self.step, self.lowest, self.n_units = grid, step, lowest, n_units
+
+    def down(self, i: int, k: int) -> int | None:
+        if self.grid[i] is None:
+            to = k - self.step[i]
+        else:
+            to = max([c for c in self.grid[i] if c < k], default=-1)
+        return to if to >= self.lowest[i] else None
+
+    def at_least(self, i: int, k: int) -> int:
+        """The fewest units group i may keep that are at least `k` (and its lowest)."""
+        k = max(k, self.lowest[i])
+        return k if self.grid[i] is None else min(c for c in self.grid[i] if c >= k)
+
+    def up(self, i: int, k: int) -> int | None:
+        if self.grid[i] is None:
+            to = k + self.step[i]
+        else:
+            to = min([c for c in self.grid[i] if c > k], default=self.n_units[i] + 1)
+        return to if to <= self.n_units[i] else None
+
+
+def _joint_move(cost: Cost, kept: list[int], n_units: Sequence[int], moves: _Moves,
                 scale: torch.Tensor, ranked_value: list[torch.Tensor],
                 tiers: Sequence[Sequence[int]], current: float,
                 ) -> tuple[float, list[int]] | None:
     """The tier move (every group of a tier down to k/PROBE of its units) that loses the
     least importance per unit of predicted latency saved: (that ratio, the widths), or None
     when no tier move saves latency."""
-    moves = []
+    trials = []
     for tier in tiers:
         for k in range(1, PROBE):
             trial = list(kept)
             for i in tier:
-                trial[i] = min(kept[i], max(lowest[i], math.ceil(k * n_units[i] / PROBE)))
+                trial[i] = min(kept[i], moves.at_least(i, math.ceil(k * n_units[i] / PROBE)))
             if trial != kept and sum(t < w for t, w in zip(trial, kept)) > 1:
-                moves.append(trial)
-    if not moves:
+                trials.append(trial)
+    if not trials:
         return None
-    rows = torch.tensor(moves, dtype=torch.float32) * scale
+    rows = torch.tensor(trials, dtype=torch.float32) * scale
     best = None
-    for trial, pred in zip(moves, _each(cost, rows).tolist()):
+    for trial, pred in zip(trials, _each(cost, rows).tolist()):
         if pred < current:
             lost = sum(float(v[t:w].sum()) for v, t, w in zip(ranked_value, trial, kept))
             ratio = lost / (current - pred)
@@ -161,27 +201,28 @@ def _joint_move(cost: Cost, kept: list[int], n_units: Sequence[int], lowest: Seq
     return best
 
 
-def _reopen(cost: Cost, kept: list[int], n_units: Sequence[int], scale: torch.Tensor,
-            ranked_value: list[torch.Tensor], step: list[int], aim: float) -> list[int]:
+def _reopen(cost: Cost, kept: list[int], scale: torch.Tensor,
+            ranked_value: list[torch.Tensor], moves: _Moves, aim: float) -> list[int]:
     """Reopen units greedily (value per unit of latency added) while `cost` stays <= aim."""
     while True:
         counts = torch.tensor(kept, dtype=torch.float32) * scale
         current = float(cost(counts))
-        growable = [i for i in range(len(kept)) if kept[i] + step[i] <= n_units[i]]
+        up = {i: moves.up(i, k) for i, k in enumerate(kept)}
+        growable = [i for i, to in up.items() if to is not None]
         if not growable:
             return kept
         trials = counts.repeat(len(growable), 1)
         for row, i in enumerate(growable):
-            trials[row, i] += step[i] * scale[i]
+            trials[row, i] += (up[i] - kept[i]) * scale[i]
         predicted = _each(cost, trials).tolist()
         choices = sorted(
-            (-float(ranked_value[i][kept[i]: kept[i] + step[i]].sum())
+            (-float(ranked_value[i][kept[i]: up[i]].sum())
              / max(pred - current, 1e-9), i, pred)
             for i, pred in zip(growable, predicted) if pred <= aim)
         if not choices:
             return kept
         best = choices[0][1]
-        kept[best] += step[best]
+        kept[best] = up[best]
 
 
 def _each(cost: Cost, rows: torch.Tensor) -> torch.Tensor:

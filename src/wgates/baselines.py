@@ -92,6 +92,7 @@ class Context:
     val_loader: Iterable | None = None  # a gate search reports its accuracy per epoch on it
     loss_fn: LossFn = classification_loss  # the task's loss, for sensitivities and gradients
     channel_multiple: int = 1  # widths delivered in multiples of it (`GatedModel.snapped`)
+    channel_block: int | None = None  # ... and of this above it (`wgates.gated.allowed_widths`)
     notes: dict = field(default_factory=dict)  # what a method reports beside its model
 
 
@@ -206,10 +207,11 @@ def _loss(model: nn.Module, batches: list, loss_fn: LossFn) -> torch.Tensor:
 
 
 def l1_ranked(model: nn.Module, inputs: tuple, ignore: Ignore = (),
-              channel_multiple: int = 1) -> GatedModel:
+              channel_multiple: int = 1, channel_block: int | None = None) -> GatedModel:
     """A gated copy whose per-channel scores are the group's L1 norms (each coupled layer's
     filters RMS-normalised, so one layer's scale does not dominate), for `masks_for_widths`."""
-    gated = gate(model, inputs, ignore=ignore, kind="plain", channel_multiple=channel_multiple)
+    gated = gate(model, inputs, ignore=ignore, kind="plain", channel_multiple=channel_multiple,
+                 channel_block=channel_block)
     with torch.no_grad():
         for i, g in enumerate(gated.gates):
             g.value.copy_(gated._filter_rows(i).abs().sum(1))
@@ -235,7 +237,8 @@ def _bisect(build: Callable[[float], nn.Module], target: float, ctx: Context,
                  "fraction; its filters by L1 norm)")
 def uniform(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """The same kept fraction in every group, searched for the target."""
-    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore, ctx.channel_multiple)
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore, ctx.channel_multiple,
+                      ctx.channel_block)
     return _bisect(lambda x: extract_at(gated, dict.fromkeys(gated.widths(), x)), target, ctx)
 
 
@@ -259,7 +262,8 @@ def sensitivity_weights(gated: GatedModel, batches: list,
                  'ConvNets" (L1 filter norms, sensitivity-ranked layer ratios)')
 def l1(model, example_inputs, train_loader, target: float, ctx: Context) -> nn.Module:
     """Li et al. (2017): L1 filter ranking, per-group ratios by sensitivity rank (see top)."""
-    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore, ctx.channel_multiple)
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore, ctx.channel_multiple,
+                      ctx.channel_block)
     weights = sensitivity_weights(gated, _calibration(train_loader, ctx), ctx.loss_fn)
     # x = -1 takes every group to its minimum (every weight is >= 0.5), x = 1 prunes none.
     return _bisect(
@@ -287,7 +291,8 @@ def torch_pruning(model, example_inputs, train_loader, target: float, ctx: Conte
     keep = sorted({_classifier(model)} | resolve_ignore(model, ctx.ignore))
     batches = _calibration(train_loader, ctx) if gradients else []
     # ranked by L1 only where channels are added or dropped to a multiple (`snapped`)
-    gated = l1_ranked(model, inputs, ctx.ignore, ctx.channel_multiple)
+    gated = l1_ranked(model, inputs, ctx.ignore, ctx.channel_multiple,
+                      ctx.channel_block)
 
     def build(kept_fraction: float) -> nn.Module:
         clone = copy.deepcopy(model).eval()
@@ -372,7 +377,8 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
     closed loop."""
     torch.manual_seed(ctx.seed)
     gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind=how.kind,
-                 channel_multiple=ctx.channel_multiple)
+                 channel_multiple=ctx.channel_multiple,
+                 channel_block=ctx.channel_block)
     cost = fit_proxy(gated, how.proxy, ctx.proxy_samples, ctx.seed) if how.proxy else ctx.cost
     if cost is None:
         raise WgatesError(f"gate method {how.kind!r} needs a latency predictor: set "
@@ -498,7 +504,8 @@ def functional(model, example_inputs, train_loader, target: float, ctx: Context)
     """One distance cut for the whole network (so a layer with more repeated filters loses
     more), bisected on measurements for the target."""
     gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind="plain",
-                 channel_multiple=ctx.channel_multiple).eval()
+                 channel_multiple=ctx.channel_multiple,
+                 channel_block=ctx.channel_block).eval()
     clusters = FunctionClusters(gated, channel_responses(gated, _calibration(train_loader, ctx)))
 
     def build(x: float) -> nn.Module:  # x = 1: no cut (dense); x = 0: one cluster per group
@@ -591,7 +598,8 @@ def scop(model, example_inputs, train_loader, target: float, ctx: Context) -> nn
     measurements for the target."""
     torch.manual_seed(ctx.seed)
     gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind="plain",
-                 channel_multiple=ctx.channel_multiple).eval()
+                 channel_multiple=ctx.channel_multiple,
+                 channel_block=ctx.channel_block).eval()
     scores = knockoff_scores(gated, gated.plain_copy(), train_loader,
                              ctx.epochs, ctx.loss_fn)
     per_unit = [unit_means(gated, i, s) for i, s in enumerate(scores)]
@@ -631,13 +639,14 @@ def metapruning(model, example_inputs, train_loader, target: float, ctx: Context
     if ctx.cost is None:
         raise WgatesError("metapruning needs a latency predictor: set Context.cost")
     torch.manual_seed(ctx.seed)
-    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore, ctx.channel_multiple)
-    groups, multiple = gated.channel_groups, ctx.channel_multiple
+    gated = l1_ranked(model, as_input_tuple(example_inputs), ctx.ignore, ctx.channel_multiple,
+                      ctx.channel_block)
+    groups, grid = gated.channel_groups, (gated.channel_multiple, gated.channel_block)
     net = PruningNet(gated)
     rng = np.random.default_rng(ctx.seed)
 
     def sample() -> dict[str, int]:  # MetaPruning's random structure: a fraction per group
-        return widths_from(rng.uniform(LOWEST, 1.0, len(groups)), groups, multiple)
+        return widths_from(rng.uniform(LOWEST, 1.0, len(groups)), groups, grid)
 
     losses = net.fit(train_loader, ctx.epochs, sample, teacher=model if ctx.distill else None,
                      loss_fn=ctx.loss_fn)
@@ -646,7 +655,7 @@ def metapruning(model, example_inputs, train_loader, target: float, ctx: Context
     aim = band.middle
 
     ranked = evolve(lambda w: net.score(w, batches[:SCORE_BATCHES], batches[SCORE_BATCHES:]),
-                    groups, lambda f: on_band(f, groups, ctx.cost, aim, multiple), ctx.seed)
+                    groups, lambda f: on_band(f, groups, ctx.cost, aim, grid), ctx.seed)
     widths = ranked[0][1]
     fractions = np.array([widths[g.name] / g.size for g in groups])
     steps = []
@@ -657,7 +666,7 @@ def metapruning(model, example_inputs, train_loader, target: float, ctx: Context
         if low <= ratio <= ceiling:
             break
         goal = predicted_cost(ctx.cost, groups, widths) * aim / ratio
-        widths = on_band(fractions, groups, ctx.cost, goal, multiple)
+        widths = on_band(fractions, groups, ctx.cost, goal, grid)
     ctx.notes.update(pruningnet_loss=losses, evolution=[s for s, _ in ranked[:8]],
                      metapruning_loop=steps)
     return small

@@ -61,6 +61,7 @@ class GatedModel(nn.Module):
         kind: str = "wgates",
         drop: Sequence[str] = (),
         channel_multiple: int = 1,
+        channel_block: int | None = None,
     ) -> None:
         super().__init__()
         self.example_inputs = tuple(x.detach().clone() for x in as_input_tuple(example_inputs))
@@ -88,8 +89,10 @@ class GatedModel(nn.Module):
         self._tiers: list[list[int]] | None = None
         self._hook_ids: dict[str, list[int]] = {}
         self._install_hooks()
-        # extract() delivers each group's width as a multiple of this (see `snapped`)
+        # extract() delivers each group's width as a multiple of `channel_multiple` up to
+        # `channel_block` channels, and of `channel_block` above (see `snapped`)
         self.channel_multiple = channel_multiple
+        self.channel_block = max(channel_block or channel_multiple, channel_multiple)
 
     # -- gates ---------------------------------------------------------------------------
     def _row_dim(self, group: ChannelGroup) -> int:
@@ -319,28 +322,43 @@ class GatedModel(nn.Module):
                 module._forward_pre_hooks.pop(hid, None)
         return clone
 
+    def snap_width(self, i: int, k: int) -> int:
+        """The deliverable width nearest to `k` channels for group i (the narrower on a tie;
+        `allowed_widths`); a group tied by a grouped conv keeps `k` (its tie classes set its
+        step)."""
+        g = self.channel_groups[i]
+        if self.channel_block <= 1 or g.ties is not None:
+            return k
+        allowed = allowed_widths(g.size, g.min_channels, self.channel_multiple,
+                                 self.channel_block)
+        return min(allowed, key=lambda c: (abs(c - k), c))
+
+    def unit_grid(self, i: int) -> list[int] | None:
+        """The unit counts group i may be delivered at (`allowed_widths`), for a search that
+        moves between them (`wgates.allocate.allocate`'s `grid`); None: any count."""
+        g = self.channel_groups[i]
+        if self.channel_block <= 1 or g.ties is not None:
+            return None
+        return allowed_widths(g.size, g.min_channels, self.channel_multiple, self.channel_block)
+
     def snapped(self, masks: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`masks` with each group's kept count rounded to the nearest multiple of
-        `channel_multiple` (or the group's full width), adding the best-scored pruned channels
-        or dropping the worst-scored kept ones.
+        """`masks` with each group's kept count moved to the nearest deliverable width
+        (`snap_width`), adding the best-scored pruned channels or dropping the worst-scored
+        kept ones.
 
         Why: some runtimes compute channels in blocks. ONNX Runtime's CPU convolutions, measured
         on ResNet-20 (one 64-wide group, every width from 16 to 64): widths that are multiples
         of 8 ran 3-10% faster than their neighbours (5% on average), and 63 channels ran 9%
-        slower than the dense 64. A group tied by a grouped conv keeps its count (its tie
-        classes set its step)."""
-        m = self.channel_multiple
+        slower than the dense 64. On an AVX-512 host its blocks are 16 wide: 24 channels ran
+        as slowly as 32, 40 as 48 (`channel_block`; docs/design.md)."""
         out = dict(masks)
-        if m <= 1:
+        if self.channel_block <= 1:
             return out
         with torch.no_grad():
             for i, g in enumerate(self.channel_groups):
-                if g.ties is not None:
-                    continue
                 mask = torch.as_tensor(masks[g.name]).cpu()
                 k = int(mask.sum())
-                allowed = [c for c in range(m, g.size, m) if c >= g.min_channels] + [g.size]
-                want = min(allowed, key=lambda c: (abs(c - k), c))
+                want = self.snap_width(i, k)
                 if want != k:  # kept channels first, each side by the gate's score
                     rank = self.scores(i).detach().cpu().argsort(descending=True)
                     order = torch.cat([rank[mask[rank]], rank[~mask[rank]]])
@@ -351,13 +369,25 @@ class GatedModel(nn.Module):
 
     def extract(self, verify: bool = True) -> nn.Module:
         """A plain, physically smaller model computing what this one computes under its masks.
-        With `channel_multiple` > 1 the masks are first `snapped`, and stay set: what
-        `kept_counts()` reads afterwards is what was extracted."""
+        With a channel multiple or block > 1 the masks are first `snapped`, and stay set:
+        what `kept_counts()` reads afterwards is what was extracted."""
         from wgates.extract import extract
 
-        if self.channel_multiple > 1:
+        if self.channel_block > 1:
             self.set_masks(self.snapped(self.masks()))
         return extract(self, verify=verify)
+
+
+def allowed_widths(size: int, min_channels: int, multiple: int, block: int) -> list[int]:
+    """The widths a group of `size` channels may be delivered at: multiples of `multiple` up
+    to `block` channels, multiples of `block` above, and `size` itself (none under
+    `min_channels`). Why both: ONNX Runtime's CPU kernels (MLAS) run a conv whose channels
+    fill whole blocks in their blocked layout, and any other one on a slower path with layout
+    conversions around it; a conv narrower than one block is cheap either way."""
+    block = max(block, multiple)
+    small = range(multiple, min(block, size) + 1, multiple)
+    large = range(2 * block, size, block)
+    return sorted({c for c in (*small, *large) if c >= min_channels and c < size} | {size})
 
 
 def _first_of_unit(units: torch.Tensor) -> torch.Tensor:
@@ -391,10 +421,13 @@ def gate(
     verify: bool = True,
     strict: bool = False,
     channel_multiple: int = 1,
+    channel_block: int | None = None,
 ) -> GatedModel:
     """Wrap `model` (left untouched) with one gate per prunable group of coupled channels.
-    `channel_multiple`: extraction delivers widths in multiples of it (`GatedModel.snapped`;
-    a backend's `channel_multiple` is the one measured to suit it).
+    `channel_multiple`, `channel_block`: extraction delivers widths in multiples of
+    `channel_multiple` up to `channel_block` channels and in multiples of `channel_block`
+    above (`allowed_widths`; default block: the multiple; a backend's `width_grid` is the
+    one measured to suit it).
 
     With `verify`, random masks are extracted and the smaller model is checked to compute the
     same function. Groups that fail (a structure Torch-Pruning cannot follow, such as
@@ -405,8 +438,11 @@ def gate(
 
     if channel_multiple < 1:
         raise WgatesError(f"channel_multiple must be >= 1, got {channel_multiple}")
+    if channel_block is not None and channel_block % channel_multiple:
+        raise WgatesError(f"channel_block ({channel_block}) must be a multiple of "
+                          f"channel_multiple ({channel_multiple})")
     gated = GatedModel(model, example_inputs, ignore, min_channels, kind,
-                       channel_multiple=channel_multiple)
+                       channel_multiple=channel_multiple, channel_block=channel_block)
     bad = verify_groups(gated) if verify else []
     if not bad:
         return gated
@@ -425,7 +461,7 @@ def gate(
         stacklevel=2,
     )
     gated = GatedModel(model, example_inputs, ignore, min_channels, kind, drop=bad,
-                       channel_multiple=channel_multiple)
+                       channel_multiple=channel_multiple, channel_block=channel_block)
     if verify_groups(gated):
         raise WgatesError(f"{type(model).__name__}: extraction is not exact even after "
                           f"leaving out {described}; pass ignore=[...] for the layers at fault")

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from wgates.gated import GatedModel
+from wgates.gated import GatedModel, allowed_widths
 from wgates.train import LossFn, classification_loss, evaluate, recalibrate_bn, task_loss
 
 GEN_HIDDEN = 32
@@ -151,15 +151,17 @@ class PruningNet(nn.Module):
         return recalibrate_bn(small, loader, batches=SCORE_BATCHES * 4)
 
 
-def widths_from(fractions: np.ndarray, groups: Sequence, multiple: int = 1) -> Widths:
+def widths_from(fractions: np.ndarray, groups: Sequence, grid: tuple[int, int] = (1, 1)
+                ) -> Widths:
     """A width per group from its fraction (clipped to 1), at least the group's minimum and
-    snapped to `multiple` below the full width."""
+    moved to the nearest deliverable width of `grid`, (multiple, block)
+    (`wgates.gated.allowed_widths`)."""
     out = {}
     for g, f in zip(groups, fractions, strict=True):
-        w = int(round(min(1.0, float(f)) * g.size))
-        if multiple > 1 and w < g.size:
-            w = max(multiple, multiple * round(w / multiple))
-        out[g.name] = int(min(g.size, max(g.min_channels, w)))
+        w = int(min(g.size, max(g.min_channels, round(min(1.0, float(f)) * g.size))))
+        if max(grid) > 1:
+            w = min(allowed_widths(g.size, g.min_channels, *grid), key=lambda c: (abs(c - w), c))
+        out[g.name] = w
     return out
 
 
@@ -171,17 +173,17 @@ def predicted_cost(cost: Callable[[torch.Tensor], torch.Tensor], groups: Sequenc
 
 
 def on_band(fractions: np.ndarray, groups: Sequence, cost: Callable[[torch.Tensor], torch.Tensor],
-            goal: float, multiple: int = 1) -> Widths:
+            goal: float, grid: tuple[int, int] = (1, 1)) -> Widths:
     """`widths_from` the fractions scaled by the one factor whose predicted cost is nearest
     under `goal` (bisected)."""
     lo, hi = 0.0, 1.0 / max(float(np.min(fractions)), 1e-3)
     for _ in range(30):
         mid = (lo + hi) / 2
-        if predicted_cost(cost, groups, widths_from(fractions * mid, groups, multiple)) > goal:
+        if predicted_cost(cost, groups, widths_from(fractions * mid, groups, grid)) > goal:
             hi = mid
         else:
             lo = mid
-    return widths_from(fractions * lo, groups, multiple)
+    return widths_from(fractions * lo, groups, grid)
 
 
 def evolve(score: Callable[[Widths], float], groups: Sequence,

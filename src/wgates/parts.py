@@ -195,7 +195,8 @@ def fit_latency(gated: GatedModel, path: str | Path = "latency.sqlite", *,
         run = profile(gated.plain_copy(), list(gated.example_inputs[0].shape), path,
                       samples=samples, backend=backend, threads=threads, protocol=protocol,
                       progress=progress, lookup_table=lookup_table,
-                      channel_multiple=gated.channel_multiple)  # the widths it will deliver
+                      channel_multiple=gated.channel_multiple,  # the widths it will deliver
+                      channel_block=gated.channel_block)
         net = fit_file(path, run, macs=MacsModel.of(gated)).predictor
     return net.requires_grad_(False)
 

@@ -221,8 +221,10 @@ def prune(
     too, against the dense model at the same count (`measure_threads`; () for none);
     `force_predictor`: use a `predictor` file measured on another machine, backend, thread
     count or batch (refused by default, naming what differs);
-    `channel_multiple`: deliver every width as a multiple of it (default: the backend's, 8 on
-    onnxruntime-cpu, where other widths run slower; 1 elsewhere);
+    `channel_multiple`: deliver every width as a multiple of it (default: the backend's
+    `width_grid`: on onnxruntime-cpu multiples of 8 up to its kernels' channel block, 16 on
+    an AVX-512 host, and whole blocks above, where other widths run slower; any width
+    elsewhere);
     `blocks` (e.g. (16, 8)): once the closed loop has delivered a gate method's widths, widen
     each group to the end of its block of that many channels where the measured latency stays
     in the band (`wgates.search.widen_to_blocks`: CPU kernels compute channels in blocks, and
@@ -254,7 +256,7 @@ def prune(
         raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if info.gates:
         proxy, allocation = info.gates.settings(proxy, allocation)
-    multiple = get_backend(backend, threads).multiple(channel_multiple)
+    multiple, block = get_backend(backend, threads).width_grid(channel_multiple)
     torch.manual_seed(seed)
     if device is not None:
         place(model, device)
@@ -263,7 +265,7 @@ def prune(
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
               method=method, predictor=predictor, force_predictor=force_predictor,
-              channel_multiple=multiple, blocks=blocks, readings=readings)
+              channel_multiple=channel_multiple, blocks=blocks, readings=readings)
     path = Path(run_dir)
     # a run directory this call makes (or finds empty) is emptied again if the target is
     # refused after measuring: it would hold nothing but block the next run
@@ -279,6 +281,7 @@ def prune(
         "epochs": epochs, "finetune_epochs": finetune_epochs, "lr": lr, "gate_lr": gate_lr,
         "finetune_lr": finetune_lr, "tolerance": tolerance, "seed": seed,
         **({"channel_multiple": multiple} if multiple > 1 else {}),
+        **({"channel_block": block} if block > multiple else {}),
         **({"blocks": list(blocks)} if blocks else {}),
     })
 
@@ -299,7 +302,7 @@ def prune(
 
         torch.manual_seed(seed)  # the gates' first weights, whatever ran before (a resumed
         gated = gate(model, inputs, kind=info.kind,  # run skips the measurements above)
-                     channel_multiple=multiple)
+                     channel_multiple=multiple, channel_block=block)
         lowest = lowest_floor(method, allocation, floor)
         if "min_ratio" not in run.state:
             run.save(min_ratio=distributed.once("measure the narrowest model", lambda: (
@@ -319,7 +322,8 @@ def prune(
     if info.gates is None:
         def choose() -> tuple[nn.Module, list[dict], dict]:
             return _knob_method(method, dense, inputs, train_loader, target, measure,
-                                tolerance, seed, loss_fn, multiple, epochs, cost, distill)
+                                tolerance, seed, loss_fn, (multiple, block), epochs, cost,
+                                distill)
     else:
         total = epochs * len(train_loader)
         optimizers = search_optimizers(gated, total, lr, gate_lr)
@@ -439,7 +443,8 @@ def preflight(
     info = method_info(method)
     parse_target(target_latency)  # its form and range, before any work or run directory
     meter_backend = get_backend(backend, threads)
-    check_blocks(blocks, meter_backend.multiple(channel_multiple))
+    multiple, block = meter_backend.width_grid(channel_multiple)
+    check_blocks(blocks, multiple)
     if readings is not None:
         check_readings(readings)
     inputs = as_input_tuple(example_inputs)
@@ -448,7 +453,7 @@ def preflight(
         modes = [(m, m.training) for m in model.modules()]
         try:
             gated = gate(model.eval(), inputs, kind=info.kind,
-                         channel_multiple=meter_backend.multiple(channel_multiple))
+                         channel_multiple=multiple, channel_block=block)
         except WgatesError as err:
             if "no prunable channel group" not in str(err):
                 raise
@@ -498,12 +503,13 @@ def lowest_floor(method: str, allocation: str, floor: float) -> float:
 
 def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: float,
                  measure: LatencyMeter, tolerance: float, seed: int,
-                 loss_fn: LossFn, channel_multiple: int = 1, epochs: int = 1,
+                 loss_fn: LossFn, grid: tuple[int, int] = (1, 1), epochs: int = 1,
                  cost: Cost | None = None,
                  distill: bool = False) -> tuple[nn.Module, list[dict], dict]:
     """A knob method's model (`wgates.baselines`): its knob bisected on this run's
     measurements, a reading near the band settled as the closed loop settles its own (so
     both land in the same band by the same test). Every measurement is a step of `loop`.
+    `grid`: (multiple, block) of the delivered widths (`Backend.width_grid`);
     `epochs`, `cost`, `distill`: for a method that trains (SCOP, MetaPruning) or reads the
     latency predictor (MetaPruning)."""
     steps: list[dict] = []
@@ -516,7 +522,8 @@ def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: f
 
     torch.manual_seed(seed)
     ctx = Context(measure=measured, tolerance=tolerance, seed=seed, loss_fn=loss_fn,
-                  channel_multiple=channel_multiple, epochs=epochs, cost=cost, distill=distill)
+                  channel_multiple=grid[0], channel_block=grid[1], epochs=epochs, cost=cost,
+                  distill=distill)
     small = METHODS[method](dense, inputs, loader, target, ctx)
     return small, steps, ctx.notes
 
@@ -657,7 +664,8 @@ def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samp
         db = run.path / "latency.sqlite"
         prof = profile(gated.plain_copy(), list(inputs[0].shape), db, samples=samples,
                        backend=backend, threads=threads, progress=progress,
-                       channel_multiple=gated.channel_multiple)
+                       channel_multiple=gated.channel_multiple,
+                       channel_block=gated.channel_block)
         comparison = fit_file(db, prof, macs=MacsModel.of(gated))
         net = comparison.predictor
         net.save(lpnet_file)

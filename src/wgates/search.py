@@ -258,7 +258,8 @@ class KnapsackSchedule:
         else:
             values = [self.importance.get(i) for i in range(len(g.groups))]
         return allocate(self.cost, [c.size for c in g.channel_groups], n_units, min_units,
-                        order, values, aim, self.floor, start)
+                        order, values, aim, self.floor, start,
+                        grid=[g.unit_grid(i) for i in range(len(g.groups))])
 
     def masks_at(self, aim: float) -> dict[str, torch.Tensor]:
         """Masks (the gates' top units) for a predicted cost of `aim`, moved from the

@@ -42,6 +42,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def has_avx512f() -> bool:
+    """Whether this CPU has AVX-512F (from /proc/cpuinfo, else PyTorch's own CPU check)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512f" in line for line in f)
+    except OSError:
+        return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 class Backend(ABC):
     """Turns a plain model into a zero-argument runner and times runners on one device."""
 
@@ -55,9 +64,20 @@ class Backend(ABC):
             raise WgatesError(f"threads must be >= 1, got {threads}")
         self.threads = threads
 
+    @property
+    def channel_block(self) -> int:
+        """Above this many channels, widths are delivered in multiples of it (`allowed_widths`)."""
+        return self.channel_multiple
+
     def multiple(self, requested: int | None = None) -> int:
         """The multiple pruned widths are delivered in: `requested`, else this backend's."""
         return requested or self.channel_multiple
+
+    def width_grid(self, requested: int | None = None) -> tuple[int, int]:
+        """(multiple, block) of the widths pruning delivers (`wgates.gated.allowed_widths`):
+        a `requested` multiple is used throughout, else this backend's own grid."""
+        return (requested, requested) if requested else (self.channel_multiple,
+                                                         self.channel_block)
 
     @abstractmethod
     def prepare(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Runner:
@@ -138,6 +158,15 @@ class OnnxRuntimeCPU(Backend):
 
     name = "onnxruntime-cpu"
     channel_multiple = 8
+
+    @property
+    def channel_block(self) -> int:
+        """MLAS's NCHWc block on this CPU (16 channels with AVX-512F, else 8: onnxruntime
+        core/mlas/lib/platform.cpp). A conv whose channels are not whole blocks runs outside
+        the blocked layout with conversions around it: measured on ResNet-20 at batch 1 on an
+        AVX-512 host, stage-2 widths of 24 ran as slowly as 32 and stage-3 widths of 40 as 48
+        (docs/design.md)."""
+        return 16 if has_avx512f() else 8
 
     def prepare(self, model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> Runner:
         session = onnx_session(onnx_bytes(on_device(model, "cpu"), tuple(

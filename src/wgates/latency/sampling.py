@@ -184,6 +184,7 @@ def profile(
     progress: bool = True,
     lookup_table: bool = True,
     channel_multiple: int | None = None,
+    channel_block: int | None = None,
 ) -> Run:
     """Measure width configurations of `model` until `out` holds `samples` of them measured on
     a calm machine for this fingerprint (so re-running resumes, and a larger `samples` adds
@@ -193,21 +194,24 @@ def profile(
     Every `repeat_every`-th sample also re-measures a probe configuration: the noise floor.
     `lookup_table`: also time every conv alone at a grid of widths, for the lookup-table
     predictor LPNet is compared with (930 timings for LRASPP-MobileNetV3 at 64x64; LPNet
-    needs none). `channel_multiple` (default: the backend's): the widths pruning will deliver
-    are multiples of it, so the samples are too (each sampled width snapped to one).
+    needs none). `channel_multiple`, `channel_block` (default: the backend's `width_grid`):
+    the widths pruning will deliver (`wgates.gated.allowed_widths`), so the samples are too
+    (each sampled width snapped to one).
     """
     from wgates.gated import gate
 
     runner_backend = get_backend(backend, threads)
-    multiple = runner_backend.multiple(channel_multiple)
+    multiple, block = runner_backend.width_grid(channel_multiple)
+    block = channel_block or block
     example = (torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)),)
-    gated = gate(model, example, channel_multiple=multiple)
+    gated = gate(model, example, channel_multiple=multiple, channel_block=block)
     groups = gated.groups
     fingerprint = {
         **runner_backend.fingerprint_at(input_shape),
         "model": model_spec or type(model).__name__,
         "groups": [[g.name, g.size, g.min_channels] for g in groups],
         **({"channel_multiple": multiple} if multiple > 1 else {}),
+        **({"channel_block": block} if block > multiple else {}),
     }
 
     def build(widths: dict[str, int]) -> tuple[nn.Module, LayerReport, dict[str, int]]:
