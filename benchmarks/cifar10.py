@@ -94,6 +94,7 @@ class Settings:
     blocks: list[int] = field(default_factory=list)  # the closed loop widens to these blocks
     tolerance: float = 0.05
     lpnet_samples: int = 150
+    prior_decay: float | None = None  # LPNet's decay towards its MACs prior (None: the default)
     protocol_rounds: int = 60
     max_wait_s: float = 300.0  # how long a measurement may wait out a contended machine
     num_classes: int | None = None
@@ -185,7 +186,8 @@ def latency_predictor(dense: nn.Module, shape: list[int], backend: str, settings
                   backend=backend, protocol=settings.protocol(),
                   channel_multiple=settings.channel_multiple)
     gated = gate(copy.deepcopy(dense).cpu(), (torch.randn(1, *shape[1:]),))
-    return fit_file(path, run, macs=MacsModel.of(gated)).predictor.requires_grad_(False)
+    decay = {} if settings.prior_decay is None else {"prior_decay": settings.prior_decay}
+    return fit_file(path, run, macs=MacsModel.of(gated), **decay).predictor.requires_grad_(False)
 
 
 def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Path:

@@ -8,7 +8,9 @@ rest dense, each ratio to the dense model measured by the profiling protocol.
 `--uniform` sweeps every group together instead (k/16 of each width, k = 4..16), `--configs`
 measures named configurations from a JSON file (each maps group-name prefixes to widths; the
 longest matching prefix wins, unmatched groups stay dense), `--batch`
-measures at another batch, and `--rounds R` measures the whole sweep R times one after
+measures at another batch, `--profile SQLITE` prints beside each measurement what LPNet
+fitted on that latency profile predicts (`--run KEY` picks one of several), and
+`--rounds R` measures the whole sweep R times one after
 another, so that a step of the hardware can be told from a slow spell of the host: at batch
 32 on an AMD EPYC host, torch-cpu, the same widths read 0.53-0.75 of the dense latency within
 minutes (docs/design.md, "torch-cpu at batch 32 is not smooth either").
@@ -17,6 +19,9 @@ minutes (docs/design.md, "torch-cpu at batch 32 is not smooth either").
     python benchmarks/width_steps.py --uniform --batch 32 --backends torch-cpu --rounds 3
     python benchmarks/width_steps.py --configs benchmarks/configs/resnet20_stage1_cliff.json \
         --batch 32 --backends torch-cpu --rounds 3
+    python benchmarks/width_steps.py --configs benchmarks/configs/resnet20_ort_blocks.json \
+        --backends onnxruntime-cpu --rounds 3 \
+        --profile "benchmarks/cache/resnet20_onnxruntime-cpu_(1, 3, 32, 32).sqlite"
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ import torch
 from lanes import Lanes
 
 from wgates.gated import gate
-from wgates.latency import Meter, Protocol, get_backend
+from wgates.latency import LatencyStore, Meter, Protocol, get_backend
+from wgates.macs import MacsModel
 from wgates.models import create_model, default_input_shape
+from wgates.predictor import fit_and_compare
 
 
 def widths_from_prefixes(groups, prefixes: dict[str, int]) -> dict[str, int]:
@@ -58,6 +65,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="times the sweep is measured")
     parser.add_argument("--lanes", type=Path, default=None, metavar="DIR",
                         help="measure alone: pause the other benchmark lanes in DIR")
+    parser.add_argument("--profile", type=Path, default=None, metavar="SQLITE",
+                        help="also print LPNet's prediction, fitted on this latency profile")
+    parser.add_argument("--run", default=None, help="the profile's run (key prefix)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     alone = Lanes(args.lanes).alone if args.lanes else nullcontext
@@ -78,6 +88,7 @@ def main() -> None:
         group = gated.groups[args.group]
         what = f"group {group.name} ({group.size} channels), the rest dense"
         sweep = {k: {group.name: k} for k in range(max(1, group.size // 4), group.size + 1)}
+    predicted = predictions(args.profile, args.run, gated, sweep) if args.profile else {}
     ratios: dict[str, dict[int | str, list[float]]] = {}
     for name in args.backends:
         backend = get_backend(name, 1)
@@ -95,14 +106,30 @@ def main() -> None:
           f"{args.batch}" + (f"; median of {args.rounds} sweeps (min-max)" if args.rounds > 1
                              else ""))
     pad = max(len(str(k)) for k in sweep)
-    print(f"{'width':<{pad}} " + " ".join(args.backends))
+    print(f"{'width':<{pad}} " + " ".join(args.backends) + (" LPNet" if predicted else ""))
     for k in sweep:
         cells = []
         for name in args.backends:
             r = ratios[name][k]
             cells.append(f"{statistics.median(r):.3f}" + (
                 f" ({min(r):.3f}-{max(r):.3f})" if len(r) > 1 else ""))
+        if predicted:
+            cells.append(f"{predicted[k]:.3f}")
         print(f"{k!s:<{pad}} " + " ".join(cells))
+
+
+def predictions(path: Path, key: str | None, gated, sweep: dict) -> dict:
+    """LPNet's ratio for each configuration of `sweep` (unlisted groups dense), fitted on
+    the run `key` of the latency profile at `path` as the benchmark fits it."""
+    store = LatencyStore(path, create=False)
+    try:
+        net = fit_and_compare(store, store.select_run(key), macs=MacsModel.of(gated)).predictor
+    finally:
+        store.close()
+    with torch.no_grad():
+        return {k: float(net(net.kept_vector({g.name: widths.get(g.name, g.size)
+                                              for g in gated.groups})))
+                for k, widths in sweep.items()}
 
 
 if __name__ == "__main__":

@@ -120,3 +120,32 @@ def test_a_tier_move_waits_while_single_steps_are_cheaper():
     order, imp = [torch.arange(8)] * 3, [torch.ones(8), torch.ones(8), torch.full((8,), 0.1)]
     plain = allocate(cost, [8] * 3, [8] * 3, [1] * 3, order, imp, 0.8)
     assert allocate(cost, [8] * 3, [8] * 3, [1] * 3, order, imp, 0.8, tiers=[[0, 1]]) == plain
+
+
+def block_cost(block: int = 16, size: int = 64):
+    """Group 0 costs whole blocks (a width between two costs the next one, as a blocked
+    kernel runs it); group 1 is smooth. Both weigh half of the latency."""
+    def cost(kept):
+        k = kept.float()
+        blocked = torch.ceil(k[..., 0] / block) * block
+        return 0.5 * blocked / size + 0.5 * k[..., 1] / size
+    return cost
+
+
+def test_a_grid_moves_a_blocked_group_a_whole_block_and_prices_it_so():
+    """Priced one unit (or 1/8 of the group) at a time, the blocked group never shows a
+    saving, so all the cut falls on the smooth one; on its grid, the blocked group's moves
+    are from one block to the next, priced at what they save, and it ends on the grid."""
+    cost, n = block_cost(), 64
+    order, value = [torch.arange(n)] * 2, [torch.ones(n)] * 2
+    free = allocate(cost, [n, n], [n, n], [1, 1], order, value, aim=0.6)
+    assert free[0] == n  # no probe of it ever saved latency
+    grid = [[16, 32, 48, 64], None]
+    kept = allocate(cost, [n, n], [n, n], [1, 1], order, value, aim=0.6, grid=grid)
+    assert kept[0] in grid[0] and kept[0] < n
+    assert float(cost(torch.tensor(kept, dtype=torch.float32))) <= 0.6 + 1e-6
+    # from there, reopening also goes a block at a time, and the floor lands on the grid
+    assert allocate(cost, [n, n], [n, n], [1, 1], order, value, aim=0.95, grid=grid,
+                    start=kept)[0] in grid[0]
+    assert allocate(cost, [n, n], [n, n], [1, 1], order, value, aim=0.01, grid=grid,
+                    floor=0.1)[0] == 16  # the floor (7 units) rounded up to the grid

@@ -271,3 +271,19 @@ def test_pruningnet_starts_as_the_trained_model_and_learns_per_encoding(setup):
                     lambda f: on_band(f, groups, macs_ratio, 0.5), population=6,
                     generations=3)
     assert ranked[0][0] >= ranked[-1][0] and len(ranked) >= 6
+
+
+def test_metapruning_widths_land_on_the_delivered_grid():
+    """MetaPruning's sampled and evolved widths are on the (multiple, block) grid the model
+    is delivered at, so the PruningNet trains the widths it will be judged at."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from wgates.metapruning import widths_from
+
+    groups = [SimpleNamespace(name="a", size=64, min_channels=1),
+              SimpleNamespace(name="b", size=16, min_channels=1)]
+    assert widths_from(np.array([0.62, 0.3]), groups, (8, 16)) == {"a": 32, "b": 8}
+    assert widths_from(np.array([0.62, 0.3]), groups, (8, 8)) == {"a": 40, "b": 8}
+    assert widths_from(np.array([0.62, 0.3]), groups) == {"a": 40, "b": 5}

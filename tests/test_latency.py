@@ -194,6 +194,18 @@ def test_backend_multiple_is_the_request_else_the_backends_own():
     assert get_backend("onnxruntime-cpu").multiple(4) == 4
 
 
+def test_width_grid_follows_mlas_block_on_onnx_runtime(monkeypatch):
+    """ONNX Runtime's grid is multiples of 8 up to MLAS's NCHWc block (16 with AVX-512F,
+    8 otherwise) and whole blocks above; a requested multiple is used throughout."""
+    import wgates.latency.backends as backends
+
+    assert get_backend("torch-cpu").width_grid() == (1, 1)
+    for avx512, block in [(True, 16), (False, 8)]:
+        monkeypatch.setattr(backends, "has_avx512f", lambda avx512=avx512: avx512)
+        assert get_backend("onnxruntime-cpu").width_grid() == (8, block)
+    assert get_backend("onnxruntime-cpu").width_grid(4) == (4, 4)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_cuda_backend_times_with_events():
     backend = get_backend("torch-cuda")

@@ -19,7 +19,8 @@ from wgates.cli import main
 from wgates.data import make_loaders
 from wgates.errors import WgatesError
 from wgates.extract import load_pruned
-from wgates.latency import Protocol
+from wgates.gated import allowed_widths
+from wgates.latency import Protocol, get_backend
 from wgates.models import create_model
 from wgates.train import train
 
@@ -436,9 +437,10 @@ def test_gdp_searches_with_its_polariser_and_the_latency_gradient(dense, data, t
 def test_widths_are_delivered_in_the_backends_channel_multiple(backend, multiple, step, dense,
                                                                data, tmp_path, monkeypatch,
                                                                macs_meter):
-    """On ONNX Runtime every delivered width is a multiple of 8 (or the full width): other
-    widths measured slower there. `channel_multiple` sets another step, recorded with the
-    run's settings (a resume with another one is refused)."""
+    """On ONNX Runtime every delivered width is on its grid (multiples of 8 up to MLAS's
+    channel block, whole blocks above, or the full width): other widths measured slower
+    there. `channel_multiple` sets another step, recorded with the run's settings (a resume
+    with another one is refused)."""
     _fast(monkeypatch)
     _no_cost_model(monkeypatch)
     run_dir = tmp_path / "run"
@@ -448,8 +450,11 @@ def test_widths_are_delivered_in_the_backends_channel_multiple(backend, multiple
     assert result.widths and all(w % step == 0 or w == sizes[n]
                                  for n, w in result.widths.items())
     assert any(w < sizes[n] for n, w in result.widths.items())
+    grid = get_backend(backend).width_grid(multiple)
+    assert all(w in allowed_widths(sizes[n], 1, *grid) for n, w in result.widths.items())
     state = json.loads((run_dir / "state.json").read_text())
     assert state["settings"]["channel_multiple"] == step
+    assert state["settings"].get("channel_block", step) == grid[1]
     with pytest.raises(WgatesError, match="channel_multiple"):
         _prune(dense, data, run_dir, method="uniform", export=False, backend=backend,
                channel_multiple=2, resume=True)

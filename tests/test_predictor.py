@@ -240,3 +240,30 @@ def test_cli_fit_latency_fits_on_the_macs_prior_of_the_profiled_model(tmp_path, 
     assert json.loads(capsys.readouterr().out)["prior"] == "none"
     assert main([*args, "--model", "mobilenetv2_cifar"]) == 2
     assert "other channel groups" in capsys.readouterr().err
+
+
+def test_prior_decay_sets_how_far_the_mlp_may_leave_the_macs_prior():
+    """Latency that is not a line in the MACs: a weak decay lets the MLP learn the bend, a
+    strong one keeps it near the prior (`prior_decay`, default `PRIOR_DECAY`)."""
+    import wgates
+    from wgates.macs import MacsModel
+    from wgates.models import create_model
+
+    gated = wgates.gate(create_model("resnet20").eval(), (torch.randn(1, 3, 32, 32),))
+    macs = MacsModel.of(gated)
+    names = [g.name for g in gated.channel_groups]
+    sizes = [g.size for g in gated.channel_groups]
+    rng = np.random.default_rng(0)
+    kept = np.stack([rng.integers(1, s + 1, size=200) for s in sizes], 1).astype(float)
+    with torch.no_grad():
+        share = macs(torch.as_tensor(kept, dtype=torch.float32)).numpy()
+    ratios = 0.3 + 0.7 * share + 0.2 * (kept[:, 0] / sizes[0]) ** 4  # stage 1 costs a bend
+
+    def error(decay: float) -> float:
+        net = LatencyPredictor.fit(names, sizes, kept, ratios, steps=400, macs=macs,
+                                   prior_decay=decay)
+        with torch.no_grad():
+            out = net(torch.as_tensor(kept, dtype=torch.float32)).numpy()
+        return float(np.mean(np.abs(out - ratios) / ratios))
+
+    assert error(0.01) < 0.7 * error(100.0)

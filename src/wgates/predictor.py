@@ -113,6 +113,7 @@ class LatencyPredictor(nn.Module):
         lr: float = 3e-3,
         val_fraction: float = 0.15,
         seed: int = 0,
+        prior_decay: float = PRIOR_DECAY,
         **meta,
     ) -> LatencyPredictor:
         """Train on `kept` [N, n_groups] -> `ratios` [N] with the mean absolute relative error
@@ -122,9 +123,9 @@ class LatencyPredictor(nn.Module):
         this size more threads only add synchronisation (7x slower on a busy 2-core machine).
 
         With `macs=` (in `meta`) the prior `a + b * MACs` is first fitted alone (least
-        relative squares), and the MLP on top decays towards zero (`PRIOR_DECAY`), so that
-        it keeps only corrections the samples agree on; the prior alone is a candidate of
-        the held-out choice too."""
+        relative squares), and the MLP on top decays towards zero (weight decay
+        `prior_decay`), so that it keeps only corrections the samples agree on; the prior
+        alone is a candidate of the held-out choice too."""
         torch.manual_seed(seed)
         model = cls(group_names, sizes, hidden, **meta)
         x = torch.as_tensor(kept, dtype=torch.float32)
@@ -141,7 +142,7 @@ class LatencyPredictor(nn.Module):
             model.prior.data = torch.tensor([a, b], dtype=torch.float32)
             opt = torch.optim.AdamW([{"params": model.mlp.parameters()},
                                      {"params": [model.prior], "weight_decay": 0.0}],
-                                    lr=lr, weight_decay=PRIOR_DECAY)
+                                    lr=lr, weight_decay=prior_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
 
         def held_out() -> float:
