@@ -244,7 +244,8 @@ def test_cli_fit_latency_fits_on_the_macs_prior_of_the_profiled_model(tmp_path, 
 
 def test_prior_decay_sets_how_far_the_mlp_may_leave_the_macs_prior():
     """Latency that is not a line in the MACs: a weak decay lets the MLP learn the bend, a
-    strong one keeps it near the prior (`prior_decay`, default `PRIOR_DECAY`)."""
+    strong one keeps it near the prior (`prior_decay`); given several, the fit keeps the one
+    that did best on its held-out samples."""
     import wgates
     from wgates.macs import MacsModel
     from wgates.models import create_model
@@ -267,3 +268,6 @@ def test_prior_decay_sets_how_far_the_mlp_may_leave_the_macs_prior():
         return float(np.mean(np.abs(out - ratios) / ratios))
 
     assert error(0.01) < 0.7 * error(100.0)
+    both = LatencyPredictor.fit(names, sizes, kept, ratios, steps=400, macs=macs,
+                                prior_decay=(100.0, 0.01))
+    assert both.prior_decay == 0.01

@@ -128,7 +128,8 @@ def add_profile(sub) -> None:
                    help="re-measure a probe configuration every N samples (noise floor)")
     p.add_argument("--channel-multiple", type=_positive_int, default=None,
                    help="sample widths in multiples of this, as pruning will deliver them "
-                   "(default: the backend's: 8 on onnxruntime-cpu, else 1)")
+                   "(default: the backend's grid: on onnxruntime-cpu multiples of 8 up to its "
+                   "kernels' channel block, 16 with AVX-512, and whole blocks above; else 1)")
     p.add_argument("--out", default="latency.sqlite", help="SQLite file (created or extended)")
 
     def run(args) -> int:
@@ -533,8 +534,10 @@ def add_prune(sub) -> None:
                    help="threads of the deployment, which latency is measured with")
     p.add_argument("--latency-batch", type=int, default=1, help="batch size of the deployment")
     p.add_argument("--channel-multiple", type=_positive_int, default=None,
-                   help="deliver every width as a multiple of this (default: the backend's: "
-                   "8 on onnxruntime-cpu, whose convolutions run channels in blocks, else 1)")
+                   help="deliver every width as a multiple of this (default: the backend's "
+                   "grid: on onnxruntime-cpu, whose convolutions run channels in blocks, "
+                   "multiples of 8 up to one block, 16 with AVX-512, and whole blocks above; "
+                   "else 1)")
     p.add_argument("--blocks", type=_positive_int, nargs="*", default=list(PRUNE.blocks),
                    help="after the closed loop, widen each group to the end of its block of "
                    "this many channels (each in turn, e.g. 16 8) where the measured latency "
