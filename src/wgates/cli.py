@@ -173,6 +173,9 @@ def add_fit_latency(sub) -> None:
                    "(default: the one the profile recorded, when it names a known model)")
     p.add_argument("--no-prior", action="store_true",
                    help="fit the plain MLP, without the MACs prior (to compare)")
+    p.add_argument("--prior-decay", type=float, nargs="+", default=None, metavar="DECAY",
+                   help="weight decay(s) of the MLP towards the MACs prior; several: one fit "
+                   "each, the held-out best kept (default: 10 and 0.1)")
 
     def run(args) -> int:
         from pathlib import Path
@@ -186,7 +189,8 @@ def add_fit_latency(sub) -> None:
             macs = None if args.no_prior else _macs_prior(chosen.fingerprint, args.model)
             result = fit_and_compare(
                 store, chosen, holdout=args.holdout, seed=args.seed, steps=args.steps,
-                macs=macs,
+                macs=macs, **({} if args.prior_decay is None else
+                              {"prior_decay": tuple(args.prior_decay)}),
             )
         finally:
             store.close()
