@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=None, metavar="SQLITE",
                         help="also print LPNet's prediction, fitted on this latency profile")
     parser.add_argument("--run", default=None, help="the profile's run (key prefix)")
+    parser.add_argument("--prior-decay", type=float, nargs="+", default=None,
+                        help="LPNet's decay(s) towards its MACs prior (default: the fit's)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     alone = Lanes(args.lanes).alone if args.lanes else nullcontext
@@ -88,7 +90,8 @@ def main() -> None:
         group = gated.groups[args.group]
         what = f"group {group.name} ({group.size} channels), the rest dense"
         sweep = {k: {group.name: k} for k in range(max(1, group.size // 4), group.size + 1)}
-    predicted = predictions(args.profile, args.run, gated, sweep) if args.profile else {}
+    predicted = predictions(args.profile, args.run, gated, sweep, args.prior_decay) \
+        if args.profile else {}
     ratios: dict[str, dict[int | str, list[float]]] = {}
     for name in args.backends:
         backend = get_backend(name, 1)
@@ -118,12 +121,15 @@ def main() -> None:
         print(f"{k!s:<{pad}} " + " ".join(cells))
 
 
-def predictions(path: Path, key: str | None, gated, sweep: dict) -> dict:
+def predictions(path: Path, key: str | None, gated, sweep: dict,
+                decay: list[float] | None = None) -> dict:
     """LPNet's ratio for each configuration of `sweep` (unlisted groups dense), fitted on
     the run `key` of the latency profile at `path` as the benchmark fits it."""
     store = LatencyStore(path, create=False)
     try:
-        net = fit_and_compare(store, store.select_run(key), macs=MacsModel.of(gated)).predictor
+        net = fit_and_compare(store, store.select_run(key), macs=MacsModel.of(gated),
+                              **({} if decay is None else {"prior_decay": tuple(decay)})
+                              ).predictor
     finally:
         store.close()
     with torch.no_grad():
