@@ -326,12 +326,8 @@ class GatedModel(nn.Module):
         """The deliverable width nearest to `k` channels for group i (the narrower on a tie;
         `allowed_widths`); a group tied by a grouped conv keeps `k` (its tie classes set its
         step)."""
-        g = self.channel_groups[i]
-        if self.channel_block <= 1 or g.ties is not None:
-            return k
-        allowed = allowed_widths(g.size, g.min_channels, self.channel_multiple,
-                                 self.channel_block)
-        return min(allowed, key=lambda c: (abs(c - k), c))
+        allowed = self.unit_grid(i)
+        return k if allowed is None else min(allowed, key=lambda c: (abs(c - k), c))
 
     def unit_grid(self, i: int) -> list[int] | None:
         """The unit counts group i may be delivered at (`allowed_widths`), for a search that
