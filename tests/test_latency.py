@@ -188,12 +188,6 @@ def test_unknown_backend_and_missing_gpu_are_user_errors():
             get_backend("torch-cuda")
 
 
-def test_backend_multiple_is_the_request_else_the_backends_own():
-    assert get_backend("torch-cpu").multiple() == 1
-    assert get_backend("onnxruntime-cpu").multiple() == 8  # blocks of 8 measured
-    assert get_backend("onnxruntime-cpu").multiple(4) == 4
-
-
 def test_width_grid_follows_mlas_block_on_onnx_runtime(monkeypatch):
     """ONNX Runtime's grid is multiples of 8 up to MLAS's NCHWc block (16 with AVX-512F,
     8 otherwise) and whole blocks above; a requested multiple is used throughout."""

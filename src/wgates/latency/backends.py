@@ -69,10 +69,6 @@ class Backend(ABC):
         """Above this many channels, widths are delivered in multiples of it (`allowed_widths`)."""
         return self.channel_multiple
 
-    def multiple(self, requested: int | None = None) -> int:
-        """The multiple pruned widths are delivered in: `requested`, else this backend's."""
-        return requested or self.channel_multiple
-
     def width_grid(self, requested: int | None = None) -> tuple[int, int]:
         """(multiple, block) of the widths pruning delivers (`wgates.gated.allowed_widths`):
         a `requested` multiple is used throughout, else this backend's own grid."""
