@@ -187,7 +187,8 @@ def latency_predictor(dense: nn.Module, shape: list[int], backend: str, settings
                   channel_multiple=settings.channel_multiple)
     gated = gate(copy.deepcopy(dense).cpu(), (torch.randn(1, *shape[1:]),))
     decay = {} if settings.prior_decay is None else {"prior_decay": settings.prior_decay}
-    return fit_file(path, run, macs=MacsModel.of(gated), **decay).predictor.requires_grad_(False)
+    return fit_file(path, run, macs=MacsModel.of(gated), first=settings.lpnet_samples,
+                    **decay).predictor.requires_grad_(False)
 
 
 def profile_path(cache: Path, label: str, backend: str, shape: list[int]) -> Path:

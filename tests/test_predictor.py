@@ -116,6 +116,8 @@ def test_fit_and_compare_beats_baselines_on_nonlinear_latency(tmp_path):
     assert m["n_test"] == 24 and m["n_train"] == 96
     assert m["mape"] < 0.05 and m["mape"] < m["flops_mape"] and m["spearman"] > 0.9
     assert 0 < m["noise_cv"] < 0.05
+    first = fit_and_compare(store, run, steps=10, first=60).metrics  # a cache extended later
+    assert first["n_test"] + first["n_train"] == 60
     small = synthetic_store(tmp_path / "small.sqlite", n=5)
     with pytest.raises(WgatesError, match="at least 10"):
         fit_and_compare(small, small.select_run())

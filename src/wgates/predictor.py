@@ -356,18 +356,20 @@ class Comparison:
 
 def fit_and_compare(
     store, run, holdout: float = 0.2, seed: int = 0, macs: MacsModel | None = None,
-    **fit_kwargs
+    first: int | None = None, **fit_kwargs
 ) -> Comparison:
     """Fit LPNet and both baselines on a random (1 - holdout) split of the samples of `run`
     (a `store.Run` of the `LatencyStore` `store`) and score all three on the rest (the
     lookup table only when `run` was profiled with one). `macs`: LPNet's prior
-    (`MacsModel.of` the profiled model; without it, the plain MLP).
+    (`MacsModel.of` the profiled model; without it, the plain MLP). `first`: only the
+    first that many calm samples, in the order measured: a profile that one user of a cache
+    extended still gives another who asked for fewer the fit it asked for.
 
     Samples measured while the machine was contended (dense reference slower than
     `Protocol.max_slowdown` x its 5th percentile, kept by profiling after `max_wait_s`) are
     left out of everything, and counted in `n_contended`."""
     n_samples, _ = store.counts(run.id)
-    samples = store.calm_samples(run.id)
+    samples = store.calm_samples(run.id)[:first]
     repeats = store.repeats(run.id, max_dense_ms=store.calm_limit_ms(run.id))
     table = store.lut(run.id)
     if len(samples) < 10:
