@@ -70,6 +70,9 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="the profile's run (key prefix)")
     parser.add_argument("--prior-decay", type=float, nargs="+", default=None,
                         help="LPNet's decay(s) towards its MACs prior (default: the fit's)")
+    parser.add_argument("--first", type=int, default=None, metavar="N",
+                        help="fit on the profile's first N calm samples, as a benchmark row "
+                             "with lpnet_samples=N does (default: all of them)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     alone = Lanes(args.lanes).alone if args.lanes else nullcontext
@@ -90,8 +93,8 @@ def main() -> None:
         group = gated.groups[args.group]
         what = f"group {group.name} ({group.size} channels), the rest dense"
         sweep = {k: {group.name: k} for k in range(max(1, group.size // 4), group.size + 1)}
-    predicted = predictions(args.profile, args.run, gated, sweep, args.prior_decay) \
-        if args.profile else {}
+    predicted = (predictions(args.profile, args.run, gated, sweep, args.prior_decay, args.first)
+                 if args.profile else {})
     ratios: dict[str, dict[int | str, list[float]]] = {}
     for name in args.backends:
         backend = get_backend(name, 1)
@@ -122,14 +125,15 @@ def main() -> None:
 
 
 def predictions(path: Path, key: str | None, gated, sweep: dict,
-                decay: list[float] | None = None) -> dict:
+                decay: list[float] | None = None, first: int | None = None) -> dict:
     """LPNet's ratio for each configuration of `sweep` (unlisted groups dense), fitted on
-    the run `key` of the latency profile at `path` as the benchmark fits it."""
+    the first `first` calm samples of the run `key` of the latency profile at `path`, as a
+    benchmark row with `lpnet_samples=first` fits it."""
     store = LatencyStore(path, create=False)
     try:
+        decays = {} if decay is None else {"prior_decay": tuple(decay)}
         net = fit_and_compare(store, store.select_run(key), macs=MacsModel.of(gated),
-                              **({} if decay is None else {"prior_decay": tuple(decay)})
-                              ).predictor
+                              first=first, **decays).predictor
     finally:
         store.close()
     with torch.no_grad():
