@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=1, help="0: only measure the latency")
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="torch-cpu",
+                        help="the backend the ratio is measured on (1 thread, batch 1)")
     parser.add_argument("--out", type=Path, help="append one JSON record per row to this file")
     args = parser.parse_args(argv)
     args.data = data_spec(args.data, parser)
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     train_loader, val_loader, info = make_loaders(args.data, 128)
     dense = create_model(args.model, info.num_classes, args.dense_weights).eval()
     inputs = (torch.randn(1, *info.input_shape),)
-    measure = make_measure(dense, inputs, "torch-cpu", Protocol(rounds=60, max_wait_s=60))
+    measure = make_measure(dense, inputs, args.backend, Protocol(rounds=60, max_wait_s=60))
     given = [(spec, row_widths(spec, args.results)) for spec in args.rows]
     given += [(w, [int(x) for x in w.split(",")]) for w in args.widths]
     if not given:
@@ -76,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     for spec, widths in given:
         small = cut(dense, inputs, widths)
         ratio, spread = settled(measure, small)
-        record = {"row": spec, "widths": widths, "ratio": ratio, "spread": spread,
-                  "epochs": args.epochs}
+        record = {"row": spec, "widths": widths, "backend": args.backend, "ratio": ratio,
+                  "spread": spread, "epochs": args.epochs, "seed": args.seed}
         if args.epochs:
             torch.manual_seed(args.seed)
             train(small, train_loader, args.epochs, lr=args.lr, teacher=dense, progress=False)

@@ -27,7 +27,7 @@ def run(script: str, *args: str, cwd: Path | None = None) -> subprocess.Complete
 
 
 @pytest.mark.parametrize("script", ["cifar10.py", "imagenet.py", "search_diagnosis.py",
-                                    "distill.py", "host_spells.py", "width_steps.py"])
+                                    "distill.py", "host_spells.py", "width_steps.py", "widths.py"])
 def test_help(script):
     result = run(script, "--help")
     assert result.returncode == 0, result.stderr
