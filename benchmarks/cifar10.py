@@ -91,6 +91,7 @@ class Settings:
     ramp: float | None = None
     floor: float = 0.0
     importance: str = "taylor"
+    depth: bool = False  # gate searches may drop residual blocks (wgates.blocks)
     blocks: list[int] = field(default_factory=list)  # the closed loop widens to these blocks
     tolerance: float = 0.05
     lpnet_samples: int = 150
@@ -184,8 +185,9 @@ def latency_predictor(dense: nn.Module, shape: list[int], backend: str, settings
     path.parent.mkdir(parents=True, exist_ok=True)
     run = profile(copy.deepcopy(dense).cpu(), shape, path, samples=settings.lpnet_samples,
                   backend=backend, protocol=settings.protocol(),
-                  channel_multiple=settings.channel_multiple)
-    gated = gate(copy.deepcopy(dense).cpu(), (torch.randn(1, *shape[1:]),))
+                  channel_multiple=settings.channel_multiple, depth=settings.depth)
+    gated = gate(copy.deepcopy(dense).cpu(), (torch.randn(1, *shape[1:]),),
+                 depth=settings.depth)
     decay = {} if settings.prior_decay is None else {"prior_decay": settings.prior_decay}
     return fit_file(path, run, macs=MacsModel.of(gated), first=settings.lpnet_samples,
                     **decay).predictor.requires_grad_(False)
@@ -230,8 +232,13 @@ def row_key(row: dict) -> tuple:
             row["seed"])
 
 
-def conv_widths(model: nn.Module) -> list[int]:
-    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+def conv_widths(model: nn.Module, dense: nn.Module | None = None) -> list[int]:
+    """Output channels of each conv, in module order; with `dense`, one entry per conv of
+    `dense`, 0 for a conv that a dropped block took away (`wgates.blocks`)."""
+    if dense is None:
+        return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    have = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    return [have.get(n, 0) for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def model_dir(models: Path, row: dict) -> Path:
@@ -284,7 +291,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                           allocation=settings.allocation, ramp=settings.ramp,
                           floor=settings.floor, importance=settings.importance,
                           blocks=tuple(settings.blocks), val_loader=val_loader,
-                          channel_multiple=multiple, channel_block=block)
+                          channel_multiple=multiple, channel_block=block,
+                          depth=settings.depth)
             torch.manual_seed(seed)
             if isinstance(train_loader.sampler, EpochShuffle):  # the data order is the seed's
                 train_loader.sampler.seed = seed
@@ -303,7 +311,7 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
                    "accuracy_pruned": before, "accuracy_pruned_bn": before_bn,
                    "ratio": settled(measure, small)[0], "dense_ms": measure.dense_ms,
                    "macs": macs,
-                   "params": params, "wall_s": wall, "widths": conv_widths(small),
+                   "params": params, "wall_s": wall, "widths": conv_widths(small, dense),
                    "input_shape": at[1:],
                    "finetune_epochs": settings.finetune_for(method), "channel_multiple": multiple,
                    "channel_block": block,
@@ -545,7 +553,7 @@ def at_widths(dense: nn.Module, widths: list[int], inputs: tuple) -> nn.Module |
     convs = [n for n, m in dense.named_modules() if isinstance(m, nn.Conv2d)]
     if len(widths) != len(convs):
         return None
-    gated = gate(dense, inputs, verify=False)
+    gated = gate(dense, inputs, verify=False, depth=0 in widths)
     wanted = {}
     for group in gated.channel_groups:
         at = [convs.index(p.module) for p in group.producers if p.module in convs]
@@ -553,7 +561,7 @@ def at_widths(dense: nn.Module, widths: list[int], inputs: tuple) -> nn.Module |
             wanted[group.name] = widths[at[0]]
     gated.set_masks(gated.masks_for_widths(wanted))
     small = gated.extract(verify=False).eval()
-    return small if conv_widths(small) == list(widths) else None
+    return small if conv_widths(small, dense) == list(widths) else None
 
 
 def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: list[str],

@@ -7,7 +7,7 @@ rest dense, each ratio to the dense model measured by the profiling protocol.
 
 `--uniform` sweeps every group together instead (k/16 of each width, k = 4..16), `--configs`
 measures named configurations from a JSON file (each maps group-name prefixes to widths; the
-longest matching prefix wins, unmatched groups stay dense), `--batch`
+longest matching prefix wins, unmatched groups stay dense; 0 drops a residual block), `--batch`
 measures at another batch, `--profile SQLITE` prints beside each measurement what LPNet
 fitted on that latency profile predicts (`--run KEY` picks one of several), and
 `--rounds R` measures the whole sweep R times one after
@@ -79,12 +79,15 @@ def main() -> None:
     torch.manual_seed(0)
     model = create_model(args.model).eval()
     shape = default_input_shape(args.model)
-    gated = gate(model, (torch.randn(1, *shape),))
+    configs = json.loads(args.configs.read_text()) if args.configs else {}
+    # a width of 0 drops that residual block (wgates.blocks)
+    depth = any(0 in prefixes.values() for prefixes in configs.values())
+    gated = gate(model, (torch.randn(1, *shape),), depth=depth)
     example = (torch.randn(args.batch, *shape),)
     if args.configs:
         what = f"the configurations of {args.configs.name}, unlisted groups dense"
         sweep = {name: widths_from_prefixes(gated.groups, prefixes)
-                 for name, prefixes in json.loads(args.configs.read_text()).items()}
+                 for name, prefixes in configs.items()}
     elif args.uniform:
         what = "every group at k/16 of its width"
         sweep = {k: {g.name: max(1, round(k * g.size / 16)) for g in gated.groups}

@@ -6,6 +6,10 @@ because of the widths it picks, or because of its training?', measured.
 
     python benchmarks/widths.py --dense-weights benchmarks/weights/resnet20_cifar10.safetensors \
         --rows cifar10_regime88_f25:wgates:0 cifar10_regime88_f25:l1:0 --epochs 1
+
+`--drop BLOCK ...` also removes whole residual blocks after the cut (each replaced by its
+identity shortcut; the widths of its convs are then ignored): depth as well as width, measured
+on the same footing (docs/design.md, "ONNX Runtime at batch 1: depth is where the latency is").
 """
 
 from __future__ import annotations
@@ -48,6 +52,20 @@ def cut(dense: nn.Module, inputs: tuple, widths: list[int]) -> nn.Module:
     return small
 
 
+def drop_blocks(model: nn.Module, blocks: list[str]) -> None:
+    """Replace each named residual block of `model` by its identity shortcut, in place. The
+    block's output is then its input: exact up to what the branch added, which the fine-tune
+    makes up for; a block whose shortcut is not the identity cannot be dropped."""
+    for name in blocks:
+        block = model.get_submodule(name)
+        shortcut = getattr(block, "shortcut", getattr(block, "downsample", None))
+        if shortcut is not None and not isinstance(shortcut, nn.Identity):
+            raise SystemExit(f"{name} changes its input's shape (its shortcut is "
+                             f"{type(shortcut).__name__}): only identity blocks can be dropped")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
@@ -63,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="torch-cpu",
                         help="the backend the ratio is measured on (1 thread, batch 1)")
+    parser.add_argument("--drop", nargs="+", default=[], metavar="BLOCK",
+                        help="residual blocks removed after the cut, e.g. layer1.1 layer1.2")
     parser.add_argument("--out", type=Path, help="append one JSON record per row to this file")
     args = parser.parse_args(argv)
     args.data = data_spec(args.data, parser)
@@ -77,10 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give --rows or --widths")
     for spec, widths in given:
         small = cut(dense, inputs, widths)
+        drop_blocks(small, args.drop)
         ratio, spread = settled(measure, small)
         record = {"row": spec, "widths": widths, "backend": args.backend, "ratio": ratio,
                   "spread": spread, "epochs": args.epochs, "seed": args.seed}
+        if args.drop:
+            record["dropped"] = args.drop
         if args.epochs:
+            record["before"] = evaluate(small, val_loader)
             torch.manual_seed(args.seed)
             train(small, train_loader, args.epochs, lr=args.lr, teacher=dense, progress=False)
             record["accuracy"] = evaluate(small, val_loader)

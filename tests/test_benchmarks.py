@@ -181,6 +181,9 @@ def test_at_widths_rebuilds_a_rows_architecture():
     assert c.at_widths(dense, [4, 8], inputs) is None
     uneven = [*widths[:2], 6, *widths[3:]]  # one residual stream, two widths
     assert c.at_widths(dense, uneven, inputs) is None
+    widths[3:5] = [0, 0]  # layer1.1 dropped: its convs are gone, recorded as 0
+    small = c.at_widths(dense, widths, inputs)
+    assert c.conv_widths(small, dense) == widths and len(c.conv_widths(small)) == 19
 
 
 def test_merge_keeps_each_row_once(tmp_path):

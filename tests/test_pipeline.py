@@ -513,3 +513,23 @@ def test_prune_runs_in_the_cuda_layout(dense, data, tmp_path, monkeypatch, macs_
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)
                          and c.weight.shape[0] > 1 for c in convs)
     assert result.macs < result.dense_macs and (tmp_path / "run" / "model.onnx").is_file()
+
+
+def test_prune_with_depth_drops_blocks_the_widths_alone_cannot_reach(data, tmp_path,
+                                                                     monkeypatch):
+    """With a floor of 0.6 no width reaches 0.3 of the MACs; dropping blocks does, and the
+    delivered model (saved, reloaded) has them as `Skip`s."""
+    from wgates.blocks import Skip
+    from wgates.models.cifar_resnet import CifarResNet
+
+    _fast(monkeypatch)
+    torch.manual_seed(0)
+    model = CifarResNet(14, in_channels=1)
+    train(model, data[0], 1, lr=0.05, progress=False)
+    run_dir = tmp_path / "run"
+    result = _prune(model.eval(), data, run_dir, target_latency=0.45, floor=0.6, depth=True,
+                    check_threads=(), blocks=())
+    skips = [n for n, m in result.model.named_modules() if isinstance(m, Skip)]
+    assert skips and json.loads((run_dir / "state.json").read_text())["settings"]["depth"] is True
+    reloaded = load_pruned(CifarResNet(14, in_channels=1), run_dir / "model")
+    assert [n for n, m in reloaded.named_modules() if isinstance(m, Skip)] == skips

@@ -92,6 +92,10 @@ def allocate(
     see the steps either, and the allocation with tiers was the one without
     (benchmarks/results/tier_allocation_b32_amd.txt).
 
+    A group whose `min_units` is 0 drops its residual block at 0 units (`wgates.blocks`):
+    below its lowest width one more move takes it to 0, priced like any other, so the floor
+    bounds how narrow a block may get but not whether it may go.
+
     `grid`: per group, the unit counts it may take (sorted; None: any), so that every move
     goes from one deliverable width to the next (`GatedModel.unit_grid`) and is priced as
     such: where a runtime computes channels in blocks, a width between two of them costs
@@ -104,7 +108,7 @@ def allocate(
     scale = torch.tensor([s / u for s, u in zip(sizes, n_units)], dtype=torch.float32)
     ranked_value = [imp[o] for imp, o in zip(importance, order)]  # value of the k-th best unit
     step = [max(1, u // 64) for u in n_units]  # wide groups close a few units per decision
-    moves = _Moves(grid, step, lowest, n_units)
+    moves = _Moves(grid, step, lowest, n_units, [m == 0 for m in min_units])
     jumped = False
     with torch.no_grad():
         if float(cost(torch.tensor(kept, dtype=torch.float32) * scale)) <= aim:
@@ -147,18 +151,21 @@ def allocate(
 
 class _Moves:
     """The next unit count below or above a group's current one: `step` units, or the next
-    count on the group's grid."""
+    count on the group's grid; for a group that may drop its block, 0 below its lowest."""
 
     def __init__(self, grid: list[Sequence[int] | None], step: list[int], lowest: list[int],
-                 n_units: Sequence[int]) -> None:
+                 n_units: Sequence[int], droppable: Sequence[bool]) -> None:
         self.grid, self.step, self.lowest, self.n_units = grid, step, lowest, n_units
+        self.droppable = droppable
 
     def down(self, i: int, k: int) -> int | None:
         if self.grid[i] is None:
             to = k - self.step[i]
         else:
             to = max([c for c in self.grid[i] if c < k], default=-1)
-        return to if to >= self.lowest[i] else None
+        if to >= max(self.lowest[i], 1) or (to == 0 and self.lowest[i] == 0):
+            return to
+        return 0 if self.droppable[i] and k > 0 else None
 
     def at_least(self, i: int, k: int) -> int:
         """The fewest units group i may keep that are at least `k` (and its lowest)."""
@@ -166,6 +173,8 @@ class _Moves:
         return k if self.grid[i] is None else min(c for c in self.grid[i] if c >= k)
 
     def up(self, i: int, k: int) -> int | None:
+        if k == 0:  # a dropped block comes back at its lowest width
+            return self.at_least(i, 1)
         if self.grid[i] is None:
             to = k + self.step[i]
         else:

@@ -93,6 +93,7 @@ class Context:
     loss_fn: LossFn = classification_loss  # the task's loss, for sensitivities and gradients
     channel_multiple: int = 1  # widths delivered in multiples of it (`GatedModel.snapped`)
     channel_block: int | None = None  # ... and of this above it (`wgates.gated.allowed_widths`)
+    depth: bool = False  # a gate search may drop residual blocks (`wgates.blocks`)
     notes: dict = field(default_factory=dict)  # what a method reports beside its model
 
 
@@ -378,7 +379,7 @@ def gate_method(model, example_inputs, train_loader, target: float, ctx: Context
     torch.manual_seed(ctx.seed)
     gated = gate(model, as_input_tuple(example_inputs), ignore=ctx.ignore, kind=how.kind,
                  channel_multiple=ctx.channel_multiple,
-                 channel_block=ctx.channel_block)
+                 channel_block=ctx.channel_block, depth=ctx.depth)
     cost = fit_proxy(gated, how.proxy, ctx.proxy_samples, ctx.seed) if how.proxy else ctx.cost
     if cost is None:
         raise WgatesError(f"gate method {how.kind!r} needs a latency predictor: set "

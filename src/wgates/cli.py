@@ -571,6 +571,10 @@ def add_prune(sub) -> None:
     p.add_argument("--importance", default=PRUNE.importance, choices=["taylor", "loss"],
                    help="what a unit is worth to the knapsack: the Taylor estimate from the "
                    "gate gradients, or the measured loss rise of each group's width")
+    p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=PRUNE.depth,
+                   help="let the search also drop residual blocks (a block's inner width going "
+                   "to none); where latency is overhead-bound, as at batch 1, a block costs "
+                   "more than its channels")
     p.add_argument("--predictor", help="an LPNet file from `wgates fit-latency` (skips profiling)")
     p.add_argument("--readings", help="a latency file that keeps every measurement of a pruned "
                    "model, pooled with the earlier ones of the same architecture (default: the "
@@ -619,7 +623,7 @@ def _run_prune(args) -> int:
                       threads=args.threads, method=args.method, predictor=args.predictor,
                       force_predictor=args.force_predictor, allocation=args.allocation,
                       floor=args.floor, measure=True, channel_multiple=args.channel_multiple,
-                      blocks=args.blocks, readings=args.readings)
+                      blocks=args.blocks, readings=args.readings, depth=args.depth)
         if distributed.is_main():
             print(f"no --weights: training {args.model} on {info.name} for "
                   f"{args.dense_epochs} epochs first")
@@ -632,7 +636,7 @@ def _run_prune(args) -> int:
         run_dir=args.run_dir, proxy=args.proxy, method=args.method, samples=args.samples,
         predictor=args.predictor, threads=args.threads, distill=args.distill,
         allocation=args.allocation, ramp=args.ramp, floor=args.floor,
-        importance=args.importance,
+        importance=args.importance, depth=args.depth,
         resume=args.resume, seed=args.seed, force_predictor=args.force_predictor,
         check_threads=args.check_threads, channel_multiple=args.channel_multiple,
         blocks=args.blocks, isolated=args.isolated, readings=args.readings,

@@ -4,20 +4,27 @@ Torch-Pruning removes the channels (it knows every coupled parameter: BN statist
 consumers' input channels, flatten -> linear index expansion). We check the result: the
 extracted model must compute what the gated model computes under the same masks.
 The pruning is described by `PruningPlan` (kept channel indices per group + the example
-input shapes), which is all `load_pruned` needs to rebuild the architecture from a fresh
-instance of the original model before loading safetensors weights.
+input shapes + the residual blocks dropped), which is all `load_pruned` needs to rebuild the
+architecture from a fresh instance of the original model before loading safetensors weights.
+
+A group that keeps no channel drops its block (`wgates.blocks`): Torch-Pruning cannot take a
+conv to zero channels, so the group keeps one, its consumers' weights for it are zeroed (the
+branch then reads zeros, as in the gated model), and the block is replaced by the `Skip` its
+output fits.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from wgates.blocks import Skip, capture, skip_form
 from wgates.errors import WgatesError
 from wgates.groups import build_graph
 
@@ -33,6 +40,9 @@ class PruningPlan:
     sizes: dict[str, int]
     input_shapes: list[list[int]]
     input_dtypes: list[str]
+    # group -> {"block": the residual block its removal drops, "consumers": the layers that
+    # read the group}; its `kept` is empty
+    dropped: dict[str, dict] = field(default_factory=dict)
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         return tuple(
@@ -59,13 +69,44 @@ def apply_plan(model: nn.Module, plan: PruningPlan) -> nn.Module:
                 f"layer {name!r} has a different width than when it was pruned ({size}): "
                 "pass a fresh, unpruned instance of the original architecture"
             )
-        keep = set(kept)
+        keep = set(kept) or ({0} if name in plan.dropped else set())
         pruned = [c for c in range(size) if c not in keep]
         if pruned:
             pruner = graph.get_pruner_of_module(module)
             graph.get_pruning_group(module, pruner.prune_out_channels, pruned).prune()
+    for drop in plan.dropped.values():
+        _drop_block(model, drop["block"], drop["consumers"], inputs)
     setattr(model, PLAN_ATTR, plan)
     return model
+
+
+def _drop_block(model: nn.Module, block: str, consumers: list[str], inputs: tuple) -> None:
+    """Replace `block` of the pruned `model` by its `Skip`, in place: the one channel left of
+    the dropped group is zeroed at its consumers' inputs, so the block computes act(x + c)."""
+    with torch.no_grad():
+        for name in consumers:
+            model.get_submodule(name).weight[:, 0] = 0
+    mode = model.training
+    model.eval()
+    try:
+        seen = capture(model, block, lambda: model(*inputs))
+        module = model.get_submodule(block)
+        form = None if seen is None else skip_form(_float64(module), seen[0])
+    finally:
+        model.train(mode)
+    if form is None:
+        raise WgatesError(f"block {block!r} does not reduce to its shortcut once its group is "
+                          "pruned whole: was the model changed since it was gated?")
+    skip = Skip(seen[1].shape[1], form[0]).to(seen[1].device)
+    skip.constant.copy_(form[1])
+    parent, _, child = block.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, skip)
+
+
+def _float64(module: nn.Module):
+    """`module` as a function computed in float64 (on a copy)."""
+    clone = copy.deepcopy(module).double().eval()
+    return lambda x: clone(x.double())
 
 
 def extract(gated, verify: bool = True) -> nn.Module:
@@ -76,6 +117,10 @@ def extract(gated, verify: bool = True) -> nn.Module:
         sizes={g.name: g.size for g in gated.channel_groups},
         input_shapes=[list(x.shape) for x in gated.example_inputs],
         input_dtypes=[str(x.dtype) for x in gated.example_inputs],
+        dropped={g.name: {"block": gated.blocks[i],
+                          "consumers": sorted({p.module for p in g.consumers})}
+                 for i, g in enumerate(gated.channel_groups)
+                 if i in gated.blocks and not masks[g.name].any()},
     )
     small = apply_plan(gated.plain_copy(), plan)
     if verify:

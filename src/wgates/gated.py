@@ -19,6 +19,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from wgates.blocks import capture, common_ancestors, fits, skip_form
 from wgates.errors import WgatesError
 from wgates.gates import binarize, make_gate, top_k
 from wgates.groups import ChannelGroup, Ignore, as_input_tuple, find_groups, resolve_ignore
@@ -82,6 +83,9 @@ class GatedModel(nn.Module):
             make_gate(kind, g.size, self._row_dim(g)) for g in self.channel_groups
         )
         self.groups = [GroupView(self, i) for i in range(len(self.channel_groups))]
+        # group index -> the residual block pruning it whole drops (`enable_depth`)
+        self.blocks: dict[int, str] = {}
+        self._min_before: dict[int, int] = {}
         self._fixed: dict[int, torch.Tensor] = {}
         self._kept_units: dict[int, int] = {}
         self.gate_grad_hook: Callable[[int, torch.Tensor], None] | None = None
@@ -325,9 +329,11 @@ class GatedModel(nn.Module):
     def snap_width(self, i: int, k: int) -> int:
         """The deliverable width nearest to `k` channels for group i (the narrower on a tie;
         `allowed_widths`); a group tied by a grouped conv keeps `k` (its tie classes set its
-        step)."""
+        step). Only 0 itself drops a block: a few channels never snap to none."""
         allowed = self.unit_grid(i)
-        return k if allowed is None else min(allowed, key=lambda c: (abs(c - k), c))
+        if allowed is None:
+            return k
+        return min([c for c in allowed if c or not k], key=lambda c: (abs(c - k), c))
 
     def unit_grid(self, i: int) -> list[int] | None:
         """The unit counts group i may be delivered at (`allowed_widths`), for a search that
@@ -363,6 +369,55 @@ class GatedModel(nn.Module):
                 out[g.name] = mask
         return out
 
+    def droppable_block(self, i: int) -> str | None:
+        """The innermost residual block that becomes act(x + c) when group i keeps no channel
+        (`wgates.blocks`), checked in float64 and on random inputs; None if there is none or
+        a consumer reads more than this group (its input could not be zeroed alone)."""
+        group = self.channel_groups[i]
+        if group.ties is not None or not group.consumers:
+            return None
+        for place in group.consumers:
+            module = self.model.get_submodule(place.module)
+            if _in_channels(module) != group.size or getattr(module, "groups", 1) != 1:
+                return None
+        gen = torch.Generator().manual_seed(0)
+        inputs = tuple(torch.randn((1, *x.shape[1:]), generator=gen, dtype=torch.float64)
+                       .to(x.device)
+                       if x.is_floating_point() else x for x in self.example_inputs)
+        dtype, mode, fixed = next(self.model.parameters()).dtype, self.training, self._fixed
+        self._fixed = {i: inputs[0].new_zeros(group.size)}
+        self.to(torch.float64).eval()
+        try:  # float64, in place (a deep copy would keep hooks bound to this model)
+            for name in common_ancestors(group.modules):
+                seen = capture(self.model, name, lambda: self(*inputs))
+                if seen is None:
+                    continue
+                form = skip_form(partial(_run_with_input, self, name, inputs), seen[0])
+                if form is not None and fits(*seen, *form):
+                    return name
+            return None
+        finally:
+            self._fixed = fixed
+            self.to(dtype).train(mode)
+
+    def enable_depth(self) -> list[str]:
+        """Let every group with a droppable block (`droppable_block`) keep no channel: such a
+        group's minimum becomes 0, and extraction replaces its block by `wgates.blocks.Skip`.
+        Returns the blocks that may be dropped."""
+        for i, group in enumerate(self.channel_groups):
+            block = self.droppable_block(i)
+            if block is not None:
+                self.blocks[i] = block
+                self._min_before[i], group.min_channels = group.min_channels, 0
+        return [self.blocks[i] for i in sorted(self.blocks)]
+
+    def disable_depth(self) -> None:
+        """Undo `enable_depth`: every group keeps its minimum channels again."""
+        for i, before in self._min_before.items():
+            self.channel_groups[i].min_channels = before
+        self.blocks.clear()
+        self._min_before.clear()
+
     def extract(self, verify: bool = True) -> nn.Module:
         """A plain, physically smaller model computing what this one computes under its masks.
         With a channel multiple or block > 1 the masks are first `snapped`, and stay set:
@@ -377,13 +432,26 @@ class GatedModel(nn.Module):
 def allowed_widths(size: int, min_channels: int, multiple: int, block: int) -> list[int]:
     """The widths a group of `size` channels may be delivered at: multiples of `multiple` up
     to `block` channels, multiples of `block` above, and `size` itself (none under
-    `min_channels`). Why both: ONNX Runtime's CPU kernels (MLAS) run a conv whose channels
-    fill whole blocks in their blocked layout, and any other one on a slower path with layout
-    conversions around it; a conv narrower than one block is cheap either way."""
+    `min_channels`; 0 where that is 0, a dropped block). Why both: ONNX Runtime's CPU
+    kernels (MLAS) run a conv whose channels fill whole blocks in their blocked layout, and
+    any other one on a slower path with layout conversions around it; a conv narrower than
+    one block is cheap either way."""
     block = max(block, multiple)
     small = range(multiple, min(block, size) + 1, multiple)
     large = range(2 * block, size, block)
-    return sorted({c for c in (*small, *large) if c >= min_channels and c < size} | {size})
+    zero = {0} if min_channels == 0 else set()
+    return sorted({c for c in (*small, *large) if c >= min_channels and c < size} | {size} | zero)
+
+
+def _run_with_input(gated: GatedModel, name: str, inputs: tuple, x: torch.Tensor) -> torch.Tensor:
+    """What submodule `name` outputs when it is fed `x` inside a forward of `gated`."""
+    module = gated.model.get_submodule(name)
+    pre = module.register_forward_pre_hook(lambda m, args: (x, *args[1:]))
+    try:
+        seen = capture(gated.model, name, lambda: gated(*inputs))
+    finally:
+        pre.remove()
+    return seen[1]
 
 
 def _first_of_unit(units: torch.Tensor) -> torch.Tensor:
@@ -418,8 +486,11 @@ def gate(
     strict: bool = False,
     channel_multiple: int = 1,
     channel_block: int | None = None,
+    depth: bool = False,
 ) -> GatedModel:
     """Wrap `model` (left untouched) with one gate per prunable group of coupled channels.
+    `depth`: a group that is a residual block's inner width may also keep no channel, which
+    drops the block (`GatedModel.enable_depth`).
     `channel_multiple`, `channel_block`: extraction delivers widths in multiples of
     `channel_multiple` up to `channel_block` channels and in multiples of `channel_block`
     above (`allowed_widths`; default block: the multiple; a backend's `width_grid` is the
@@ -441,7 +512,7 @@ def gate(
                        channel_multiple=channel_multiple, channel_block=channel_block)
     bad = verify_groups(gated) if verify else []
     if not bad:
-        return gated
+        return _with_depth(gated, verify) if depth else gated
     described = "; ".join(
         f"{g.name} (layers {', '.join(g.modules)}{': ' + g.unsafe if g.unsafe else ''})"
         for g in gated.channel_groups if g.name in bad
@@ -461,4 +532,25 @@ def gate(
     if verify_groups(gated):
         raise WgatesError(f"{type(model).__name__}: extraction is not exact even after "
                           f"leaving out {described}; pass ignore=[...] for the layers at fault")
+    return _with_depth(gated, verify) if depth else gated
+
+
+def _with_depth(gated: GatedModel, verify: bool) -> GatedModel:
+    """`gated` with its droppable blocks enabled; with `verify`, every one of them dropped at
+    once must extract exactly, else none is (a warning says so)."""
+    from wgates.extract import TOLERANCE, extract, max_difference
+
+    if not gated.enable_depth() or not verify:
+        return gated
+    gated.set_masks({gated.channel_groups[i].name: torch.zeros(gated.channel_groups[i].size,
+                                                               dtype=torch.bool)
+                     for i in gated.blocks})
+    try:
+        error = max_difference(gated, extract(gated, verify=False), gated.example_inputs)
+    finally:
+        gated.clear_masks()
+    if error > TOLERANCE:
+        warnings.warn(f"wgates: no block will be dropped: with all of them dropped the "
+                      f"extracted model differs from the gated one by {error:.3g}", stacklevel=3)
+        gated.disable_depth()
     return gated

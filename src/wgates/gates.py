@@ -107,7 +107,10 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     centred between the k-th and the (k+1)-th score: the count is fixed from outside (by the
     allocation), the gradient still teaches the gate which units deserve the places."""
     ranked = scores.detach().sort(descending=True).values
-    tau = (ranked[k - 1] + ranked[k]) / 2 if k < len(ranked) else ranked[-1] - 1.0
+    if k == 0:  # none kept (a dropped block): the gradient still says which unit is best
+        tau = ranked[0] + 1.0
+    else:
+        tau = (ranked[k - 1] + ranked[k]) / 2 if k < len(ranked) else ranked[-1] - 1.0
     hard = torch.zeros_like(scores).index_fill_(0, scores.detach().topk(k).indices, 1.0)
     soft = torch.sigmoid((scores - tau) / SURROGATE_TEMPERATURE)
     return hard + (soft - soft.detach())

@@ -189,6 +189,7 @@ def prune(
     ramp: float = PRUNE.ramp,
     floor: float = PRUNE.floor,
     importance: str = PRUNE.importance,
+    depth: bool = PRUNE.depth,
     resume: bool = False,
     export: bool = True,
     progress: bool = True,
@@ -211,6 +212,9 @@ def prune(
     `proxy` and `allocation`, and a knob method reads none of the search's settings;
     `allocation`, `ramp`, `floor`, `importance`: how the search sets the widths
     (`wgates.search`);
+    `depth`: a gate method may also drop residual blocks, a block's inner group going to no
+    channel (`wgates.blocks`; where latency is overhead-bound a block costs more than its
+    channels);
     `distill`: the dense model teaches the search and the fine-tune;
     `loss_fn`: the task's loss for the search and the fine-tune, `loss_fn(output, target)`,
     called as `loss_fn(output, target, teacher_output)` when distilling (default: cross-entropy
@@ -265,7 +269,8 @@ def prune(
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
               method=method, predictor=predictor, force_predictor=force_predictor,
-              channel_multiple=channel_multiple, blocks=blocks, readings=readings)
+              channel_multiple=channel_multiple, blocks=blocks, readings=readings,
+              depth=depth)
     path = Path(run_dir)
     # a run directory this call makes (or finds empty) is emptied again if the target is
     # refused after measuring: it would hold nothing but block the next run
@@ -277,7 +282,7 @@ def prune(
         "backend": backend, "threads": threads, "method": method, "proxy": proxy,
         "predictor": None if predictor is None else str(predictor), "samples": samples,
         "allocation": allocation, "ramp": ramp, "floor": floor, "importance": importance,
-        "distill": distill,
+        "distill": distill, **({"depth": True} if depth and info.gates else {}),
         "epochs": epochs, "finetune_epochs": finetune_epochs, "lr": lr, "gate_lr": gate_lr,
         "finetune_lr": finetune_lr, "tolerance": tolerance, "seed": seed,
         **({"channel_multiple": multiple} if multiple > 1 else {}),
@@ -302,7 +307,8 @@ def prune(
 
         torch.manual_seed(seed)  # the gates' first weights, whatever ran before (a resumed
         gated = gate(model, inputs, kind=info.kind,  # run skips the measurements above)
-                     channel_multiple=multiple, channel_block=block)
+                     channel_multiple=multiple, channel_block=block,
+                     depth=depth and info.gates is not None)
         lowest = lowest_floor(method, allocation, floor)
         if "min_ratio" not in run.state:
             run.save(min_ratio=distributed.once("measure the narrowest model", lambda: (
@@ -427,6 +433,7 @@ def preflight(
     channel_multiple: int | None = None,
     blocks: Sequence[int] = PRUNE.blocks,
     readings: str | Path | None = None,
+    depth: bool = PRUNE.depth,
 ) -> None:
     """The checks `prune` makes before any work, each refusing in one line: the method's
     name; the target's form and range; that the model runs on the inputs (`check_forward`);
@@ -452,8 +459,8 @@ def preflight(
     with torch.random.fork_rng(devices=[]):
         modes = [(m, m.training) for m in model.modules()]
         try:
-            gated = gate(model.eval(), inputs, kind=info.kind,
-                         channel_multiple=multiple, channel_block=block)
+            gated = gate(model.eval(), inputs, kind=info.kind, channel_multiple=multiple,
+                         channel_block=block, depth=depth and info.gates is not None)
         except WgatesError as err:
             if "no prunable channel group" not in str(err):
                 raise
@@ -531,11 +538,13 @@ def _knob_method(method: str, dense: nn.Module, inputs: tuple, loader, target: f
 def smallest_ratio(gated, measure, floor: float, target: float = math.nan,
                    tolerance: float = PRUNE.tolerance) -> float:
     """The measured latency ratio of the narrowest model the search may deliver: every group
-    at `floor` of its width (at least its minimum channels). A reading near `target` is
+    at `floor` of its width (at least its minimum channels; a droppable block dropped,
+    `wgates.blocks`). A reading near `target` is
     confirmed by `settled` (noise must not decide). The global random state is untouched."""
     n_units = [g.n_units for g in gated.channel_groups]
     min_units = [gated._min_units(i) for i in range(len(gated.channel_groups))]
-    units = lowest_units(n_units, min_units, floor)
+    units = [0 if m == 0 else u for m, u in zip(min_units, lowest_units(n_units, min_units,
+                                                                           floor))]
     widths = {g.name: u * g.size // g.n_units
               for g, u in zip(gated.channel_groups, units, strict=True)}
     with torch.random.fork_rng(devices=[]):
@@ -665,7 +674,7 @@ def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samp
         prof = profile(gated.plain_copy(), list(inputs[0].shape), db, samples=samples,
                        backend=backend, threads=threads, progress=progress,
                        channel_multiple=gated.channel_multiple,
-                       channel_block=gated.channel_block)
+                       channel_block=gated.channel_block, depth=bool(gated.blocks))
         comparison = fit_file(db, prof, macs=MacsModel.of(gated))
         net = comparison.predictor
         net.save(lpnet_file)

@@ -25,6 +25,10 @@ FAMILIES = {"uniform": 0.35, "near_uniform": 0.35, "random": 0.30}
 NEAR_UNIFORM_JITTER = 0.1
 # Uniform width ratios of the probe configurations re-measured to estimate the noise floor.
 PROBE_RATIOS = (0.75, 0.5, 0.25)
+# Share of the groups that may drop their block (minimum 0) kept at 0 in a random
+# configuration: a dropped block costs far less than its narrowest width (wgates.blocks), a
+# step LPNet learns only from samples that take it.
+DROP_SHARE = 0.25
 # Fractions of each layer's dense in/out channels measured for the lookup-table predictor.
 LUT_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
 LUT_PROTOCOL = Protocol(rounds=20, retries=0)
@@ -54,7 +58,12 @@ def sample_widths(groups: Sequence, index: int, seed: int = 0) -> tuple[str, dic
         ratios = np.clip(rng.uniform() + rng.normal(0, NEAR_UNIFORM_JITTER, n), 0, 1)
     else:
         ratios = rng.uniform(size=n)
-    return family, _clip_widths(groups, ratios)
+    widths = _clip_widths(groups, ratios)
+    droppable = [g.name for g in groups if g.min_channels == 0]
+    if droppable:  # drawn after the rest: profiles without droppable blocks stay as they were
+        for name, drop in zip(droppable, rng.uniform(size=len(droppable)) < DROP_SHARE):
+            widths[name] = 0 if drop else widths[name]
+    return family, widths
 
 
 def probe_widths(groups: Sequence, probe: int) -> dict[str, int]:
@@ -185,6 +194,7 @@ def profile(
     lookup_table: bool = True,
     channel_multiple: int | None = None,
     channel_block: int | None = None,
+    depth: bool = False,
 ) -> Run:
     """Measure width configurations of `model` until `out` holds `samples` of them measured on
     a calm machine for this fingerprint (so re-running resumes, and a larger `samples` adds
@@ -196,7 +206,8 @@ def profile(
     predictor LPNet is compared with (930 timings for LRASPP-MobileNetV3 at 64x64; LPNet
     needs none). `channel_multiple`, `channel_block` (default: the backend's `width_grid`):
     the widths pruning will deliver (`wgates.gated.allowed_widths`), so the samples are too
-    (each sampled width snapped to one).
+    (each sampled width snapped to one). `depth`: residual blocks may be dropped
+    (`wgates.gate(depth=True)`), and a share of the samples drops them (`DROP_SHARE`).
     """
     from wgates.gated import gate
 
@@ -204,7 +215,7 @@ def profile(
     multiple, block = runner_backend.width_grid(channel_multiple)
     block = channel_block or block
     example = (torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)),)
-    gated = gate(model, example, channel_multiple=multiple, channel_block=block)
+    gated = gate(model, example, channel_multiple=multiple, channel_block=block, depth=depth)
     groups = gated.groups
     fingerprint = {
         **runner_backend.fingerprint_at(input_shape),
