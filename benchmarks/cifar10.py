@@ -91,7 +91,7 @@ class Settings:
     ramp: float | None = None
     floor: float = 0.0
     importance: str = "taylor"
-    depth: bool = False  # gate searches may drop residual blocks (wgates.blocks)
+    depth: bool = False  # gate searches may drop residual blocks (wgates.depth)
     blocks: list[int] = field(default_factory=list)  # the closed loop widens to these blocks
     tolerance: float = 0.05
     lpnet_samples: int = 150
@@ -234,7 +234,7 @@ def row_key(row: dict) -> tuple:
 
 def conv_widths(model: nn.Module, dense: nn.Module | None = None) -> list[int]:
     """Output channels of each conv, in module order; with `dense`, one entry per conv of
-    `dense`, 0 for a conv that a dropped block took away (`wgates.blocks`)."""
+    `dense`, 0 for a conv that a dropped block took away (`wgates.depth`)."""
     if dense is None:
         return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
     have = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}

@@ -80,7 +80,7 @@ def main() -> None:
     model = create_model(args.model).eval()
     shape = default_input_shape(args.model)
     configs = json.loads(args.configs.read_text()) if args.configs else {}
-    # a width of 0 drops that residual block (wgates.blocks)
+    # a width of 0 drops that residual block (wgates.depth)
     depth = any(0 in prefixes.values() for prefixes in configs.values())
     gated = gate(model, (torch.randn(1, *shape),), depth=depth)
     example = (torch.randn(args.batch, *shape),)

@@ -9,7 +9,7 @@ because of the widths it picks, or because of its training?', measured.
 
 `--drop BLOCK ...` also removes whole residual blocks after the cut (each replaced by its
 identity shortcut; the widths of its convs are then ignored): depth as well as width, measured
-on the same footing (docs/design.md, "ONNX Runtime at batch 1: depth is where the latency is").
+on the same footing (docs/design.md, "ONNX Runtime at batch 1: the latency is in the blocks").
 """
 
 from __future__ import annotations

@@ -519,7 +519,7 @@ def test_prune_with_depth_drops_blocks_the_widths_alone_cannot_reach(data, tmp_p
                                                                      monkeypatch):
     """With a floor of 0.6 no width reaches 0.3 of the MACs; dropping blocks does, and the
     delivered model (saved, reloaded) has them as `Skip`s."""
-    from wgates.blocks import Skip
+    from wgates.depth import Skip
     from wgates.models.cifar_resnet import CifarResNet
 
     _fast(monkeypatch)

@@ -92,7 +92,7 @@ def allocate(
     see the steps either, and the allocation with tiers was the one without
     (benchmarks/results/tier_allocation_b32_amd.txt).
 
-    A group whose `min_units` is 0 drops its residual block at 0 units (`wgates.blocks`):
+    A group whose `min_units` is 0 drops its residual block at 0 units (`wgates.depth`):
     below its lowest width one more move takes it to 0, priced like any other, so the floor
     bounds how narrow a block may get but not whether it may go.
 

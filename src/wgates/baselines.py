@@ -93,7 +93,7 @@ class Context:
     loss_fn: LossFn = classification_loss  # the task's loss, for sensitivities and gradients
     channel_multiple: int = 1  # widths delivered in multiples of it (`GatedModel.snapped`)
     channel_block: int | None = None  # ... and of this above it (`wgates.gated.allowed_widths`)
-    depth: bool = False  # a gate search may drop residual blocks (`wgates.blocks`)
+    depth: bool = False  # a gate search may drop residual blocks (`wgates.depth`)
     notes: dict = field(default_factory=dict)  # what a method reports beside its model
 
 

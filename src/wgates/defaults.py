@@ -17,7 +17,7 @@ class PruneDefaults:
     allocation: str = "knapsack"  # how the search sets widths (wgates.search.ALLOCATIONS)
     ramp: float = 0.5  # fraction of the search over which the aim falls to the target
     floor: float = 0.25  # no group below this fraction of its width (docs/design.md: 0.1 vs 0.25)
-    # a residual block's inner group may keep no channel, dropping the block (wgates.blocks)
+    # a residual block's inner group may keep no channel, dropping the block (wgates.depth)
     depth: bool = False
     importance: str = "taylor"  # what a unit is worth to the knapsack (wgates.search.IMPORTANCES)
     distill: bool = True  # distil from the dense model in the search and the fine-tune

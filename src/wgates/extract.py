@@ -7,7 +7,7 @@ The pruning is described by `PruningPlan` (kept channel indices per group + the 
 input shapes + the residual blocks dropped), which is all `load_pruned` needs to rebuild the
 architecture from a fresh instance of the original model before loading safetensors weights.
 
-A group that keeps no channel drops its block (`wgates.blocks`): Torch-Pruning cannot take a
+A group that keeps no channel drops its block (`wgates.depth`): Torch-Pruning cannot take a
 conv to zero channels, so the group keeps one, its consumers' weights for it are zeroed (the
 branch then reads zeros, as in the gated model), and the block is replaced by the `Skip` its
 output fits.
@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wgates.blocks import Skip, capture, skip_form
+from wgates.depth import Skip, capture, skip_form
 from wgates.errors import WgatesError
 from wgates.groups import build_graph
 
@@ -117,10 +117,10 @@ def extract(gated, verify: bool = True) -> nn.Module:
         sizes={g.name: g.size for g in gated.channel_groups},
         input_shapes=[list(x.shape) for x in gated.example_inputs],
         input_dtypes=[str(x.dtype) for x in gated.example_inputs],
-        dropped={g.name: {"block": gated.blocks[i],
+        dropped={g.name: {"block": gated.droppable[i],
                           "consumers": sorted({p.module for p in g.consumers})}
                  for i, g in enumerate(gated.channel_groups)
-                 if i in gated.blocks and not masks[g.name].any()},
+                 if i in gated.droppable and not masks[g.name].any()},
     )
     small = apply_plan(gated.plain_copy(), plan)
     if verify:

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from wgates.blocks import capture, common_ancestors, fits, skip_form
+from wgates.depth import capture, common_ancestors, fits, skip_form
 from wgates.errors import WgatesError
 from wgates.gates import binarize, make_gate, top_k
 from wgates.groups import ChannelGroup, Ignore, as_input_tuple, find_groups, resolve_ignore
@@ -84,7 +84,7 @@ class GatedModel(nn.Module):
         )
         self.groups = [GroupView(self, i) for i in range(len(self.channel_groups))]
         # group index -> the residual block pruning it whole drops (`enable_depth`)
-        self.blocks: dict[int, str] = {}
+        self.droppable: dict[int, str] = {}
         self._min_before: dict[int, int] = {}
         self._fixed: dict[int, torch.Tensor] = {}
         self._kept_units: dict[int, int] = {}
@@ -371,7 +371,7 @@ class GatedModel(nn.Module):
 
     def droppable_block(self, i: int) -> str | None:
         """The innermost residual block that becomes act(x + c) when group i keeps no channel
-        (`wgates.blocks`), checked in float64 and on random inputs; None if there is none or
+        (`wgates.depth`), checked in float64 and on random inputs; None if there is none or
         a consumer reads more than this group (its input could not be zeroed alone)."""
         group = self.channel_groups[i]
         if group.ties is not None or not group.consumers:
@@ -402,20 +402,20 @@ class GatedModel(nn.Module):
 
     def enable_depth(self) -> list[str]:
         """Let every group with a droppable block (`droppable_block`) keep no channel: such a
-        group's minimum becomes 0, and extraction replaces its block by `wgates.blocks.Skip`.
+        group's minimum becomes 0, and extraction replaces its block by `wgates.depth.Skip`.
         Returns the blocks that may be dropped."""
         for i, group in enumerate(self.channel_groups):
             block = self.droppable_block(i)
             if block is not None:
-                self.blocks[i] = block
+                self.droppable[i] = block
                 self._min_before[i], group.min_channels = group.min_channels, 0
-        return [self.blocks[i] for i in sorted(self.blocks)]
+        return [self.droppable[i] for i in sorted(self.droppable)]
 
     def disable_depth(self) -> None:
         """Undo `enable_depth`: every group keeps its minimum channels again."""
         for i, before in self._min_before.items():
             self.channel_groups[i].min_channels = before
-        self.blocks.clear()
+        self.droppable.clear()
         self._min_before.clear()
 
     def extract(self, verify: bool = True) -> nn.Module:
@@ -544,7 +544,7 @@ def _with_depth(gated: GatedModel, verify: bool) -> GatedModel:
         return gated
     gated.set_masks({gated.channel_groups[i].name: torch.zeros(gated.channel_groups[i].size,
                                                                dtype=torch.bool)
-                     for i in gated.blocks})
+                     for i in gated.droppable})
     try:
         error = max_difference(gated, extract(gated, verify=False), gated.example_inputs)
     finally:

@@ -196,7 +196,7 @@ def fit_latency(gated: GatedModel, path: str | Path = "latency.sqlite", *,
                       samples=samples, backend=backend, threads=threads, protocol=protocol,
                       progress=progress, lookup_table=lookup_table,
                       channel_multiple=gated.channel_multiple,  # the widths it will deliver
-                      channel_block=gated.channel_block, depth=bool(gated.blocks))
+                      channel_block=gated.channel_block, depth=bool(gated.droppable))
         net = fit_file(path, run, macs=MacsModel.of(gated)).predictor
     return net.requires_grad_(False)
 

@@ -213,7 +213,7 @@ def prune(
     `allocation`, `ramp`, `floor`, `importance`: how the search sets the widths
     (`wgates.search`);
     `depth`: a gate method may also drop residual blocks, a block's inner group going to no
-    channel (`wgates.blocks`; where latency is overhead-bound a block costs more than its
+    channel (`wgates.depth`; where latency is overhead-bound a block costs more than its
     channels);
     `distill`: the dense model teaches the search and the fine-tune;
     `loss_fn`: the task's loss for the search and the fine-tune, `loss_fn(output, target)`,
@@ -539,7 +539,7 @@ def smallest_ratio(gated, measure, floor: float, target: float = math.nan,
                    tolerance: float = PRUNE.tolerance) -> float:
     """The measured latency ratio of the narrowest model the search may deliver: every group
     at `floor` of its width (at least its minimum channels; a droppable block dropped,
-    `wgates.blocks`). A reading near `target` is
+    `wgates.depth`). A reading near `target` is
     confirmed by `settled` (noise must not decide). The global random state is untouched."""
     n_units = [g.n_units for g in gated.channel_groups]
     min_units = [gated._min_units(i) for i in range(len(gated.channel_groups))]
@@ -674,7 +674,7 @@ def _fit_cost_model(gated, proxy, predictor, run, inputs, backend, threads, samp
         prof = profile(gated.plain_copy(), list(inputs[0].shape), db, samples=samples,
                        backend=backend, threads=threads, progress=progress,
                        channel_multiple=gated.channel_multiple,
-                       channel_block=gated.channel_block, depth=bool(gated.blocks))
+                       channel_block=gated.channel_block, depth=bool(gated.droppable))
         comparison = fit_file(db, prof, macs=MacsModel.of(gated))
         net = comparison.predictor
         net.save(lpnet_file)

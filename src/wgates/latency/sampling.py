@@ -26,7 +26,7 @@ NEAR_UNIFORM_JITTER = 0.1
 # Uniform width ratios of the probe configurations re-measured to estimate the noise floor.
 PROBE_RATIOS = (0.75, 0.5, 0.25)
 # Share of the groups that may drop their block (minimum 0) kept at 0 in a random
-# configuration: a dropped block costs far less than its narrowest width (wgates.blocks), a
+# configuration: a dropped block costs far less than its narrowest width (wgates.depth), a
 # step LPNet learns only from samples that take it.
 DROP_SHARE = 0.25
 # Fractions of each layer's dense in/out channels measured for the lookup-table predictor.

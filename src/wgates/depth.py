@@ -1,9 +1,9 @@
 """Depth: residual blocks that pruning one group whole turns into their shortcut.
 
 Why: where latency is overhead-bound, a block costs far more than its channels. ResNet-20 on
-ONNX Runtime at batch 1 (AMD EPYC, one thread): one stage-1 block with 8 channels costs 0.084
-of the dense latency, more than widening all three stage-1 blocks from 8 to 16 channels saves
-per block (docs/design.md, "ONNX Runtime at batch 1: depth is where the latency is").
+ONNX Runtime at batch 1 (AMD EPYC, one thread), at Torch-Pruning Taylor's widths for 0.5 of
+the dense latency: dropping one 8-channel stage-1 block saves 0.08 of the dense latency, two
+save 0.14 (docs/design.md, "ONNX Runtime at batch 1: the latency is in the blocks").
 
 When every channel of a block's inner group is pruned, the branch reads zeros and adds a
 constant, so the block computes act(x + c): the input, a per-channel constant and the block's

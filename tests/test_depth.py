@@ -11,7 +11,7 @@ from torch import nn
 
 import wgates
 from wgates.allocate import allocate
-from wgates.blocks import Skip, common_ancestors, skip_form
+from wgates.depth import Skip, common_ancestors, skip_form
 from wgates.extract import load_pruned, max_difference, save_pruned
 from wgates.gates import top_k
 from wgates.latency.sampling import sample_widths
@@ -73,14 +73,14 @@ def test_the_droppable_blocks_are_the_identity_shortcut_ones(name, blocks, warm)
     side = 32 if name == "resnet20" else 64
     model = warm(model, (2, 3, side, side))
     gated = wgates.gate(model, torch.randn(1, 3, side, side), depth=True)
-    assert sorted(gated.blocks.values()) == sorted(blocks)
-    for i in gated.blocks:
+    assert sorted(gated.droppable.values()) == sorted(blocks)
+    for i in gated.droppable:
         assert gated.channel_groups[i].min_channels == 0
 
 
 def test_without_depth_no_group_may_go_to_zero(resnet20, x32):
     gated = wgates.gate(resnet20, x32)
-    assert not gated.blocks and all(g.min_channels >= 1 for g in gated.channel_groups)
+    assert not gated.droppable and all(g.min_channels >= 1 for g in gated.channel_groups)
 
 
 @pytest.fixture
@@ -132,7 +132,7 @@ def test_top_k_of_zero_keeps_none_and_still_ranks():
 
 def test_a_few_channels_never_snap_to_a_dropped_block(resnet20, x32):
     gated = wgates.gate(resnet20, x32, depth=True, channel_multiple=8, channel_block=16)
-    i = next(iter(gated.blocks))
+    i = next(iter(gated.droppable))
     assert 0 in gated.unit_grid(i)
     assert gated.snap_width(i, 1) == 8 and gated.snap_width(i, 0) == 0
 
@@ -160,7 +160,7 @@ def test_allocation_drops_a_block_below_the_floor_only_where_allowed(min_units, 
 
 def test_latency_samples_drop_blocks_only_where_allowed(resnet20, x32):
     gated = wgates.gate(resnet20, x32, depth=True)
-    droppable = {gated.channel_groups[i].name for i in gated.blocks}
+    droppable = {gated.channel_groups[i].name for i in gated.droppable}
     draws = [sample_widths(gated.groups, k)[1] for k in range(2, 60)]
     zeros = {name for w in draws for name, c in w.items() if c == 0}
     assert zeros and zeros <= droppable
