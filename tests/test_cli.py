@@ -40,6 +40,13 @@ def test_inspect_options(capsys):
     assert "6 groups, 256 prunable channels" in out
 
 
+def test_inspect_says_which_blocks_depth_may_drop(capsys):
+    assert main(["inspect", "--model", "resnet20", "--depth"]) == 0
+    notes = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
+    assert notes["layer1.2.conv1"].endswith("at 0 channels drops block layer1.2")
+    assert "drops" not in notes["layer2.0.conv1"] and "drops" not in notes["conv1"]
+
+
 def test_inspect_shows_grouped_conv_ties(tmp_path, capsys):
     net = tmp_path / "net.py"
     net.write_text(

@@ -62,6 +62,8 @@ def add_inspect(sub) -> None:
                    help="never prune a group below this many channels (default 1)")
     p.add_argument("--ignore", nargs="+", default=[], metavar="NAME",
                    help="module names to leave unpruned (with everything coupled to them)")
+    p.add_argument("--depth", action="store_true",
+                   help="also say which residual blocks `prune --depth` may drop")
 
     def run(args) -> int:
         import warnings
@@ -77,8 +79,9 @@ def add_inspect(sub) -> None:
         example = torch.randn(shape)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            groups = gate(model, example, ignore=args.ignore,
-                          min_channels=args.min_channels).channel_groups
+            gated = gate(model, example, ignore=args.ignore, min_channels=args.min_channels,
+                         depth=args.depth)
+        groups = gated.channel_groups
         with torch.no_grad():
             macs, params = tp.utils.count_ops_and_params(model, example)
         width = max(len("group"), *(len(g.name) for g in groups))
@@ -89,6 +92,9 @@ def add_inspect(sub) -> None:
             if g.ties is not None:
                 note = (f"grouped conv ties: {g.n_units} units of "
                         f"{g.size // g.n_units} channels")
+            block = gated.droppable.get(groups.index(g))
+            if block is not None:
+                note = f"at 0 channels drops block {block}"
             print(f"{g.name:<{width}}  {g.size:>5}  {len(g.producers):>9}  "
                   f"{len(g.consumers):>9}  {note}".rstrip())
         print(f"{len(groups)} groups, {sum(g.size for g in groups)} prunable channels, "
