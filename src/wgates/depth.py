@@ -2,8 +2,8 @@
 
 Why: where latency is overhead-bound, a block costs far more than its channels. ResNet-20 on
 ONNX Runtime at batch 1 (AMD EPYC, one thread), at Torch-Pruning Taylor's widths for 0.5 of
-the dense latency: dropping one 8-channel stage-1 block saves 0.08 of the dense latency, two
-save 0.14 (docs/design.md, "ONNX Runtime at batch 1: the latency is in the blocks").
+the dense latency: dropping one 8-channel stage-1 block saves 0.066 of the dense latency, two
+save 0.133 (docs/design.md, "ONNX Runtime at batch 1: the latency is in the blocks").
 
 When every channel of a block's inner group is pruned, the branch reads zeros and adds a
 constant, so the block computes act(x + c): the input, a per-channel constant and the block's
