@@ -175,7 +175,8 @@ def test_save_load_round_trip(pruned, x32, tmp_path):
     out = wgates.save_pruned(pruned, tmp_path / "p")
     assert sorted(f.name for f in out.iterdir()) == ["model.safetensors", "pruning.json"]
     plan = json.loads((out / "pruning.json").read_text())
-    assert set(plan) == {"kept", "sizes", "input_shapes", "input_dtypes"}
+    assert set(plan) == {"kept", "sizes", "input_shapes", "input_dtypes", "dropped"}
+    assert plan["dropped"] == {}  # no block dropped without depth
     raw = (out / "model.safetensors").read_bytes()
     assert not raw.startswith((b"\x80", b"PK"))  # neither a pickle nor a torch zip archive
     header_len = struct.unpack("<Q", raw[:8])[0]
