@@ -87,12 +87,12 @@ def add_inspect(sub) -> None:
         width = max(len("group"), *(len(g.name) for g in groups))
         print(f"{args.model}, input {'x'.join(map(str, shape))}")
         print(f"{'group':<{width}}  {'size':>5}  {'producers':>9}  {'consumers':>9}  note")
-        for g in groups:
+        for i, g in enumerate(groups):
             note = ""
             if g.ties is not None:
                 note = (f"grouped conv ties: {g.n_units} units of "
                         f"{g.size // g.n_units} channels")
-            block = gated.droppable.get(groups.index(g))
+            block = gated.droppable.get(i)
             if block is not None:
                 note = f"at 0 channels drops block {block}"
             print(f"{g.name:<{width}}  {g.size:>5}  {len(g.producers):>9}  "

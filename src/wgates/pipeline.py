@@ -459,8 +459,9 @@ def preflight(
     with torch.random.fork_rng(devices=[]):
         modes = [(m, m.training) for m in model.modules()]
         try:
+            # droppable blocks matter only to the narrowest model measured below
             gated = gate(model.eval(), inputs, kind=info.kind, channel_multiple=multiple,
-                         channel_block=block, depth=depth and info.gates is not None)
+                         channel_block=block, depth=depth and measure and info.gates is not None)
         except WgatesError as err:
             if "no prunable channel group" not in str(err):
                 raise
