@@ -10,6 +10,13 @@ Four checks on one pruned model against its dense model (torch-cpu, one thread, 
     python benchmarks/host_spells.py train --what copy --batch 32  # ... training its shapes?
     python benchmarks/host_spells.py hogs                     # load on the other core
     python benchmarks/host_spells.py seeded --pairs 30        # the quiet time from the profile
+    python benchmarks/host_spells.py pooled LATENCY_FILE      # the runs' kept readings
+
+`pooled` reads no model: it bins every reading a benchmark run kept in a latency file
+(`LatencyMeter.remember`, the `readings` table) by how slow the reference ran against the
+file's quickest reference in the same setting, and prints how far each bin's ratios lie from
+their architecture's median over its quicker half of readings (what sets
+`Protocol.calm_slowdown`).
 
 `seeded` alternates new processes that take the settled figure a run delivers, with the
 meter's quiet time as today's default (the quickest reference it has timed) and seeded from
@@ -128,6 +135,37 @@ def replay(args: argparse.Namespace) -> None:
               f" (range {(max(figures) - min(figures)) / mid:.1%}, IQR {(q3 - q1) / mid:.1%})")
 
 
+def pooled(args: argparse.Namespace) -> None:
+    import sqlite3
+
+    db = sqlite3.connect(args.file)
+    try:
+        rows = db.execute("SELECT setting, arch, ratio, dense_ms FROM readings").fetchall()
+    finally:
+        db.close()
+    by_arch: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    quiet: dict[str, float] = {}
+    for setting, arch, ratio, dense_ms in rows:
+        by_arch.setdefault((setting, arch), []).append((ratio, dense_ms))
+        quiet[setting] = min(quiet.get(setting, float("inf")), dense_ms)
+    bins: dict[int, list[float]] = {}
+    for (setting, _), readings in by_arch.items():
+        if len(readings) < 4:
+            continue
+        half = np.median([d for _, d in readings])
+        base = np.median([r for r, d in readings if d <= half])
+        for r, d in readings:
+            b = min(int((d / quiet[setting] - 1) / args.step + 1e-9), args.bins - 1)
+            bins.setdefault(b, []).append(r / base - 1)
+    print(f"{len(rows)} readings of {len(by_arch)} architectures in {args.file}")
+    for b in sorted(bins):
+        dev = np.array(bins[b])
+        top = "+" if b == args.bins - 1 else f"-{1 + args.step * (b + 1):.2f}"
+        print(f"reference {1 + args.step * b:.2f}{top} x quietest: {len(dev):4d} readings, "
+              f"ratio off its architecture's median by {np.median(dev):+.2%} (median), "
+              f"{np.quantile(dev, 0.9):+.2%} (90th percentile)")
+
+
 def train(args: argparse.Namespace) -> None:
     """Readings with a meter made before training, after rounds of training steps, beside
     new processes' readings after each round. `--what`: train a copy of the dense model
@@ -207,10 +245,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     modes = parser.add_subparsers(dest="mode", required=True)
     for name, fn in (("log", log), ("replay", replay), ("train", train), ("hogs", hogs),
-                     ("seeded", seeded), ("child", child)):
+                     ("seeded", seeded), ("child", child), ("pooled", pooled)):
         sub = modes.add_parser(name)
         sub.set_defaults(fn=fn)
-        if name != "replay":
+        if name not in ("replay", "pooled"):
             sub.add_argument("--pruned", type=Path, default=PRUNED)
         if name in ("train", "child"):
             sub.add_argument("--batch", type=int, default=1, help="the latency batch")
@@ -229,6 +267,9 @@ def main() -> None:
     modes.choices["child"].add_argument("--quiet-from", type=Path, default=None)
     modes.choices["seeded"].add_argument("--pairs", type=int, default=30)
     modes.choices["seeded"].add_argument("--profile", type=Path, default=PROFILE)
+    modes.choices["pooled"].add_argument("file", type=Path, help="a latency file (.sqlite)")
+    modes.choices["pooled"].add_argument("--step", type=float, default=0.02)
+    modes.choices["pooled"].add_argument("--bins", type=int, default=10)
     args = parser.parse_args()
     if getattr(args, "pruned", None) and not (args.pruned / "pruning.json").exists():
         raise SystemExit(f"{args.pruned} is not a pruned model saved by wgates.save_pruned: "

@@ -51,6 +51,27 @@ def test_host_spells_replay_drops_slow_readings_and_refuses_a_missing_model(tmp_
     assert result.returncode != 0 and "give --pruned DIR" in result.stderr
 
 
+def test_host_spells_pooled_bins_kept_readings_by_the_reference_slowdown(tmp_path):
+    """One architecture read 8 times at the quiet pace (0.50) and twice with the reference
+    15% slow (0.55): the slow bin reads 10% over the architecture's median."""
+    import sqlite3
+
+    path = tmp_path / "latency.sqlite"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE readings (setting TEXT, arch TEXT, ratio REAL, spread REAL, "
+               "dense_ms REAL, created REAL)")
+    rows = [(0.50, 1.0)] * 8 + [(0.55, 1.15)] * 2
+    db.executemany("INSERT INTO readings VALUES ('s', 'a', ?, 0, ?, 0)", rows)
+    db.commit()
+    db.close()
+    result = run("host_spells.py", "pooled", str(path), "--step", "0.05")
+    assert result.returncode == 0, result.stderr
+    assert "1.00-1.05 x quietest:    8 readings, ratio off its architecture's median by " \
+        "+0.00%" in result.stdout
+    assert "1.15-1.20 x quietest:    2 readings, ratio off its architecture's median by " \
+        "+10.00%" in result.stdout
+
+
 def test_imagenet_config_is_valid():
     sys.path.insert(0, str(BENCH))
     try:

@@ -60,3 +60,63 @@ def test_lpnet_on_the_prior_holds_where_no_sample_went(tmp_path):
     with torch.no_grad():
         assert torch.equal(again(torch.as_tensor(far, dtype=torch.float32)),
                            torch.as_tensor(predicted))
+
+
+def test_layers_counts_the_convs_and_linears_a_dropped_block_takes_away():
+    gated = wgates.gate(create_model("resnet20").eval(), (torch.randn(1, 3, 32, 32),),
+                        depth=True)
+    macs = MacsModel.of(gated)
+    n = macs.weights.numel()  # 19 convs and the classifier
+    kept = gated.sizes().float()
+    assert float(macs.layers(kept)) == 1.0
+    droppable = sorted(gated.droppable)
+    kept[droppable[0]] = 0  # the block's two convs go
+    assert float(macs.layers(kept)) == pytest.approx((n - 2) / n)
+    kept[droppable[1]] = 0
+    assert float(macs.layers(kept)) == pytest.approx((n - 4) / n)
+    kept[droppable[1]] = 1  # one channel keeps both
+    assert float(macs.layers(kept)) == pytest.approx((n - 2) / n)
+
+
+def test_lpnet_prices_dropped_blocks_by_the_layers_they_take_away(tmp_path):
+    """Latency with a fixed cost per layer, as at batch 1: samples drop a few blocks at random
+    widths; the knapsack asks about wide stages with many blocks dropped. MACs alone cannot
+    see a block's fixed cost there; the layers term does. An LPNet saved before the term
+    existed (a prior of two entries) still loads and predicts as it did."""
+    gated = wgates.gate(create_model("resnet20").eval(), (torch.randn(1, 3, 32, 32),),
+                        depth=True)
+    macs = MacsModel.of(gated)
+    names, sizes = [g.name for g in gated.groups], [g.size for g in gated.groups]
+    droppable = sorted(gated.droppable)
+    rng = np.random.default_rng(0)
+    size = np.array(sizes, dtype=float)
+
+    def latency(kept: np.ndarray) -> np.ndarray:
+        k = torch.as_tensor(kept, dtype=torch.float32)
+        with torch.no_grad():
+            return (0.1 + 0.3 * macs(k) + 0.6 * macs.layers(k)).numpy()
+
+    kept = np.ceil(size * rng.uniform(0.25, 1.0, (80, len(sizes))))
+    kept[:, droppable] *= rng.uniform(size=(80, len(droppable))) > 0.25
+    ratios = latency(kept) * (1 + 0.01 * rng.standard_normal(len(kept)))
+    far = np.tile(size, (3, 1))
+    far[0, droppable[:4]] = 0
+    far[1, droppable[:5]] = 0
+    far[2, droppable] = 0
+    model = LatencyPredictor.fit(names, sizes, kept, ratios, steps=400, macs=macs,
+                                 prior_decay=10.0)
+    with torch.no_grad():
+        predicted = model(torch.as_tensor(far, dtype=torch.float32)).numpy()
+    assert np.abs(predicted / latency(far) - 1).max() < 0.05
+
+    old = LatencyPredictor(names, sizes, macs=macs)
+    with torch.no_grad():
+        old.prior.copy_(torch.tensor([0.2, 0.8, 0.0]))
+    old.save(tmp_path / "lpnet.pt")
+    blob = torch.load(tmp_path / "lpnet.pt", weights_only=True)
+    blob["state_dict"]["prior"] = blob["state_dict"]["prior"][:2]  # as saved before
+    torch.save(blob, tmp_path / "old.pt")
+    again = LatencyPredictor.load(tmp_path / "old.pt")
+    with torch.no_grad():
+        assert torch.allclose(again(torch.as_tensor(far, dtype=torch.float32)),
+                              old(torch.as_tensor(far, dtype=torch.float32)))

@@ -344,6 +344,54 @@ def test_closed_loop_widens_to_blocks_the_hardware_gives_for_free():
     assert steps[5].measured == pytest.approx(steps[2].measured)  # the widest kept, again
 
 
+def test_closed_loop_spends_the_slack_one_width_step_at_a_time():
+    """Searched widths read under the band but within the loop's slack, so they are kept;
+    each group is then tried one step wider (no grid here: the last block, 8), the last group
+    first: a step over the ceiling is refused, the others kept until a reading is in the
+    band, then the widest kept widths are read once more."""
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn"), X, verify=False).eval()
+    searched = {"features.0.0": 16, "features.2.0": 24, "features.4.0": 112, "features.5.0": 112}
+    gated.set_masks(gated.masks_for_widths(searched))
+
+    def measure(model):  # the last group's next step costs far more than the others'
+        w = gated.widths()
+        ratio = (w["features.0.0"] / 64 + w["features.2.0"] / 128 + w["features.4.0"] / 256
+                 + w["features.5.0"] / 256) / 4
+        return ratio + (0.1 if w["features.5.0"] > 112 else 0.0), 0.0
+
+    model, steps = closed_loop(gated, macs_cost(gated), measure, 0.4, tolerance=0.1,
+                               blocks=(8,))
+    assert steps[0].measured == pytest.approx(0.328125)  # in the slack: [0.32, 0.36)
+    assert [s.measured for s in steps[1:5]] == pytest.approx(
+        [0.4359375, 0.3359375, 0.3515625, 0.3828125])  # refused, kept, kept, in the band
+    assert len(steps) == 6 and steps[5].measured == pytest.approx(0.3828125)
+    assert gated.widths() == {"features.0.0": 24, "features.2.0": 32, "features.4.0": 120,
+                              "features.5.0": 112}
+    assert [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)] == \
+        [24, 32, 120, 112]
+
+
+def test_spending_the_slack_may_bring_a_dropped_block_back():
+    """Every group full or dropped: the one step left is a dropped block back at its
+    narrowest width (no grid here: the last block, 8 channels)."""
+    from wgates.depth import Skip
+
+    torch.manual_seed(0)
+    gated = gate(create_model("resnet20").eval(), torch.randn(1, 3, 32, 32), depth=True)
+    last = gated.channel_groups[max(gated.droppable)].name
+    gated.set_masks(gated.masks_for_widths({last: 0}))
+
+    def measure(model):  # the dropped block costs 0.05 at 8 channels
+        return 0.33 + (0.05 if gated.widths()[last] else 0.0), 0.0
+
+    model, steps = closed_loop(gated, mean_width_cost(gated), measure, 0.4, tolerance=0.1,
+                               blocks=(16, 8))
+    assert [s.measured for s in steps] == pytest.approx([0.33, 0.38, 0.38])
+    assert gated.widths()[last] == 8
+    assert not any(isinstance(m, Skip) for m in model.modules())
+
+
 def test_check_blocks():
     check_blocks([16, 8], 8)  # multiples of the channel multiple pass, as does none
     check_blocks(())

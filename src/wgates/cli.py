@@ -580,7 +580,7 @@ def add_prune(sub) -> None:
     p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=PRUNE.depth,
                    help="let the search also drop residual blocks (a block's inner width going "
                    "to none); where latency is overhead-bound, as at batch 1, a block costs "
-                   "more than its channels")
+                   "more than its channels (default: on at batch 1, off above)")
     p.add_argument("--predictor", help="an LPNet file from `wgates fit-latency` (skips profiling)")
     p.add_argument("--readings", help="a latency file that keeps every measurement of a pruned "
                    "model, pooled with the earlier ones of the same architecture (default: the "

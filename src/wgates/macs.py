@@ -1,4 +1,5 @@
-"""Multiply-accumulates as a differentiable function of the kept channels: LPNet's prior.
+"""Multiply-accumulates as a differentiable function of the kept channels, and the share of
+layers left: LPNet's prior.
 
 Every conv and linear layer costs its dense MACs times the fraction of its output channels
 kept times the fraction of its input channels kept (a depthwise conv: the output fraction
@@ -12,6 +13,12 @@ ResNet-20 at batch 32 (torch-cpu, AMD EPYC, 82 samples whose repeats vary by 20%
 MLP's held-out error was 49%, against 17% for `a + b * MACs`; LPNet predicted 0.49 of the
 dense latency for an allocation (one group at 1 channel) that measured 0.72
 (docs/design.md, "LPNet on a MACs prior").
+
+Why the layers too: where blocks may be dropped (`wgates.depth`), latency at batch 1 falls by
+a block's fixed cost, which MACs do not see. Measured on ONNX Runtime's ResNet-20 profile with
+depth (150 samples): LPNet on MACs alone priced the searched models at 0.371 and 0.279 where
+they measured 0.49 and 0.47; `a + b * MACs + c * (layers - 1)` alone priced them at 0.503 and 0.491
+(docs/design.md, "LPNet prices dropped blocks by the layers they take away").
 """
 
 from __future__ import annotations
@@ -81,12 +88,23 @@ class MacsModel(nn.Module):
                    torch.tensor([layers[n][3] for n in names]),
                    torch.tensor([g.size for g in groups]))
 
-    def forward(self, kept: torch.Tensor) -> torch.Tensor:
+    def _shares(self, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per layer: the share of its output and of its input channels kept."""
         x = kept.to(self.sizes.dtype) / self.sizes
         out = 1 - self.out_map.sum(1) + x @ self.out_map.T
         inp = 1 - self.in_map.sum(1) + x @ self.in_map.T
-        inp = torch.where(self.depthwise, torch.ones_like(inp), inp)
+        return out, torch.where(self.depthwise, torch.ones_like(inp), inp)
+
+    def forward(self, kept: torch.Tensor) -> torch.Tensor:
+        out, inp = self._shares(kept)
         return (self.weights * out * inp).sum(-1)
+
+    def layers(self, kept: torch.Tensor) -> torch.Tensor:
+        """Share of the convs and linears still there (at least one input and one output
+        channel kept), each counted once: a step function, constant unless a group may keep
+        0 channels (a dropped block)."""
+        out, inp = self._shares(kept)
+        return ((out > 1e-6) & (inp > 1e-6)).to(out.dtype).mean(-1)
 
     @classmethod
     def from_dict(cls, state: dict[str, torch.Tensor]) -> MacsModel:

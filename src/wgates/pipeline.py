@@ -29,7 +29,7 @@ from torch import nn
 from wgates import distributed
 from wgates.allocate import lowest_units
 from wgates.baselines import METHODS, Context, method_info
-from wgates.defaults import PRUNE, deployment_threads
+from wgates.defaults import PRUNE, deployment_threads, depth_for
 from wgates.errors import WgatesError
 from wgates.export import export_onnx
 from wgates.extract import PLAN_ATTR, PruningPlan, apply_plan, load_pruned, save_pruned
@@ -189,7 +189,7 @@ def prune(
     ramp: float = PRUNE.ramp,
     floor: float = PRUNE.floor,
     importance: str = PRUNE.importance,
-    depth: bool = PRUNE.depth,
+    depth: bool | None = PRUNE.depth,
     resume: bool = False,
     export: bool = True,
     progress: bool = True,
@@ -214,7 +214,7 @@ def prune(
     (`wgates.search`);
     `depth`: a gate method may also drop residual blocks, a block's inner group going to no
     channel (`wgates.depth`; where latency is overhead-bound a block costs more than its
-    channels);
+    channels); default (None): at batch 1 only (`wgates.defaults.depth_for`);
     `distill`: the dense model teaches the search and the fine-tune;
     `loss_fn`: the task's loss for the search and the fine-tune, `loss_fn(output, target)`,
     called as `loss_fn(output, target, teacher_output)` when distilling (default: cross-entropy
@@ -266,6 +266,7 @@ def prune(
         place(model, device)
     here = next(model.parameters()).device
     inputs = tuple(x.to(here) for x in as_input_tuple(example_inputs))
+    depth = depth_for(depth, inputs[0].shape[0])
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
               method=method, predictor=predictor, force_predictor=force_predictor,
@@ -433,7 +434,7 @@ def preflight(
     channel_multiple: int | None = None,
     blocks: Sequence[int] = PRUNE.blocks,
     readings: str | Path | None = None,
-    depth: bool = PRUNE.depth,
+    depth: bool | None = PRUNE.depth,
 ) -> None:
     """The checks `prune` makes before any work, each refusing in one line: the method's
     name; the target's form and range; that the model runs on the inputs (`check_forward`);
@@ -456,6 +457,7 @@ def preflight(
         check_readings(readings)
     inputs = as_input_tuple(example_inputs)
     check_forward(model, inputs)
+    depth = depth_for(depth, inputs[0].shape[0])
     with torch.random.fork_rng(devices=[]):
         modes = [(m, m.training) for m in model.modules()]
         try:

@@ -45,8 +45,10 @@ class LatencyPredictor(nn.Module):
     """MLP from per-group kept-channel counts to latency / dense latency (positive).
 
     With `macs` (a `MacsModel`, as `wgates.prune` fits it) the MLP is a correction on top
-    of `a + b * MACs` (a and b fitted too): away from the samples the prediction falls back
-    on the compute, not on wherever an MLP extrapolates (wgates.macs says why)."""
+    of `a + b * MACs + c * (layers - 1)` (a, b, c fitted too; `layers`: the share of convs
+    and linears left, 1 unless blocks may be dropped, so c stays 0 otherwise):
+    away from the samples the prediction falls back on the compute and the layers left, not
+    on wherever an MLP extrapolates (wgates.macs says why)."""
 
     def __init__(
         self,
@@ -71,7 +73,8 @@ class LatencyPredictor(nn.Module):
         )
         self.macs = macs
         if macs is not None:
-            self.prior = nn.Parameter(torch.tensor([0.0, 1.0]))  # a, b of a + b * MACs
+            # a, b, c of a + b * MACs + c * (layers - 1)
+            self.prior = nn.Parameter(torch.tensor([0.0, 1.0, 0.0]))
             nn.init.zeros_(self.mlp[-1].weight)  # starts as the prior alone
             nn.init.zeros_(self.mlp[-1].bias)
 
@@ -82,9 +85,10 @@ class LatencyPredictor(nn.Module):
         y = self.mlp(2 * x - 1).squeeze(-1)
         if self.macs is None:
             return nn.functional.softplus(y)
-        a, b = self.prior
+        a, b, c = self.prior
+        prior = a + b * self.macs(kept) + c * (self.macs.layers(kept) - 1)
         # sharp softplus: the identity above a few percent, positive below
-        return nn.functional.softplus(a + b * self.macs(kept) + y, beta=PRIOR_SHARPNESS)
+        return nn.functional.softplus(prior + y, beta=PRIOR_SHARPNESS)
 
     def predict_ms(self, kept: torch.Tensor) -> torch.Tensor:
         """Predicted latency in milliseconds (dense latency at profiling time x ratio)."""
@@ -125,11 +129,11 @@ class LatencyPredictor(nn.Module):
         training (with a few hundred samples, the last step overfits). Runs on one thread: at
         this size more threads only add synchronisation (7x slower on a busy 2-core machine).
 
-        With `macs=` (in `meta`) the prior `a + b * MACs` is first fitted alone (least
-        relative squares), and the MLP on top decays towards zero (weight decay
-        `prior_decay`; several: one fit each, the held-out best kept), so that it keeps only
-        corrections the samples agree on; the prior alone is a candidate of the held-out
-        choice too."""
+        With `macs=` (in `meta`) the prior `a + b * MACs + c * (layers - 1)` is first fitted
+        alone (least relative squares; c only where the samples' layer counts differ), and the
+        MLP on top decays towards zero (weight decay `prior_decay`; several: one fit each, the
+        held-out best kept), so that it keeps only corrections the samples agree on; the prior
+        alone is a candidate of the held-out choice too."""
         torch.manual_seed(seed)
         model = cls(group_names, sizes, hidden, **meta)
         x = torch.as_tensor(kept, dtype=torch.float32)
@@ -139,9 +143,10 @@ class LatencyPredictor(nn.Module):
         val, train = order[:n_val], order[n_val:]
         if model.macs is not None:
             with torch.no_grad():
-                macs, target = model.macs(x[train]).numpy(), y[train].numpy()
-            a, b = relative_line(macs, target)
-            model.prior.data = torch.tensor([a, b], dtype=torch.float32)
+                macs, layers = model.macs(x[train]).numpy(), model.macs.layers(x[train]).numpy()
+            columns = [np.ones_like(macs), macs] + ([layers - 1] if np.ptp(layers) > 0 else [])
+            coef = relative_fit(np.stack(columns, 1), y[train].numpy())
+            model.prior.data = torch.tensor([*coef, 0.0][:3], dtype=torch.float32)
         decays = [prior_decay] if isinstance(prior_decay, (int, float)) else list(prior_decay)
         initial = copy.deepcopy(model.state_dict())
 
@@ -210,6 +215,8 @@ class LatencyPredictor(nn.Module):
             blob["group_names"], blob["sizes"], blob["hidden"], blob["dense_ms"],
             json.loads(blob["fingerprint"]), MacsModel.from_dict(prior) if prior else None,
         )
+        if "prior" in state and len(state["prior"]) == 2:  # saved before the layers term
+            state = {**state, "prior": torch.cat([state["prior"], state["prior"].new_zeros(1)])}
         model.load_state_dict(state)
         return model.eval()
 
@@ -311,10 +318,16 @@ def lut_latency(table: Mapping[str, Mapping[tuple[int, int], float]], layers: Se
     return total
 
 
+def relative_fit(columns: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Coefficients of `columns @ coef` ([N, k] columns) fitted for relative error (weights
+    1/y): latency ratios span a decade, and an unweighted fit would fit the large ones at the
+    small ones' expense."""
+    return np.linalg.lstsq(columns / y[:, None], np.ones_like(y), rcond=None)[0]
+
+
 def relative_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(a, b) of `a + b x` fitted for relative error (weights 1/y): latency ratios span a
-    decade, and an unweighted line would fit the large ones at the small ones' expense."""
-    b, a = np.polyfit(x, y, 1, w=1 / y)
+    """(a, b) of `a + b x` fitted for relative error (`relative_fit`)."""
+    a, b = relative_fit(np.stack([np.ones_like(x), x], 1), y)
     return float(a), float(b)
 
 
@@ -416,7 +429,7 @@ def fit_and_compare(
         "n_contended": n_samples - len(samples),
         "dense_ms": dense_ms,
         "run": run.key,
-        "prior": "none" if macs is None else "a + b * MACs",
+        "prior": "none" if macs is None else "a + b * MACs + c * (layers - 1)",
         "prior_decay": predictor.prior_decay,
         "baselines": "FLOPs and lookup table: ratio = a + b*x fitted on the training split",
     }
