@@ -46,7 +46,7 @@ def deployment_threads(threads: int, others: Sequence[int] = PRUNE.check_threads
 def depth_for(depth: bool | None, batch: int) -> bool:
     """Whether the search may drop residual blocks: `depth` as given, or by default (None)
     at batch 1 only. At batch 1 latency is overhead-bound and a block costs more than its
-    channels: with depth W-Gates gained 4.3 points on torch-cpu and 2.3 on ONNX Runtime at
-    0.5 (ResNet-20); at batch 32, where latency follows compute, it lost 2.4 (docs/design.md,
-    "ONNX Runtime at batch 1: the latency is in the blocks")."""
+    channels: with depth W-Gates gained 4.0 points on torch-cpu and 2.3 on ONNX Runtime at
+    0.5 (ResNet-20, three seeds each); at batch 32, where latency follows compute, it lost 2.4
+    (one seed; docs/design.md, "Batch 1 with depth")."""
     return batch == 1 if depth is None else depth

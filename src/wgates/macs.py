@@ -16,9 +16,9 @@ dense latency for an allocation (one group at 1 channel) that measured 0.72
 
 Why the layers too: where blocks may be dropped (`wgates.depth`), latency at batch 1 falls by
 a block's fixed cost, which MACs do not see. Measured on ONNX Runtime's ResNet-20 profile with
-depth (150 samples): LPNet on MACs alone priced the searched models at 0.371 and 0.279 where
-they measured 0.49 and 0.47; `a + b * MACs + c * (layers - 1)` alone priced them at 0.503 and 0.491
-(docs/design.md, "LPNet prices dropped blocks by the layers they take away").
+depth (150 samples): LPNet on MACs priced the searched models at 0.371 and 0.279 where they
+measured 0.49 and 0.47; `a + b * MACs + c * (layers - 1)` alone prices them at about 0.50
+and 0.49 (docs/design.md, "LPNet prices a dropped block by the layers it takes away").
 """
 
 from __future__ import annotations

@@ -640,7 +640,8 @@ def widen_to_blocks(gated: GatedModel, cost: Cost, measure: Measure,
     for i in reversed(range(len(gated.channel_groups))):
         if not ratio < low:  # in the band (or nothing known): nothing to fill
             break
-        g, width = gated.channel_groups[i], widths[gated.channel_groups[i].name]
+        g = gated.channel_groups[i]
+        width = widths[g.name]
         grid = gated.unit_grid(i) or [width + blocks[-1]]
         wider = min([c for c in grid if c > width] + [g.size])
         if width < wider and (step := try_wider(g.name, wider)) is not None:

@@ -245,8 +245,8 @@ class Protocol:
     `docs/design.md`, "A ratio read while the host is slow"). A reading whose reference ran
     over `calm_slowdown` x its quietest time is retaken up to `slow_retries` times, every
     `busy_sleep_s`, and the quickest-reference one kept: most spells are short. The limit is
-    1.08 since ONNX Runtime's batch-1 readings showed where the ratio breaks (ResNet-20, 811
-    readings pooled per architecture, docs/design.md): within 1.08x of the quiet time their
+    1.08 since ONNX Runtime's batch-1 readings showed where the ratio breaks (ResNet-20, some
+    800 readings pooled per architecture, docs/design.md): within 1.08x of the quiet time their
     median stays within 1% of the architecture's, from 1.10x it reads 10% high.
 
     Some last minutes, and a meter made inside one takes the spell for the host at rest
