@@ -237,7 +237,7 @@ def test_cli_fit_latency_fits_on_the_macs_prior_of_the_profiled_model(tmp_path, 
             "--steps", "100", "--json"]
     assert main(args) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["prior"] == "a + b * MACs" and metrics["mape"] < 0.02
+    assert metrics["prior"] == "a + b * MACs + c * (layers - 1)" and metrics["mape"] < 0.02
     assert metrics["prior_decay"] in (10.0, 0.1)
     assert main([*args, "--prior-decay", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["prior_decay"] == 3.0
