@@ -84,12 +84,31 @@ def test_start_reopens_below_the_aim_and_closes_from_itself_above_it():
     def from_start(start, aim):
         return allocate(cost, [8, 8], [8, 8], [1, 1], order, imp, aim, start=start)
 
-    # under the aim: the important group reopens first, and the aim still holds
-    assert from_start([2, 2], 0.6) == [7, 2]
+    # under the aim: the important group reopens first, and the aim still holds; then a
+    # unit of the unimportant group is traded for the important group's last one
+    assert from_start([2, 2], 0.6) == [8, 1]
     # over it: units close from the given widths, so a group never grows past its start
     kept = from_start([8, 4], 0.5)
     assert kept[1] <= 4 and float(cost(torch.tensor(kept) * 1.0)) <= 0.5 + 1e-6
     assert from_start([8, 4], 0.75) == [8, 4]  # already at the aim: nothing moves
+
+
+def test_a_dropped_block_comes_back_when_a_narrower_group_pays_for_it():
+    # group 0 is a block (droppable, widths 4 or 8) with a fixed 0.05 when present
+    def cost(kept: torch.Tensor) -> torch.Tensor:
+        k = kept.float()
+        return (0.05 * (k[..., 0] > 0) + 0.3 * k[..., 0] / 8 + 0.12 * k[..., 1] / 8
+                + 0.16 * k[..., 2] / 8)
+
+    imp = [torch.tensor(v) for v in ([1.7, 1.7, 1.4, 1.2, 0.8, 0.8, 0.5, 0.4],
+                                     [2.0, 1.9, 1.5, 1.5, 1.2, 1.1, 1.1, 1.0],
+                                     [1.7, 1.5, 1.2, 1.2, 1.1, 0.9, 0.8, 0.6])]
+    kept = allocate(cost, [8] * 3, [8] * 3, [0, 1, 1], [torch.arange(8)] * 3, imp, 0.44,
+                    grid=[[4, 8], [2, 4, 6, 8], [2, 4, 6, 8]])
+    # the descent drops the block and ends at [0, 8, 8] (0.28): bringing it back alone
+    # (0.48) is over the aim, but with group 2 one step narrower it fits and keeps more
+    assert kept == [4, 8, 6]
+    assert float(cost(torch.tensor(kept))) <= 0.44 + 1e-6
 
 
 def cliff_cost(kept: torch.Tensor) -> torch.Tensor:

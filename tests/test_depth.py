@@ -57,6 +57,7 @@ def test_common_ancestors_innermost_first():
     assert common_ancestors(["layer1.1.conv1", "layer1.1.bn1", "layer1.1.conv2"]) == [
         "layer1.1", "layer1"]
     assert common_ancestors(["conv1", "layer1.0.conv2"]) == []
+    assert common_ancestors(["layer1.1.conv1", "layer1.10.conv1"]) == ["layer1"]
 
 
 @pytest.mark.parametrize("name,blocks", [

@@ -453,6 +453,18 @@ def test_knapsack_measures_its_widths_when_the_ramp_ends():
     assert len(steps) == 1 and steps[0].measured == pytest.approx(last["measured"])
 
 
+def test_calibration_stops_when_the_knapsack_gives_the_same_widths_again():
+    """Full widths that read under the band: the knapsack at the corrected goal can only
+    return them, so one measurement decides and the closed loop takes it from there."""
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False)
+    control = KnapsackSchedule(gated, macs_cost(gated), 0.5, steps=10,
+                               measure=lambda model: (0.3, 0.0), band=(0.45, 0.5))
+    full = list(control.kept)
+    control.calibrate()
+    assert control.kept == full and len(control.calibration) == 1
+
+
 @pytest.mark.parametrize("first, recalibrated", [(0.465, False), (0.40, True)])
 def test_closed_loop_reestimates_bn_only_for_other_widths(first, recalibrated, monkeypatch):
     import wgates.search

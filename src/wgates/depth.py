@@ -90,18 +90,12 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return float((a - b).abs().max()) <= TOLERANCE * scale
 
 
-def ancestors(name: str) -> list[str]:
-    """The modules containing `name`, innermost first, without the model itself."""
-    parts = name.split(".")
-    return [".".join(parts[:k]) for k in range(len(parts) - 1, 0, -1)]
-
-
 def common_ancestors(names: list[str]) -> list[str]:
-    """The modules containing every one of `names`, innermost first, without the model."""
-    shared = set(ancestors(names[0] + ".x"))
-    for n in names[1:]:
-        shared &= set(ancestors(n + ".x"))
-    return [a for a in ancestors(names[0] + ".x") if a in shared]
+    """The modules that contain or are every one of `names`, innermost first: where a group's
+    residual block may be. The model itself ("") is left out: it is never a block."""
+    parts = names[0].split(".")
+    prefixes = [".".join(parts[:k]) for k in range(len(parts), 0, -1)]
+    return [p for p in prefixes if all(n == p or n.startswith(p + ".") for n in names)]
 
 
 class _Seen(Exception):

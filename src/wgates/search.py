@@ -288,7 +288,10 @@ class KnapsackSchedule:
             if low <= ratio <= high:
                 return
             goal = predicted * (low + high) / 2 / ratio
-            self.kept = self.kept_at(goal, start=self.kept)
+            kept = self.kept_at(goal, start=self.kept)
+            if kept == self.kept:  # the same widths again: the closed loop takes it from here
+                return
+            self.kept = kept
             self.gated.set_kept_units(self.kept)
 
     def _calibrated(self) -> tuple[list[int], list[dict]]:
