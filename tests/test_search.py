@@ -392,6 +392,31 @@ def test_spending_the_slack_may_bring_a_dropped_block_back():
     assert not any(isinstance(m, Skip) for m in model.modules())
 
 
+def test_a_refused_widening_is_traded_for_a_narrower_group():
+    """Every group full or dropped, and the dropped block back reads over the ceiling:
+    taken with one 16-channel group 8 channels narrower (the cost model scales its reading
+    into the band), it is measured and kept."""
+    torch.manual_seed(0)
+    gated = gate(create_model("resnet20").eval(), torch.randn(1, 3, 32, 32), depth=True)
+    last = gated.channel_groups[max(gated.droppable)].name
+    gated.set_masks(gated.masks_for_widths({last: 0}))
+    sizes = {g.name: g.size for g in gated.channel_groups}
+
+    def measure(model):  # the block costs 0.07; each channel narrowed elsewhere saves 0.002
+        w = gated.widths()
+        narrowed = sum(sizes[n] - k for n, k in w.items() if n != last)
+        return 0.33 + (0.07 if w[last] else 0.0) - 0.002 * narrowed, 0.0
+
+    model, steps = closed_loop(gated, mean_width_cost(gated), measure, 0.4, tolerance=0.1,
+                               blocks=(16, 8))
+    assert [s.measured for s in steps] == pytest.approx([0.33, 0.40, 0.384, 0.384])
+    widths = gated.widths()
+    assert widths[last] == 8
+    assert sorted(sizes[n] - k for n, k in widths.items() if n != last)[-1] == 8
+    assert sum(sizes[n] != k for n, k in widths.items() if n != last) == 1
+    assert sizes[next(n for n, k in widths.items() if n != last and k != sizes[n])] == 16
+
+
 def test_check_blocks():
     check_blocks([16, 8], 8)  # multiples of the channel multiple pass, as does none
     check_blocks(())
