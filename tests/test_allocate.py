@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wgates.allocate import TaylorImportance, allocate
+from wgates.allocate import TaylorImportance, allocate, narrowed_into
 
 
 def linear_cost(weights):
@@ -109,6 +109,24 @@ def test_a_dropped_block_comes_back_when_a_narrower_group_pays_for_it():
     # (0.48) is over the aim, but with group 2 one step narrower it fits and keeps more
     assert kept == [4, 8, 6]
     assert float(cost(torch.tensor(kept))) <= 0.44 + 1e-6
+
+
+def test_narrowed_into_the_band_least_important_first_never_dropping():
+    cost = linear_cost([0.5, 0.3, 0.2])
+    order = [torch.arange(8)] * 3
+    imp = [torch.full((8,), 3.0), torch.ones(8), torch.full((8,), 2.0)]
+    grid = [[4, 8]] * 3
+
+    def narrowed(kept, reading, band, min_units=(1, 1, 1)):
+        return narrowed_into(cost, [8] * 3, [8] * 3, list(min_units), order, imp, kept,
+                             reading, band, grid=grid)
+
+    # 0.6 read at full widths: group 0 at 4 would read 0.45 (under), groups 1 and 2 at 4
+    # 0.51 and 0.54; group 1's units are the less important
+    assert narrowed([8, 8, 8], 0.6, (0.5, 0.56)) == [[8, 4, 8], [8, 8, 4]]
+    # group 2 at its lowest may drop its block in `allocate`, but is not dropped here
+    assert narrowed([8, 8, 4], 0.6, (0.45, 0.56), min_units=(1, 1, 0)) == [[8, 4, 4]]
+    assert narrowed([8, 8, 8], 0.6, (0.2, 0.3)) == []  # no one move reaches the band
 
 
 def cliff_cost(kept: torch.Tensor) -> torch.Tensor:

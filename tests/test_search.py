@@ -490,6 +490,36 @@ def test_calibration_stops_when_the_knapsack_gives_the_same_widths_again():
     assert control.kept == full and len(control.calibration) == 1
 
 
+def test_calibration_narrows_the_widths_read_over_once_others_read_under(monkeypatch):
+    """Readings 0.6 (over the band), then 0.40 (under): the third widths are the first ones
+    narrowed into the band (`narrowed_into`), not the knapsack's next step."""
+    import wgates.search
+
+    torch.manual_seed(0)
+    gated = gate(create_model("small_cnn", width_mult=0.5), X, verify=False)
+    first = [g.n_units for g in gated.channel_groups]
+    traded = [k - 1 for k in first]
+
+    def measure(model):  # full widths read 0.6, the traded ones 0.47, any others 0.40
+        convs = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        return {tuple(first): 0.6, tuple(traded): 0.47}.get(tuple(convs), 0.40), 0.0
+
+    control = KnapsackSchedule(gated, macs_cost(gated), 0.5, steps=10, measure=measure,
+                               band=(0.45, 0.5))
+    asked = []
+
+    def narrowed(cost, sizes, n_units, min_units, order, importance, kept, reading, band,
+                 floor, grid):
+        asked.append((list(kept), reading, band))
+        return [traded]
+
+    monkeypatch.setattr(wgates.search, "narrowed_into", narrowed)
+    control.calibrate()
+    assert [c["measured"] for c in control.calibration] == [0.6, 0.40, 0.47]
+    assert asked == [(first, 0.6, (0.45, 0.5))]
+    assert control.kept == traded
+
+
 @pytest.mark.parametrize("first, recalibrated", [(0.465, False), (0.40, True)])
 def test_closed_loop_reestimates_bn_only_for_other_widths(first, recalibrated, monkeypatch):
     import wgates.search

@@ -107,14 +107,10 @@ def allocate(
     two such steps then lands on the same widths again (measured on ONNX Runtime, batch 1:
     0.452 delivered for a band of [0.475, 0.494], docs/design.md)."""
     n = len(sizes)
-    grid = list(grid or [None] * n)
     kept = list(n_units if start is None else start)
-    lowest = [lo if g is None else min([c for c in g if c >= lo] or [g[-1]])
-              for lo, g in zip(lowest_units(n_units, min_units, floor), grid)]
     scale = torch.tensor([s / u for s, u in zip(sizes, n_units)], dtype=torch.float32)
     ranked_value = [imp[o] for imp, o in zip(importance, order)]  # value of the k-th best unit
-    step = [max(1, u // 64) for u in n_units]  # wide groups close a few units per decision
-    moves = _Moves(grid, step, lowest, n_units, [m == 0 for m in min_units])
+    moves = _Moves.of(n_units, min_units, floor, grid, droppable=True)
     with torch.no_grad():
         while True:
             counts = torch.tensor(kept, dtype=torch.float32) * scale
@@ -130,8 +126,8 @@ def allocate(
             probes = []
             for i in movable:
                 move = kept[i] - down[i]  # priced over 1/PROBE of the group where it is finer
-                probe = move if grid[i] else max(move, min(kept[i] - lowest[i],
-                                                           n_units[i] // PROBE))
+                probe = move if moves.grid[i] else max(
+                    move, min(kept[i] - moves.lowest[i], n_units[i] // PROBE))
                 trial = counts.clone()
                 trial[i] -= probe * scale[i]
                 probes.append((trial, probe))
@@ -160,6 +156,17 @@ class _Moves:
         self.grid, self.step, self.lowest, self.n_units = grid, step, lowest, n_units
         self.droppable = droppable
 
+    @classmethod
+    def of(cls, n_units: Sequence[int], min_units: Sequence[int], floor: float,
+           grid: Sequence[Sequence[int] | None] | None, droppable: bool) -> _Moves:
+        """The moves `allocate` takes (`droppable`: a group whose `min_units` is 0 may drop
+        its block; else none is ever dropped)."""
+        grid = list(grid or [None] * len(n_units))
+        lowest = [lo if g is None else min([c for c in g if c >= lo] or [g[-1]])
+                  for lo, g in zip(lowest_units(n_units, min_units, floor), grid)]
+        step = [max(1, u // 64) for u in n_units]  # wide groups close a few units per decision
+        return cls(grid, step, lowest, n_units, [droppable and m == 0 for m in min_units])
+
     def down(self, i: int, k: int) -> int | None:
         if self.grid[i] is None:
             to = k - self.step[i]
@@ -182,6 +189,43 @@ class _Moves:
         else:
             to = min([c for c in self.grid[i] if c > k], default=self.n_units[i] + 1)
         return to if to <= self.n_units[i] else None
+
+
+def narrowed_into(
+    cost: Cost,
+    sizes: Sequence[int],
+    n_units: Sequence[int],
+    min_units: Sequence[int],
+    order: Sequence[torch.Tensor],
+    importance: Sequence[torch.Tensor],
+    kept: Sequence[int],
+    reading: float,
+    band: tuple[float, float],
+    floor: float = 0.0,
+    grid: Sequence[Sequence[int] | None] | None = None,
+) -> list[list[int]]:
+    """Widths `kept` (measured at `reading`, over `band`) with one group one move narrower
+    (as `allocate` moves, never dropping a block) wherever `reading` scaled by `cost`'s
+    ratio falls in `band`; those that lose the least importance first. Why: `allocate` at a
+    corrected aim takes the most importance per latency saved, and where latency moves in
+    steps that move can pass under the band (measured on ONNX Runtime, batch 1: 0.495 ->
+    0.474 for a band of [0.475, 0.494]) where a smaller saving elsewhere lands in it."""
+    scale = torch.tensor([s / u for s, u in zip(sizes, n_units)], dtype=torch.float32)
+    moves = _Moves.of(n_units, min_units, floor, grid, droppable=False)
+    trials = []
+    for i, k in enumerate(kept):
+        if (to := moves.down(i, k)) is not None and to > 0:
+            trials.append((i, to, [*kept[:i], to, *kept[i + 1:]]))
+    if not trials:
+        return []
+    rows = torch.tensor([t for *_, t in trials] + [list(kept)], dtype=torch.float32) * scale
+    with torch.no_grad():
+        *predicted, base = _each(cost, rows).tolist()
+    low, high = band
+    options = [(float(importance[i][order[i][to: kept[i]]].sum()), trial)
+               for (i, to, trial), pred in zip(trials, predicted)
+               if low <= reading * pred / base <= high]
+    return [trial for _, trial in sorted(options, key=lambda o: o[0])]
 
 
 def _joint_move(cost: Cost, kept: list[int], n_units: Sequence[int], moves: _Moves,
