@@ -288,16 +288,15 @@ def _exchange(cost: Cost, kept: list[int], scale: torch.Tensor,
     n = len(kept)
     kept = _reopen(cost, kept, scale, ranked_value, moves, aim)
     for _ in range(2 * n):
+        downs = {j: (down, float(ranked_value[j][down: kept[j]].sum()))
+                 for j in range(n) if (down := moves.down(j, kept[j])) is not None}
         pairs = []
         for i in range(n):
             if (up := moves.up(i, kept[i])) is None:
                 continue
             gained = float(ranked_value[i][kept[i]: up].sum())
-            for j in range(n):
-                down = moves.down(j, kept[j]) if j != i else None
-                if down is not None and gained > (lost := float(
-                        ranked_value[j][down: kept[j]].sum())):
-                    pairs.append((gained - lost, i, up, j, down))
+            pairs += [(gained - lost, i, up, j, down) for j, (down, lost) in downs.items()
+                      if j != i and gained > lost]
         if not pairs:
             return kept
         rows = (torch.tensor(kept, dtype=torch.float32) * scale).repeat(len(pairs), 1)

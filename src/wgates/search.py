@@ -612,10 +612,11 @@ def _trades(gated: GatedModel, cost: Cost, refused: list[tuple[float, dict[str, 
             ) -> list[tuple[str, dict[str, int]]]:
     """Each refused widening (reading, its widths, the group widened) applied to `widths`
     with one other group one deliverable width narrower (`GatedModel.unit_grid`, else `step`
-    channels; never dropped), where the refused
-    reading scaled by the cost model's ratio falls in `band`: (group widened, widths), those
-    that narrow a group by the least share of its channels first, then the nearest to the
-    band's middle (a narrower group costs the accuracy the widening buys back)."""
+    channels; never dropped), where the refused reading scaled by the cost model's ratio
+    falls in `band`: (group widened, widths), those that narrow a group by the least share
+    of its channels first, then the nearest to the band's middle (a narrower group costs the
+    accuracy the widening buys back). The calibration's twin, `narrowed_into`, ranks by the
+    search's importance, which the closed loop no longer has."""
     groups = gated.channel_groups
 
     def predicted(w: dict[str, int]) -> float:
@@ -627,7 +628,7 @@ def _trades(gated: GatedModel, cost: Cost, refused: list[tuple[float, dict[str, 
     for reading, before, name in refused:
         if before[name] <= widths[name]:
             continue
-        wider = {**widths, name: before[name]}
+        wider, base = {**widths, name: before[name]}, predicted(before)
         for i, g in enumerate(groups):
             width = wider[g.name]
             grid = gated.unit_grid(i) or [width - step]
@@ -636,7 +637,7 @@ def _trades(gated: GatedModel, cost: Cost, refused: list[tuple[float, dict[str, 
             if g.name == name or narrower is None:
                 continue
             candidate = {**wider, g.name: narrower}
-            estimate = reading * predicted(candidate) / predicted(before)
+            estimate = reading * predicted(candidate) / base
             if low <= estimate <= high:
                 options[tuple(candidate.values())] = (
                     (width - narrower) / g.size, abs(estimate - (low + high) / 2), name,
