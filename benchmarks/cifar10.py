@@ -102,10 +102,12 @@ class Settings:
     channel_multiple: int | None = None  # widths delivered in multiples of it, blocks of it
     # above one block (None: the backend's `width_grid`)
     isolated: bool = False  # measure in a process that never trains (wgates.latency.worker)
+    processes: int = Protocol.processes  # isolated: each model read in this many, mean kept
     remember: bool = False  # pool readings across runs in the profile (LatencyMeter.remember)
 
     def protocol(self) -> Protocol:
-        return Protocol(rounds=self.protocol_rounds, max_wait_s=self.max_wait_s)
+        return Protocol(rounds=self.protocol_rounds, max_wait_s=self.max_wait_s,
+                        processes=self.processes)
 
     def finetune_for(self, method: str) -> int:
         """Fine-tune epochs of `method`: what the budget leaves after its search."""
@@ -568,8 +570,10 @@ def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: lis
               cache: Path, repeats: int = 5,
               alone: Callable[[], AbstractContextManager] = nullcontext) -> None:
     """Re-measure every kept pruned model of the results files `names` against its dense
-    model, one after another in this process (run it with nothing else on the machine), and
-    add the figure to each row as `ratio_quiet` (and the dense model's time, `dense_ms_quiet`).
+    model, one after another, each in new processes that never trained (`IsolatedMeter`:
+    `settings.processes` of them, new for each row; run it with nothing else on the
+    machine), and add the figure to each row as `ratio_quiet` (and the dense model's time,
+    `dense_ms_quiet`).
     Why: a row's ratio is measured while the run goes on, often beside another run, and
     ratios from another session (another host) are not comparable; a figure taken alone, with
     the host's dense time beside it, says which latency the rows really compare at. With
@@ -600,7 +604,8 @@ def remeasure(settings: Settings, weights: dict[str, str], out: Path, names: lis
                 inputs = (torch.randn(row.get("batch", 1), *shape),)
                 measure = make_measure(dense, inputs, row["backend"], settings.protocol(),
                                        alone, profile_path(cache, label, row["backend"],
-                                                           list(inputs[0].shape)))
+                                                           list(inputs[0].shape)),
+                                       isolated=True)
                 row["ratio_quiet"] = settled(measure, small, repeats=repeats)[0]
                 row["dense_ms_quiet"] = measure.dense_ms
                 print(f"{name}: {label} {row['method']} seed {row['seed']}: "

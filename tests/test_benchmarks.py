@@ -233,7 +233,7 @@ def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
     overrides = {"models": tiny, "backends": {"tiny": ["torch-cpu@1"]}, "methods": ["uniform"],
                  "subset": 64, "val_subset": 64, "dense_epochs": 1, "lpnet_samples": 10,
                  "protocol_rounds": 6, "max_wait_s": 2.0, "tolerance": 0.5,
-                 "isolated": True,  # the run measures in its worker, --remeasure in-process
+                 "isolated": True,  # the run measures in its workers, --remeasure in new ones
                  "remember": True}  # the run's readings kept, --remeasure independent of them
     common = ["--quick", "--data", "digits", "--name", "smoke", "--out", str(tmp_path / "out"),
               "--cache", str(tmp_path / "cache"),

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 from wgates.errors import WgatesError
-from wgates.latency import Protocol
-from wgates.latency.worker import IsolatedMeter
+from wgates.latency import Measurement, Protocol
+from wgates.latency.worker import IsolatedMeter, pooled
 from wgates.models import create_model
 
-FAST = Protocol(rounds=10, min_block_s=0.0005, retries=0, busy_sleep_s=0.2, max_wait_s=5.0)
+FAST = Protocol(rounds=10, min_block_s=0.0005, retries=0, busy_sleep_s=0.2, max_wait_s=5.0,
+                processes=1)
 X = torch.randn(1, 1, 32, 32)
 
 
@@ -23,7 +25,7 @@ def test_measures_in_its_own_process_and_stops():
     with IsolatedMeter("torch-cpu", 1, dense, (X,), FAST) as meter:
         same = meter.measure(dense)
         half = meter.measure(create_model("small_cnn", width_mult=0.25).eval())
-        process = meter._process
+        (process,) = meter.processes
         assert process.poll() is None and process.pid != 0
     assert process.poll() is not None  # stopped with the meter
     assert 0.7 < same.ratio < 1.4 and same.dense_ms > 0
@@ -70,3 +72,20 @@ def test_a_model_from_a_users_file_is_measured_in_the_worker(tmp_path):
     dense = create_model(f"{tmp_path / 'net.py'}:Net").eval()
     with IsolatedMeter("torch-cpu", 1, dense, (X,), FAST) as meter:
         assert meter.measure(dense).ratio > 0
+
+
+def test_each_model_is_read_in_every_process_and_the_mean_kept():
+    dense = create_model("small_cnn").eval()
+    with IsolatedMeter("torch-cpu", 1, dense, (X,), replace(FAST, processes=2)) as meter:
+        assert len({p.pid for p in meter.processes}) == 2
+        m = meter.measure(create_model("small_cnn", width_mult=0.25).eval())
+        assert m.attempts >= 2 and 0 < m.ratio < 1
+    assert all(p.poll() is not None for p in meter.processes)
+
+
+def test_pooled_is_the_mean_with_its_standard_error_as_spread():
+    low, high = (Measurement(ratio=r, ms=r, dense_ms=1.0, spread=0.001) for r in (0.468, 0.490))
+    m = pooled([low, high, low, high])
+    assert m.ratio == pytest.approx(0.479) and m.attempts == 4
+    assert m.spread == pytest.approx(0.0127 / 2 / 0.479, rel=0.02)  # std 0.0127, sqrt(4)
+    assert pooled([high]).spread == 0.001  # one reading: its own spread

@@ -69,8 +69,10 @@ class LatencyMeter:
     `isolated` (CPU backends): measure in a process of its own that never trains
     (`wgates.latency.worker.IsolatedMeter`, started at the first measurement): after this
     process has trained a pruned network it reads that network ~2% slower than a new
-    process, where the model will be served, does. A model whose class a new process cannot
-    import (defined in a notebook or in the script run) is measured here, with a warning."""
+    process, where the model will be served, does. Each model is read in
+    `protocol.processes` of them and their mean kept (`Protocol`). A model whose class a new
+    process cannot import (defined in a notebook or in the script run) is measured here,
+    with a warning."""
 
     def __init__(self, dense: nn.Module, example_inputs: torch.Tensor | tuple,
                  backend: str = "torch-cpu", threads: int = PRUNE.threads,
@@ -122,7 +124,8 @@ class LatencyMeter:
 
     def _pooled(self, model: nn.Module, m: Measurement) -> Measurement:
         setting = {**self.backend.fingerprint_at(self.inputs[0].shape),
-                   "isolated": self.isolated, "dense": architecture_key(self.dense)}
+                   "isolated": self.isolated, "dense": architecture_key(self.dense),
+                   **({"processes": self.protocol.processes} if self.isolated else {})}
         arch = architecture_key(model)
         store = LatencyStore(self._readings)
         try:

@@ -255,7 +255,15 @@ class Protocol:
     e.g. the latency profile's), and a reading still slow after the quick retakes is retaken
     for up to `calm_wait_s` before the quickest-reference one is kept (its `slowdown` says
     how slow). A spell that outlasts the wait, or a seed this host does not reach, becomes
-    the quiet time until a quicker reading comes: one wait per spell, not one per reading."""
+    the quiet time until a quicker reading comes: one wait per spell, not one per reading.
+
+    `processes`: an isolated meter (`wgates.latency.worker.IsolatedMeter`) reads each model
+    in this many processes and keeps their mean. Where the heap puts the tensors moves a
+    batch-1 torch-cpu reading between two levels 4.6% apart, set anew as a process unpickles
+    each model, and most processes keep theirs (docs/design.md, "Two levels at batch 1"):
+    one process's reading is a draw, and so is the mean of a few. Two figures pooled over 5
+    processes each differ by over 3% in ~2% of cases if the levels fall evenly, over 3
+    processes in ~22%."""
 
     rounds: int = 60
     min_block_s: float = 0.001
@@ -270,6 +278,7 @@ class Protocol:
     calm_wait_s: float = 60.0
     busy_sleep_s: float = 1.0
     max_wait_s: float = 300.0
+    processes: int = 5
 
 
 @dataclass(frozen=True)

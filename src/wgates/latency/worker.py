@@ -27,6 +27,7 @@ import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -90,36 +91,25 @@ def serve(requests: Connection, replies: Connection) -> None:
             _send(replies, ("error", traceback.format_exc()))
 
 
-class IsolatedMeter:
-    """`Meter.measure` for models, run in a new Python process that only measures: every
-    reading sees a process that has never trained. `quiet_ms` as `Meter`'s."""
+class _Worker:
+    """One measuring process: started, asked, stopped."""
 
-    def __init__(self, backend: str, threads: int, dense: nn.Module,
-                 example_inputs: Sequence[torch.Tensor], protocol: Protocol = Protocol(),
-                 quiet_ms: float = math.inf) -> None:
-        dense_bytes = _pickled(dense)  # refused here, before a process is started
-        inputs = tuple(x.detach().cpu() for x in example_inputs)
+    def __init__(self) -> None:
         from_parent, to_worker = os.pipe()  # (read end, write end)
         from_worker, to_parent = os.pipe()
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        self._process = subprocess.Popen(
+        self.process = subprocess.Popen(
             [sys.executable, "-c", "import sys; from wgates.latency.worker import main; "
              "main(sys.argv[1:])", str(from_parent), str(to_parent)],
             pass_fds=(from_parent, to_parent), env=env)
         os.close(from_parent)
         os.close(to_parent)
-        self._requests = Connection(to_worker, readable=False)
-        self._replies = Connection(from_worker, writable=False)
-        files = {name: module.__file__ for name, module in list(sys.modules.items())
-                 if name.startswith(USER_MODULE_PREFIX) and getattr(module, "__file__", None)}
-        _send(self._requests, (backend, threads, dense_bytes, inputs, protocol, quiet_ms,
-                               files))
-        self._quiet_ms = self._reply(
-            "start (is the dense model's class importable from a new process?)")
+        self.requests = Connection(to_worker, readable=False)
+        self.replies = Connection(from_worker, writable=False)
 
-    def _reply(self, doing: str):
+    def reply(self, doing: str):
         try:
-            status, payload = _recv(self._replies)
+            status, payload = _recv(self.replies)
         except EOFError:
             raise WgatesError(f"the measurement process ended while asked to {doing}: "
                               "measure in this process instead (isolated=False)") from None
@@ -128,36 +118,90 @@ class IsolatedMeter:
                               f"{payload.strip().splitlines()[-1]}")
         return payload
 
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                _send(self.requests, ("stop", None))
+                self.process.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait()
+        self.requests.close()
+        self.replies.close()
+
+
+def pooled(readings: Sequence[Measurement]) -> Measurement:
+    """One figure from readings of the same model in several processes: their mean, with the
+    standard error of that mean (or the readings' own spread, if larger) as its spread. Why
+    the mean: at batch 1 on torch-cpu a reading lands on one of two levels 4.6% apart,
+    depending on where the heap put the tensors (ResNet-20 pruned to 0.48: 0.468 or 0.490,
+    12 processes x 4 readings; docs/design.md), so the median of a few readings is either
+    level and the mean is the expected one."""
+    ratios = np.array([m.ratio for m in readings])
+    mean = float(ratios.mean())
+    error = float(ratios.std(ddof=1) / math.sqrt(len(ratios)) / mean) if len(ratios) > 1 else 0.0
+    return Measurement(
+        ratio=mean, ms=float(np.mean([m.ms for m in readings])),
+        dense_ms=float(np.mean([m.dense_ms for m in readings])),
+        spread=max(error, float(np.median([m.spread for m in readings]))),
+        attempts=sum(m.attempts for m in readings),
+        slowdown=max(m.slowdown for m in readings))
+
+
+class IsolatedMeter:
+    """`Meter.measure` for models, run in `protocol.processes` new Python processes that
+    only measure: every reading sees processes that have never trained, and a model's figure
+    is pooled over them (`pooled`). `quiet_ms` as `Meter`'s (the quickest process's)."""
+
+    def __init__(self, backend: str, threads: int, dense: nn.Module,
+                 example_inputs: Sequence[torch.Tensor], protocol: Protocol = Protocol(),
+                 quiet_ms: float = math.inf) -> None:
+        dense_bytes = _pickled(dense)  # refused here, before a process is started
+        inputs = tuple(x.detach().cpu() for x in example_inputs)
+        files = {name: module.__file__ for name, module in list(sys.modules.items())
+                 if name.startswith(USER_MODULE_PREFIX) and getattr(module, "__file__", None)}
+        self._workers = [_Worker() for _ in range(max(1, protocol.processes))]
+        for worker in self._workers:  # all start at once; each then builds its meter
+            _send(worker.requests, (backend, threads, dense_bytes, inputs, protocol, quiet_ms,
+                                    files))
+        self._quiet = [w.reply("start (is the dense model's class importable from a new "
+                               "process?)") for w in self._workers]
+
     def measure(self, model: nn.Module) -> Measurement:
-        _send(self._requests, ("measure", _pickled(model)))
-        m, self._quiet_ms = self._reply(
-            "measure a model (is its class importable from a new process?)")
-        return m
+        """`model` read in each process in turn (never two at once: they would share the
+        cores), pooled."""
+        payload = _pickled(model)
+        readings = []
+        for i, worker in enumerate(self._workers):
+            _send(worker.requests, ("measure", payload))
+            m, self._quiet[i] = worker.reply(
+                "measure a model (is its class importable from a new process?)")
+            readings.append(m)
+        return pooled(readings)
 
     @property
     def quiet_ms(self) -> float:
-        """The dense reference's time at rest, as `Meter.quiet_ms` (the worker's)."""
-        return self._quiet_ms
+        """The dense reference's time at rest, as `Meter.quiet_ms` (the quickest worker's)."""
+        return min(self._quiet)
 
     @quiet_ms.setter
     def quiet_ms(self, ms: float) -> None:  # seeded, e.g. from a latency profile
-        _send(self._requests, ("quiet", float(ms)))
-        self._quiet_ms = self._reply("seed the dense model's time at rest")
+        for i, worker in enumerate(self._workers):
+            _send(worker.requests, ("quiet", float(ms)))
+            self._quiet[i] = worker.reply("seed the dense model's time at rest")
+
+    @property
+    def processes(self) -> list[subprocess.Popen]:
+        return [w.process for w in self._workers]
 
     def close(self) -> None:
-        if self._process.poll() is None:
-            try:
-                _send(self._requests, ("stop", None))
-                self._process.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self._process.kill()
-                self._process.wait()
-        self._requests.close()
-        self._replies.close()
+        for worker in self._workers:
+            worker.close()
 
     def __del__(self) -> None:  # a worker must not outlive its meter
-        if getattr(self, "_process", None) is not None and self._process.poll() is None:
-            self._process.kill()
+        for worker in getattr(self, "_workers", ()):
+            if worker.process.poll() is None:
+                worker.process.kill()
 
     def __enter__(self) -> IsolatedMeter:
         return self
