@@ -172,6 +172,24 @@ def test_a_spell_that_outlasts_the_wait_becomes_the_quiet_time(monkeypatch):
     assert meter.measure(lambda: None).attempts == 1  # no second wait inside the same spell
 
 
+def test_a_pace_waited_out_once_is_not_waited_for_again_after_quicker_readings(monkeypatch):
+    """A process whose reference alternates between two levels (the heap's, not the host's)
+    waits once for the slow one, not at every return to it."""
+    then = [(0.49, 1.72), (0.47, 1.86), (0.47, 2.2), (0.46, 1.9)]
+    waiting = [True]  # the slow level until the first measurement has waited it out
+    levels = iter(lambda: (0.47, 1.86) if waiting[0] else then.pop(0), None)
+    meter = _scripted_meter(monkeypatch, levels, quiet_ms=1.72, calm_wait_s=0.05,
+                            busy_sleep_s=0.01, slow_retries=1)
+    assert meter.measure(lambda: None).attempts > 2  # waited: the pace was new
+    waiting[0] = False
+    assert meter.measure(lambda: None).ratio == 0.49  # quicker: the quiet time falls
+    assert meter.quiet_ms == 1.72 and meter.waited_ms == 1.86
+    m = meter.measure(lambda: None)
+    assert (m.ratio, m.attempts) == (0.47, 1)  # back at the slow level: no wait
+    m = meter.measure(lambda: None)  # a spell beyond it is still retaken
+    assert (m.ratio, m.attempts) == (0.46, 2)
+
+
 def test_describe_counts_macs_and_flags_depthwise(tiny_file):
     report = describe(tiny_model(tiny_file), (torch.randn(1, 3, 16, 16),))
     assert report.flops == 256 * (16 * 27 + 16 * 9 + 24 * 16) + 24 * 10

@@ -256,6 +256,10 @@ class Protocol:
     for up to `calm_wait_s` before the quickest-reference one is kept (its `slowdown` says
     how slow). A spell that outlasts the wait, or a seed this host does not reach, becomes
     the quiet time until a quicker reading comes: one wait per spell, not one per reading.
+    A pace once waited out in vain is not waited for again when it comes back after quicker
+    readings: at batch 1 on torch-cpu a process's reference alternates between two heap
+    levels 7% apart (1.72 and 1.85 ms), and each return to the slow one cost a full wait
+    (a search's measurements took 724 s against 315 s before; docs/design.md).
 
     `processes`: an isolated meter (`wgates.latency.worker.IsolatedMeter`) reads each model
     in this many processes and keeps their mean. Where the heap puts the tensors moves a
@@ -332,6 +336,8 @@ class Meter:
         self.reference = self._prepare(reference)
         # the reference's time with the machine at rest: seeded, else the quickest seen here
         self.quiet_ms = quiet_ms
+        # the slowest pace a wait ended at in vain: not waited for again (see `measure`)
+        self.waited_ms = 0.0
 
     def _prepare(self, fn: Runner) -> tuple[Callable[[int], float], int]:
         """(timer, calls per timing): warms `fn` up and times it once to size its blocks."""
@@ -385,7 +391,7 @@ class Meter:
             m = self._once(prepared)
             self.quiet_ms = min(self.quiet_ms, m.dense_ms)
             m = replace(m, slowdown=m.dense_ms / self.quiet_ms)
-            if m.slowdown <= p.calm_slowdown:
+            if m.dense_ms <= p.calm_slowdown * max(self.quiet_ms, self.waited_ms):
                 calm.append(m)
                 if m.spread <= p.max_spread or len(calm) > p.retries:
                     break
@@ -401,6 +407,7 @@ class Meter:
             best = min(slow or busy, key=lambda m: m.dense_ms)
             if slow:  # waited in vain: this is the host's pace for now
                 self.quiet_ms = best.dense_ms
+                self.waited_ms = max(self.waited_ms, best.dense_ms)
         return replace(best, attempts=len(calm) + len(slow) + len(busy))
 
 
