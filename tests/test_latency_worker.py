@@ -11,7 +11,7 @@ from torch import nn
 
 from wgates.errors import WgatesError
 from wgates.latency import Measurement, Protocol
-from wgates.latency.worker import IsolatedMeter, pooled
+from wgates.latency.worker import IsolatedMeter, process_mean
 from wgates.models import create_model
 
 FAST = Protocol(rounds=10, min_block_s=0.0005, retries=0, busy_sleep_s=0.2, max_wait_s=5.0,
@@ -83,9 +83,9 @@ def test_each_model_is_read_in_every_process_and_the_mean_kept():
     assert all(p.poll() is not None for p in meter.processes)
 
 
-def test_pooled_is_the_mean_with_its_standard_error_as_spread():
+def test_process_mean_is_the_mean_with_its_standard_error_as_spread():
     low, high = (Measurement(ratio=r, ms=r, dense_ms=1.0, spread=0.001) for r in (0.468, 0.490))
-    m = pooled([low, high, low, high])
+    m = process_mean([low, high, low, high])
     assert m.ratio == pytest.approx(0.479) and m.attempts == 4
     assert m.spread == pytest.approx(0.0127 / 2 / 0.479, rel=0.02)  # std 0.0127, sqrt(4)
-    assert pooled([high]).spread == 0.001  # one reading: its own spread
+    assert process_mean([high]).spread == 0.001  # one reading: its own spread

@@ -130,7 +130,7 @@ class _Worker:
         self.replies.close()
 
 
-def pooled(readings: Sequence[Measurement]) -> Measurement:
+def process_mean(readings: Sequence[Measurement]) -> Measurement:
     """One figure from readings of the same model in several processes: their mean, with the
     standard error of that mean (or the readings' own spread, if larger) as its spread. Why
     the mean: at batch 1 on torch-cpu a reading lands on one of two levels 4.6% apart,
@@ -151,7 +151,7 @@ def pooled(readings: Sequence[Measurement]) -> Measurement:
 class IsolatedMeter:
     """`Meter.measure` for models, run in `protocol.processes` new Python processes that
     only measure: every reading sees processes that have never trained, and a model's figure
-    is pooled over them (`pooled`). `quiet_ms` as `Meter`'s (the quickest process's)."""
+    is their mean (`process_mean`). `quiet_ms` as `Meter`'s (the quickest process's)."""
 
     def __init__(self, backend: str, threads: int, dense: nn.Module,
                  example_inputs: Sequence[torch.Tensor], protocol: Protocol = Protocol(),
@@ -169,7 +169,7 @@ class IsolatedMeter:
 
     def measure(self, model: nn.Module) -> Measurement:
         """`model` read in each process in turn (never two at once: they would share the
-        cores), pooled."""
+        cores), averaged."""
         payload = _pickled(model)
         readings = []
         for i, worker in enumerate(self._workers):
@@ -177,7 +177,7 @@ class IsolatedMeter:
             m, self._quiet[i] = worker.reply(
                 "measure a model (is its class importable from a new process?)")
             readings.append(m)
-        return pooled(readings)
+        return process_mean(readings)
 
     @property
     def quiet_ms(self) -> float:
@@ -192,6 +192,7 @@ class IsolatedMeter:
 
     @property
     def processes(self) -> list[subprocess.Popen]:
+        """The measuring processes, one per `protocol.processes`."""
         return [w.process for w in self._workers]
 
     def close(self) -> None:
