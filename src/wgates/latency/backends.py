@@ -262,9 +262,9 @@ class Protocol:
     (a search's measurements took 724 s against 315 s before; docs/design.md).
 
     `processes`: an isolated meter (`wgates.latency.worker.IsolatedMeter`) reads each model
-    in this many processes and keeps their mean. Where the heap puts the tensors moves a
-    batch-1 torch-cpu reading between two levels 4.6% apart, set anew as a process unpickles
-    each model, and most processes keep theirs (docs/design.md, "Two levels at batch 1"):
+    in this many processes and keeps their mean. A batch-1 torch-cpu reading lands on one of
+    two levels 4.6% apart, set per process (most likely by where the heap puts the tensors),
+    and most processes keep theirs (docs/design.md, "Two levels at batch 1"):
     one process's reading is a draw, and so is the mean of a few. Two figures pooled over 5
     processes each differ by over 3% in ~2% of cases if the levels fall evenly, over 3
     processes in ~22%."""

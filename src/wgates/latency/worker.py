@@ -133,10 +133,10 @@ class _Worker:
 def process_mean(readings: Sequence[Measurement]) -> Measurement:
     """One figure from readings of the same model in several processes: their mean, with the
     standard error of that mean (or the readings' own spread, if larger) as its spread. Why
-    the mean: at batch 1 on torch-cpu a reading lands on one of two levels 4.6% apart,
-    depending on where the heap put the tensors (ResNet-20 pruned to 0.48: 0.468 or 0.490,
-    12 processes x 4 readings; docs/design.md), so the median of a few readings is either
-    level and the mean is the expected one."""
+    the mean: at batch 1 on torch-cpu a reading lands on one of two levels 4.6% apart, set
+    per process, most likely by where the heap put the tensors (ResNet-20 pruned to 0.48:
+    0.468 or 0.490, 12 processes x 4 readings; docs/design.md), so the median of a few
+    readings is either level and the mean is the expected one."""
     ratios = np.array([m.ratio for m in readings])
     mean = float(ratios.mean())
     error = float(ratios.std(ddof=1) / math.sqrt(len(ratios)) / mean) if len(ratios) > 1 else 0.0
