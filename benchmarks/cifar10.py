@@ -101,6 +101,7 @@ class Settings:
     num_classes: int | None = None
     channel_multiple: int | None = None  # widths delivered in multiples of it, blocks of it
     # above one block (None: the backend's `width_grid`)
+    channel_block: int | None = None  # ... and in whole blocks of this above one (None: as above)
     isolated: bool = False  # measure in a process that never trains (wgates.latency.worker)
     processes: int = Protocol.processes  # isolated: each model read in this many, mean kept
     remember: bool = False  # pool readings across runs in the profile (LatencyMeter.remember)
@@ -187,7 +188,8 @@ def latency_predictor(dense: nn.Module, shape: list[int], backend: str, settings
     path.parent.mkdir(parents=True, exist_ok=True)
     run = profile(copy.deepcopy(dense).cpu(), shape, path, samples=settings.lpnet_samples,
                   backend=backend, protocol=settings.protocol(),
-                  channel_multiple=settings.channel_multiple, depth=settings.depth)
+                  channel_multiple=settings.channel_multiple,
+                  channel_block=settings.channel_block, depth=settings.depth)
     gated = gate(copy.deepcopy(dense).cpu(), (torch.randn(1, *shape[1:]),),
                  depth=settings.depth)
     decay = {} if settings.prior_decay is None else {"prior_decay": settings.prior_decay}
@@ -285,7 +287,8 @@ def run_model(label: str, dense: nn.Module, loaders, settings: Settings, cache: 
         measure = make_measure(dense, inputs, backend, settings.protocol(), alone,
                                profile_path(cache, label, backend, at), settings.isolated,
                                remember=settings.remember)
-        multiple, block = get_backend(backend).width_grid(settings.channel_multiple)
+        multiple, block = get_backend(backend).width_grid(settings.channel_multiple,
+                                                          settings.channel_block)
         for target, method, seed in todo:
             ctx = Context(measure=measure, cost=cost, epochs=settings.search_epochs,
                           lr=settings.lr, gate_lr=settings.gate_lr,
@@ -717,19 +720,21 @@ def main(argv: list[str] | None = None) -> None:
     weights = dict(w.split("=", 1) for w in args.dense_weights)
     alone = Lanes(args.lanes).alone if args.lanes else nullcontext
     command = shlex.join([Path(sys.executable).name, *sys.argv])
-    run_command = None
+    run_command, run_settings = None, settings
     if args.remeasure or args.merge:  # the run's own settings (with --set on top), if recorded
         recorded = recorded_run(args.out, args.remeasure or args.merge)
         if recorded:
-            base, run_command = recorded
-            settings = Settings(**apply_overrides(dict(vars(base)), args.set))
+            run_settings, run_command = recorded
+            settings = Settings(**apply_overrides(dict(vars(run_settings)), args.set))
     if args.remeasure:
         remeasure(settings, weights, args.out, args.remeasure, args.cache, alone=alone)
         args.merge = args.merge or args.remeasure
     if args.merge:
         rows = merged([args.out / f"{n}.json" for n in args.merge])
         default = args.remeasure[0] if args.remeasure else f"cifar10_{name}"
-        md = write_results(rows, settings, args.out, args.name or default,
+        # the files keep the run's settings: --set here changed only the re-measurement,
+        # which the "Then:" line records
+        md = write_results(rows, run_settings, args.out, args.name or default,
                            run_command or command, "CIFAR-10", then=run_command and command)
         print(md.read_text())
         return

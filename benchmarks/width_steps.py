@@ -30,6 +30,7 @@ import argparse
 import json
 import statistics
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -37,6 +38,7 @@ from lanes import Lanes
 
 from wgates.gated import gate
 from wgates.latency import LatencyStore, Meter, Protocol, get_backend
+from wgates.latency.worker import IsolatedMeter
 from wgates.macs import MacsModel
 from wgates.models import create_model, default_input_shape
 from wgates.predictor import fit_and_compare
@@ -63,6 +65,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--backends", nargs="+", default=["onnxruntime-cpu", "torch-cpu"])
     parser.add_argument("--rounds", type=int, default=1, help="times the sweep is measured")
+    parser.add_argument("--processes", type=int, default=2,
+                        help="read each width in this many new processes that only measure "
+                             "(IsolatedMeter), their mean kept; 0: in this process, where a "
+                             "reading is a draw of its heap (batch 32: the same widths read "
+                             "0.378, 0.436 and 0.606 in three runs)")
     parser.add_argument("--lanes", type=Path, default=None, metavar="DIR",
                         help="measure alone: pause the other benchmark lanes in DIR")
     parser.add_argument("--profile", type=Path, default=None, metavar="SQLITE",
@@ -102,18 +109,25 @@ def main() -> None:
     for name in args.backends:
         backend = get_backend(name, 1)
         with alone():
-            meter = Meter(backend, backend.prepare(model, example), Protocol())
+            meter = (IsolatedMeter(name, 1, model, example,
+                                   replace(Protocol(), processes=args.processes))
+                     if args.processes else Meter(backend, backend.prepare(model, example),
+                                                  Protocol()))
         for _ in range(args.rounds):
             for k, widths in sweep.items():
                 gated.clear_masks()
                 gated.set_masks(gated.masks_for_widths(widths))
-                runner = backend.prepare(gated.extract(verify=False), example)
+                small = gated.extract(verify=False).eval()
                 with alone():
-                    ratios.setdefault(name, {}).setdefault(k, []).append(
-                        meter.measure(runner).ratio)
+                    ratios.setdefault(name, {}).setdefault(k, []).append(meter.measure(
+                        small if args.processes else backend.prepare(small, example)).ratio)
+        if args.processes:
+            meter.close()
     print(f"{args.model}, {what}; latency ratio to the dense model, 1 thread, batch "
           f"{args.batch}" + (f"; median of {args.rounds} sweeps (min-max)" if args.rounds > 1
-                             else ""))
+                             else "")
+          + (f"; each reading the mean of {args.processes} new processes" if args.processes
+             else "; read in this process"))
     pad = max(len(str(k)) for k in sweep)
     print(f"{'width':<{pad}} " + " ".join(args.backends) + (" LPNet" if predicted else ""))
     for k in sweep:

@@ -234,6 +234,7 @@ def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
                  "subset": 64, "val_subset": 64, "dense_epochs": 1, "lpnet_samples": 10,
                  "protocol_rounds": 6, "max_wait_s": 2.0, "tolerance": 0.5,
                  "isolated": True,  # the run measures in its workers, --remeasure in new ones
+                 "processes": 1,  # one measuring process a model: the test's time
                  "remember": True}  # the run's readings kept, --remeasure independent of them
     common = ["--quick", "--data", "digits", "--name", "smoke", "--out", str(tmp_path / "out"),
               "--cache", str(tmp_path / "cache"),
@@ -266,13 +267,17 @@ def test_remeasure_adds_each_kept_model_measured_alone(tmp_path):
     assert readings() == kept  # the re-measurement pooled nothing
     shutil.rmtree(tmp_path / "cache" / "models")  # another machine: only the results file
     result = run("cifar10.py", "--quick", "--out", str(tmp_path / "out"),
-                 "--cache", str(tmp_path / "cache"), "--remeasure", "smoke")
+                 "--cache", str(tmp_path / "cache"), "--remeasure", "smoke",
+                 "--set=processes=2")
     assert result.returncode == 0, result.stderr[-3000:]
     (again,) = [r for r in json.loads((tmp_path / "out" / "smoke.json").read_text())
                 if r["method"] == "uniform"]
     assert again["quiet_from"] == "widths" and 0 < again["ratio_quiet"] < 1
     record = tmp_path / "out" / "smoke.run.json"
     recorded = json.loads(record.read_text())
+    # --set changed the re-measurement (the Then: line says how), not what the run was
+    assert recorded["settings"]["processes"] == 1
+    assert "--set=processes=2" in (tmp_path / "out" / "smoke.md").read_text()
     recorded["settings"]["gone"] = 1  # a setting of an older version of the script
     record.write_text(json.dumps(recorded))
     result = run("cifar10.py", "--quick", "--out", str(tmp_path / "out"),

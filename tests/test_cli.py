@@ -184,7 +184,8 @@ def test_cli_and_api_share_the_prune_defaults():
     args = build_parser().parse_args(["prune"])
     api = inspect.signature(prune).parameters
     for name in ("method", "epochs", "finetune_epochs", "samples", "allocation", "ramp",
-                 "floor", "depth", "distill", "threads", "isolated"):
+                 "floor", "depth", "distill", "threads", "isolated", "channel_multiple",
+                 "channel_block"):
         assert getattr(args, name) == api[name].default, name
     assert tuple(args.check_threads) == api["check_threads"].default == (1, 2)
     assert tuple(args.blocks) == api["blocks"].default

@@ -218,6 +218,17 @@ def test_width_grid_follows_mlas_block_on_onnx_runtime(monkeypatch):
     assert get_backend("onnxruntime-cpu").width_grid(4) == (4, 4)
 
 
+def test_width_grid_takes_a_requested_block_with_or_without_a_multiple():
+    """A block alone keeps the backend's multiple (torch-cpu at batch 32 on an AVX-512 host:
+    single channels up to 16, whole blocks of 16 above); a block under the multiple is
+    raised to it."""
+    torch_cpu = get_backend("torch-cpu")
+    assert torch_cpu.width_grid(None, 16) == (1, 16)
+    assert torch_cpu.width_grid(8, 16) == (8, 16)
+    assert torch_cpu.width_grid(8, 4) == (8, 8)
+    assert get_backend("onnxruntime-cpu").width_grid(None, 32) == (8, 32)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")
 def test_cuda_backend_times_with_events():
     backend = get_backend("torch-cuda")

@@ -104,7 +104,7 @@ def test_finetune_passes_the_teachers_output_to_the_users_loss():
 def test_latency_meter_measures_against_the_dense_model(isolated):
     dense = create_model("small_cnn").eval()
     fast = wgates.latency.Protocol(rounds=10, min_block_s=0.0005, retries=0,
-                                   busy_sleep_s=0.2, max_wait_s=5.0)
+                                   busy_sleep_s=0.2, max_wait_s=5.0, processes=2)
     meter = wgates.LatencyMeter(dense, X, protocol=fast, isolated=isolated)
     ratio, spread = meter(dense)
     assert 0.7 < ratio < 1.3 and spread >= 0
@@ -129,7 +129,7 @@ def test_latency_meter_measures_here_what_a_new_process_cannot_import(monkeypatc
     net = create_model("small_cnn")
     dense = Script(net.features, net.pool, torch.nn.Flatten(), net.classifier).eval()
     fast = wgates.latency.Protocol(rounds=10, min_block_s=0.0005, retries=0,
-                                   busy_sleep_s=0.2, max_wait_s=5.0)
+                                   busy_sleep_s=0.2, max_wait_s=5.0, processes=1)
     meter = wgates.LatencyMeter(dense, X, protocol=fast, isolated=True)
     with pytest.warns(UserWarning, match="measuring in this process"):
         ratio, _ = meter(dense)

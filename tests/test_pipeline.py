@@ -432,28 +432,31 @@ def test_gdp_searches_with_its_polariser_and_the_latency_gradient(dense, data, t
     assert saved["regulariser"] == {"step": len(data[0])}  # one epoch's steps
 
 
-@pytest.mark.parametrize("backend, multiple, step", [("onnxruntime-cpu", None, 8),
-                                                     ("torch-cpu", 4, 4)])
-def test_widths_are_delivered_in_the_backends_channel_multiple(backend, multiple, step, dense,
-                                                               data, tmp_path, monkeypatch,
-                                                               macs_meter):
+@pytest.mark.parametrize("backend, multiple, block, step", [("onnxruntime-cpu", None, None, 8),
+                                                            ("torch-cpu", 4, None, 4),
+                                                            ("torch-cpu", None, 16, 1)])
+def test_widths_are_delivered_in_the_backends_channel_multiple(backend, multiple, block, step,
+                                                               dense, data, tmp_path,
+                                                               monkeypatch, macs_meter):
     """On ONNX Runtime every delivered width is on its grid (multiples of 8 up to MLAS's
     channel block, whole blocks above, or the full width): other widths measured slower
-    there. `channel_multiple` sets another step, recorded with the run's settings (a resume
-    with another one is refused)."""
+    there. `channel_multiple` sets another step, `channel_block` another block (torch-cpu
+    at batch 32 on an AVX-512 host), recorded with the run's settings (a resume with
+    another one is refused)."""
     _fast(monkeypatch)
     _no_cost_model(monkeypatch)
     run_dir = tmp_path / "run"
     result = _prune(dense, data, run_dir, method="uniform", export=False, backend=backend,
-                    channel_multiple=multiple)
+                    channel_multiple=multiple, channel_block=block)
     sizes = {g.name: g.size for g in wgates.gate(dense, torch.randn(1, 1, 32, 32)).groups}
     assert result.widths and all(w % step == 0 or w == sizes[n]
                                  for n, w in result.widths.items())
     assert any(w < sizes[n] for n, w in result.widths.items())
-    grid = get_backend(backend).width_grid(multiple)
+    grid = get_backend(backend).width_grid(multiple, block)
+    assert grid[1] == (block or grid[1]) > 1
     assert all(w in allowed_widths(sizes[n], 1, *grid) for n, w in result.widths.items())
     state = json.loads((run_dir / "state.json").read_text())
-    assert state["settings"]["channel_multiple"] == step
+    assert state["settings"].get("channel_multiple", 1) == step
     assert state["settings"].get("channel_block", step) == grid[1]
     with pytest.raises(WgatesError, match="channel_multiple"):
         _prune(dense, data, run_dir, method="uniform", export=False, backend=backend,

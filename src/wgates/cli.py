@@ -136,6 +136,9 @@ def add_profile(sub) -> None:
                    help="sample widths in multiples of this, as pruning will deliver them "
                    "(default: the backend's grid: on onnxruntime-cpu multiples of 8 up to its "
                    "kernels' channel block, 16 with AVX-512, and whole blocks above; else 1)")
+    p.add_argument("--channel-block", type=_positive_int, default=None,
+                   help="sample widths above this many channels in whole multiples of it, as "
+                   "pruning will deliver them (default: the backend's grid)")
     p.add_argument("--out", default="latency.sqlite", help="SQLite file (created or extended)")
 
     def run(args) -> int:
@@ -148,7 +151,7 @@ def add_profile(sub) -> None:
             create_model(args.model), shape, args.out, samples=args.samples,
             backend=args.backend, threads=args.threads, seed=args.seed,
             model_spec=args.model, repeat_every=args.repeat_every,
-            channel_multiple=args.channel_multiple,
+            channel_multiple=args.channel_multiple, channel_block=args.channel_block,
             protocol=Protocol(**{k: v for k, v in overrides.items() if v is not None}),
         )
         store = LatencyStore(args.out)
@@ -548,6 +551,10 @@ def add_prune(sub) -> None:
                    "grid: on onnxruntime-cpu, whose convolutions run channels in blocks, "
                    "multiples of 8 up to one block, 16 with AVX-512, and whole blocks above; "
                    "else 1)")
+    p.add_argument("--channel-block", type=_positive_int, default=None,
+                   help="deliver widths above this many channels in whole multiples of it "
+                   "(default: the backend's grid); e.g. 16 for torch-cpu at batch 32 on an "
+                   "AVX-512 host, whose convs cost the same at 17 to 32 channels")
     p.add_argument("--blocks", type=_positive_int, nargs="*", default=list(PRUNE.blocks),
                    help="after the closed loop, widen each group to the end of its block of "
                    "this many channels (each in turn, e.g. 16 8) where the measured latency "
@@ -629,7 +636,8 @@ def _run_prune(args) -> int:
                       threads=args.threads, method=args.method, predictor=args.predictor,
                       force_predictor=args.force_predictor, allocation=args.allocation,
                       floor=args.floor, measure=True, channel_multiple=args.channel_multiple,
-                      blocks=args.blocks, readings=args.readings, depth=args.depth)
+                      channel_block=args.channel_block, blocks=args.blocks,
+                      readings=args.readings, depth=args.depth)
         if distributed.is_main():
             print(f"no --weights: training {args.model} on {info.name} for "
                   f"{args.dense_epochs} epochs first")
@@ -645,8 +653,8 @@ def _run_prune(args) -> int:
         importance=args.importance, depth=args.depth,
         resume=args.resume, seed=args.seed, force_predictor=args.force_predictor,
         check_threads=args.check_threads, channel_multiple=args.channel_multiple,
-        blocks=args.blocks, isolated=args.isolated, readings=args.readings,
-        device=device,
+        channel_block=args.channel_block, blocks=args.blocks, isolated=args.isolated,
+        readings=args.readings, device=device,
     )
     if distributed.is_main():
         print(f"\n{result.method}: pruned for and measured on {result.deployment()}; target "

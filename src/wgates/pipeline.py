@@ -199,6 +199,7 @@ def prune(
     check_threads: Sequence[int] = PRUNE.check_threads,
     kind: str | None = None,
     channel_multiple: int | None = None,
+    channel_block: int | None = None,
     blocks: Sequence[int] = PRUNE.blocks,
     isolated: bool = PRUNE.isolated,
     readings: str | Path | None = None,
@@ -229,6 +230,11 @@ def prune(
     `width_grid`: on onnxruntime-cpu multiples of 8 up to its kernels' channel block, 16 on
     an AVX-512 host, and whole blocks above, where other widths run slower; any width
     elsewhere);
+    `channel_block`: deliver widths above this many channels in whole multiples of it
+    (default: the backend's grid), where measurements (`benchmarks/width_steps.py`) show a
+    runtime computing channels in blocks, e.g. torch-cpu at batch 32 on an AVX-512 host, whose
+    convs cost the same at 17 to 32 channels (docs/design.md, "torch-cpu's blocks at batch
+    32");
     `blocks` (e.g. (16, 8)): once the closed loop has delivered a gate method's widths, widen
     each group to the end of its block of that many channels where the measured latency stays
     in the band (`wgates.search.widen_to_blocks`: CPU kernels compute channels in blocks, and
@@ -260,7 +266,7 @@ def prune(
         raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if info.gates:
         proxy, allocation = info.gates.settings(proxy, allocation)
-    multiple, block = get_backend(backend, threads).width_grid(channel_multiple)
+    multiple, block = get_backend(backend, threads).width_grid(channel_multiple, channel_block)
     torch.manual_seed(seed)
     if device is not None:
         place(model, device)
@@ -270,8 +276,8 @@ def prune(
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
               method=method, predictor=predictor, force_predictor=force_predictor,
-              channel_multiple=channel_multiple, blocks=blocks, readings=readings,
-              depth=depth)
+              channel_multiple=channel_multiple, channel_block=channel_block, blocks=blocks,
+              readings=readings, depth=depth)
     path = Path(run_dir)
     # a run directory this call makes (or finds empty) is emptied again if the target is
     # refused after measuring: it would hold nothing but block the next run
@@ -432,6 +438,7 @@ def preflight(
     tolerance: float = PRUNE.tolerance,
     measure: bool = False,
     channel_multiple: int | None = None,
+    channel_block: int | None = None,
     blocks: Sequence[int] = PRUNE.blocks,
     readings: str | Path | None = None,
     depth: bool | None = PRUNE.depth,
@@ -451,7 +458,7 @@ def preflight(
     info = method_info(method)
     parse_target(target_latency)  # its form and range, before any work or run directory
     meter_backend = get_backend(backend, threads)
-    multiple, block = meter_backend.width_grid(channel_multiple)
+    multiple, block = meter_backend.width_grid(channel_multiple, channel_block)
     check_blocks(blocks, multiple)
     if readings is not None:
         check_readings(readings)

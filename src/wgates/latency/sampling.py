@@ -212,8 +212,7 @@ def profile(
     from wgates.gated import gate
 
     runner_backend = get_backend(backend, threads)
-    multiple, block = runner_backend.width_grid(channel_multiple)
-    block = channel_block or block
+    multiple, block = runner_backend.width_grid(channel_multiple, channel_block)
     example = (torch.randn(tuple(input_shape), generator=torch.Generator().manual_seed(0)),)
     gated = gate(model, example, channel_multiple=multiple, channel_block=block, depth=depth)
     groups = gated.groups
