@@ -75,7 +75,7 @@ class Backend(ABC):
         a `requested` multiple is used throughout (up to a requested `block`, if any), else
         this backend's own grid (with a requested `block` in place of its own). Why a block
         alone: at batch 32 on an AVX-512 host torch-cpu's stage-2 convs cost the same at 17
-        to 32 channels, 0.60 of the dense ResNet-20 against 0.44 at 16 (docs/design.md,
+        to 32 channels, 0.56 of the dense ResNet-20 against 0.41 at 16 (docs/design.md,
         "torch-cpu's blocks at batch 32")."""
         multiple = requested or self.channel_multiple
         own = requested if requested else self.channel_block
