@@ -3,7 +3,8 @@
 Why ONNX Runtime's LPNet error was 3-4x torch-cpu's while its noise was not higher: its CPU
 convolutions run channels in blocks, so latency is not smooth in the width. This sweeps one
 group (default: ResNet-20's last, 64 channels) from a quarter of its width to all of it, the
-rest dense, each ratio to the dense model measured by the profiling protocol.
+rest dense, each ratio to the dense model measured by the profiling protocol, in new
+processes that only measure (`--processes`).
 
 `--uniform` sweeps every group together instead (k/16 of each width, k = 4..16), `--configs`
 measures named configurations from a JSON file (each maps group-name prefixes to widths; the
