@@ -9,12 +9,12 @@ processes that only measure (`--processes`).
 `--uniform` sweeps every group together instead (k/16 of each width, k = 4..16), `--configs`
 measures named configurations from a JSON file (each maps group-name prefixes to widths; the
 longest matching prefix wins, unmatched groups stay dense; 0 drops a residual block), `--batch`
-measures at another batch, `--profile SQLITE` prints beside each measurement what LPNet
-fitted on that latency profile predicts (`--run KEY` picks one of several), and
-`--rounds R` measures the whole sweep R times one after
-another, so that a step of the hardware can be told from a slow spell of the host: at batch
-32 on an AMD EPYC host, torch-cpu, the same widths read 0.53-0.75 of the dense latency within
-minutes (docs/design.md, "torch-cpu at batch 32 is not smooth either").
+measures at another batch, `--dense-weights` times trained weights instead of untrained ones,
+`--profile SQLITE` prints beside each measurement what LPNet fitted on that latency profile
+predicts (`--run KEY` picks one of several), and `--rounds R` measures the whole sweep R times
+one after another, so that a step of the hardware can be told from a slow spell of the host:
+at batch 32 on an AMD EPYC host, torch-cpu, the same widths read 0.53-0.75 of the dense latency
+within minutes (docs/design.md, "torch-cpu at batch 32 is not smooth either").
 
     python benchmarks/width_steps.py --lanes /tmp/lanes > benchmarks/results/width_steps.txt
     python benchmarks/width_steps.py --uniform --batch 32 --backends torch-cpu --rounds 3
@@ -58,6 +58,10 @@ def widths_from_prefixes(groups, prefixes: dict[str, int]) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--dense-weights", default=None, metavar="FILE",
+                        help="time the model with these trained weights (and the pruned "
+                             "widths cut from them) instead of untrained ones: at batch 32 "
+                             "the trained ResNet-20 read every width 5-9%% higher")
     parser.add_argument("--group", type=int, default=-1, help="index of the group swept")
     parser.add_argument("--uniform", action="store_true",
                         help="sweep every group at once (k/16 of each width)")
@@ -85,7 +89,7 @@ def main() -> None:
     torch.set_num_threads(1)
     alone = Lanes(args.lanes).alone if args.lanes else nullcontext
     torch.manual_seed(0)
-    model = create_model(args.model).eval()
+    model = create_model(args.model, weights=args.dense_weights).eval()
     shape = default_input_shape(args.model)
     configs = json.loads(args.configs.read_text()) if args.configs else {}
     # a width of 0 drops that residual block (wgates.depth)

@@ -186,3 +186,28 @@ def test_a_grid_moves_a_blocked_group_a_whole_block_and_prices_it_so():
                     start=kept)[0] in grid[0]
     assert allocate(cost, [n, n], [n, n], [1, 1], order, value, aim=0.01, grid=grid,
                     floor=0.1)[0] == 16  # the floor (7 units) rounded up to the grid
+
+
+def test_a_whole_block_is_traded_for_many_units_of_another_group():
+    """Group 0 moves only in blocks of 16 (a quarter of the latency each), group 1 one unit
+    at a time (1/32 each). Its units are worth more per latency, so the descent closes group
+    0's block first and overshoots the aim; reopening group 0 costs what four of group 1's
+    units do, a trade no single pair of moves makes. As in torch-cpu at batch 32, where a
+    stage-2 stream's 16 -> 32 costs what ~5 stage-1 channels do."""
+    def cost(kept):
+        k = kept.float()
+        return 0.5 * k[..., 0] / 32 + 0.5 * k[..., 1] / 16
+
+    order = [torch.arange(32), torch.arange(16)]
+    value = [torch.ones(32), torch.full((16,), 2.5)]
+    grid = [[16, 32], None]
+
+    def alloc(aim, start=None):
+        return allocate(cost, [32, 16], [32, 16], [1, 1], order, value, aim, grid=grid,
+                        start=start)
+
+    # descent: [16, 16] (0.75, worth 56); the block back, paid by 4 units: [32, 12] (62)
+    assert alloc(0.9) == [32, 12]
+    # the other way: at [32, 3] (worth 39.5) the block closed and its saving spent on
+    # group 1 gives [16, 11] (43.5), though the block against one unit alone ([16, 4]) loses
+    assert alloc(0.6, start=[32, 3]) == [16, 11]

@@ -106,45 +106,56 @@ def allocate(
     (a dropped block) leaves slack no single move can fill, and a calibration aiming between
     two such steps then lands on the same widths again (measured on ONNX Runtime, batch 1:
     0.452 delivered for a band of [0.475, 0.494], docs/design.md)."""
-    n = len(sizes)
     kept = list(n_units if start is None else start)
     scale = torch.tensor([s / u for s, u in zip(sizes, n_units)], dtype=torch.float32)
     ranked_value = [imp[o] for imp, o in zip(importance, order)]  # value of the k-th best unit
     moves = _Moves.of(n_units, min_units, floor, grid, droppable=True)
     with torch.no_grad():
-        while True:
-            counts = torch.tensor(kept, dtype=torch.float32) * scale
-            current = float(cost(counts))
-            if current <= aim:
-                return _exchange(cost, kept, scale, ranked_value, moves, aim)
-            down = {i: moves.down(i, kept[i]) for i in range(n)}
-            movable = [i for i, to in down.items() if to is not None]
-            if not movable:
-                return kept
-            joint = _joint_move(cost, kept, n_units, moves, scale, ranked_value, tiers,
-                                current)
-            probes = []
-            for i in movable:
-                move = kept[i] - down[i]  # priced over 1/PROBE of the group where it is finer
-                probe = move if moves.grid[i] else max(
-                    move, min(kept[i] - moves.lowest[i], n_units[i] // PROBE))
-                trial = counts.clone()
-                trial[i] -= probe * scale[i]
-                probes.append((trial, probe))
-            predicted = _each(cost, torch.stack([t for t, _ in probes]))
-            choices = []
-            for i, (_, probe), pred in zip(movable, probes, predicted.tolist()):
-                saving = (current - pred) / probe * (kept[i] - down[i])
-                lost = float(ranked_value[i][down[i]: kept[i]].sum())
-                if saving > 0:  # ties (no importance measured yet) go to the larger saving
-                    choices.append((lost / saving, -saving, i))
-            if joint is not None and (not choices or joint[0] < min(choices)[0]):
-                kept = joint[1]
-                continue
-            if not choices:  # nothing saves latency any more: the aim is out of reach
-                return kept
-            best = min(choices)[2]
-            kept[best] = down[best]
+        kept, reached = _descend(cost, kept, scale, ranked_value, moves, aim, tiers)
+        return _exchange(cost, kept, scale, ranked_value, moves, aim) if reached else kept
+
+
+def _descend(cost: Cost, kept: list[int], scale: torch.Tensor,
+             ranked_value: list[torch.Tensor], moves: _Moves, aim: float,
+             tiers: Sequence[Sequence[int]] = (), frozen: int | None = None,
+             ) -> tuple[list[int], bool]:
+    """Close units from `kept`, each time the move (or tier move) that loses the least
+    importance per unit of predicted latency saved, until `cost` predicts at most `aim`;
+    group `frozen` keeps its width. Returns the widths and whether the aim was reached."""
+    kept = list(kept)
+    n_units = moves.n_units
+    while True:
+        counts = torch.tensor(kept, dtype=torch.float32) * scale
+        current = float(cost(counts))
+        if current <= aim:
+            return kept, True
+        down = {i: moves.down(i, kept[i]) for i in range(len(kept)) if i != frozen}
+        movable = [i for i, to in down.items() if to is not None]
+        if not movable:
+            return kept, False
+        joint = _joint_move(cost, kept, n_units, moves, scale, ranked_value, tiers, current)
+        probes = []
+        for i in movable:
+            move = kept[i] - down[i]  # priced over 1/PROBE of the group where it is finer
+            probe = move if moves.grid[i] else max(
+                move, min(kept[i] - moves.lowest[i], n_units[i] // PROBE))
+            trial = counts.clone()
+            trial[i] -= probe * scale[i]
+            probes.append((trial, probe))
+        predicted = _each(cost, torch.stack([t for t, _ in probes]))
+        choices = []
+        for i, (_, probe), pred in zip(movable, probes, predicted.tolist()):
+            saving = (current - pred) / probe * (kept[i] - down[i])
+            lost = float(ranked_value[i][down[i]: kept[i]].sum())
+            if saving > 0:  # ties (no importance measured yet) go to the larger saving
+                choices.append((lost / saving, -saving, i))
+        if joint is not None and (not choices or joint[0] < min(choices)[0]):
+            kept = joint[1]
+            continue
+        if not choices:  # nothing saves latency any more: the aim is out of reach
+            return kept, False
+        best = min(choices)[2]
+        kept[best] = down[best]
 
 
 class _Moves:
@@ -257,12 +268,15 @@ def _joint_move(cost: Cost, kept: list[int], n_units: Sequence[int], moves: _Mov
 
 
 def _reopen(cost: Cost, kept: list[int], scale: torch.Tensor,
-            ranked_value: list[torch.Tensor], moves: _Moves, aim: float) -> list[int]:
-    """Reopen units greedily (value per unit of latency added) while `cost` stays <= aim."""
+            ranked_value: list[torch.Tensor], moves: _Moves, aim: float,
+            frozen: int | None = None) -> list[int]:
+    """Reopen units greedily (value per unit of latency added) while `cost` stays <= aim;
+    group `frozen` keeps its width."""
+    kept = list(kept)
     while True:
         counts = torch.tensor(kept, dtype=torch.float32) * scale
         current = float(cost(counts))
-        up = {i: moves.up(i, k) for i, k in enumerate(kept)}
+        up = {i: moves.up(i, k) for i, k in enumerate(kept) if i != frozen}
         growable = [i for i, to in up.items() if to is not None]
         if not growable:
             return kept
@@ -282,33 +296,47 @@ def _reopen(cost: Cost, kept: list[int], scale: torch.Tensor,
 
 def _exchange(cost: Cost, kept: list[int], scale: torch.Tensor,
               ranked_value: list[torch.Tensor], moves: _Moves, aim: float) -> list[int]:
-    """`_reopen`, then repeatedly the pair (group i one move up, group j != i one move down)
-    that gains the most importance while `cost` stays <= aim, each followed by `_reopen`.
-    Every pair taken adds importance, so this ends; it is bounded all the same."""
+    """`_reopen`, then repeatedly the trade that gains the most importance while `cost`
+    stays <= aim, each followed by `_reopen`. The trades: one group a move up and another one
+    a move down; one group a move up, paid for by `_descend` over the others; one group a
+    move down, its saving spent by `_reopen` on the others. Why the last two: on a grid one
+    group's move can cost what many of another's do (torch-cpu at batch 32 on an AMD host:
+    a stage-2 stream of 16 -> 32 channels costs what ~5 stage-1 channels do), a trade no
+    pair of single moves can make. Every trade taken adds importance, so this ends; it is
+    bounded all the same."""
     n = len(kept)
+
+    def value(widths: list[int]) -> float:
+        return sum(float(v[:w].sum()) for v, w in zip(ranked_value, widths))
+
+    def moved(widths: list[int], i: int, to: int) -> list[int]:
+        return [*widths[:i], to, *widths[i + 1:]]
+
     kept = _reopen(cost, kept, scale, ranked_value, moves, aim)
     for _ in range(2 * n):
-        downs = {j: (down, float(ranked_value[j][down: kept[j]].sum()))
-                 for j in range(n) if (down := moves.down(j, kept[j])) is not None}
-        pairs = []
-        for i in range(n):
-            if (up := moves.up(i, kept[i])) is None:
-                continue
-            gained = float(ranked_value[i][kept[i]: up].sum())
-            pairs += [(gained - lost, i, up, j, down) for j, (down, lost) in downs.items()
-                      if j != i and gained > lost]
-        if not pairs:
+        ups = {i: up for i in range(n) if (up := moves.up(i, kept[i])) is not None}
+        downs = {j: down for j in range(n) if (down := moves.down(j, kept[j])) is not None}
+        options = []
+        pairs = [pair for i, up in ups.items() for j, down in downs.items()
+                 if j != i and value(pair := moved(moved(kept, i, up), j, down)) > value(kept)]
+        if pairs:
+            rows = torch.tensor(pairs, dtype=torch.float32) * scale
+            fits = [p for p, pred in zip(pairs, _each(cost, rows).tolist()) if pred <= aim]
+            if fits:  # the best single pair
+                options.append(_reopen(cost, max(fits, key=value), scale, ranked_value,
+                                       moves, aim))
+        for i, up in ups.items():
+            paid, reached = _descend(cost, moved(kept, i, up), scale, ranked_value, moves, aim,
+                                     frozen=i)
+            if reached:
+                options.append(_reopen(cost, paid, scale, ranked_value, moves, aim))
+        for j, down in downs.items():
+            options.append(_reopen(cost, moved(kept, j, down), scale, ranked_value, moves, aim,
+                                   frozen=j))
+        best = max(options, key=value, default=None)
+        if best is None or value(best) <= value(kept):
             return kept
-        rows = (torch.tensor(kept, dtype=torch.float32) * scale).repeat(len(pairs), 1)
-        for row, (_, i, up, j, down) in enumerate(pairs):
-            rows[row, i] = up * scale[i]
-            rows[row, j] = down * scale[j]
-        fits = [pair for pair, pred in zip(pairs, _each(cost, rows).tolist()) if pred <= aim]
-        if not fits:
-            return kept
-        _, i, up, j, down = max(fits)
-        kept[i], kept[j] = up, down
-        kept = _reopen(cost, kept, scale, ranked_value, moves, aim)
+        kept = best
     return kept
 
 
