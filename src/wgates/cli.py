@@ -587,7 +587,9 @@ def add_prune(sub) -> None:
     p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=PRUNE.depth,
                    help="let the search also drop residual blocks (a block's inner width going "
                    "to none); where latency is overhead-bound, as at batch 1, a block costs "
-                   "more than its channels (default: on at batch 1, off above)")
+                   "more than its channels, and where widths move in channel blocks a "
+                   "narrower width buys latency only a block at a time (default: on at batch "
+                   "1 or with a channel block, such as --channel-block 16; off otherwise)")
     p.add_argument("--predictor", help="an LPNet file from `wgates fit-latency` (skips profiling)")
     p.add_argument("--readings", help="a latency file that keeps every measurement of a pruned "
                    "model, pooled with the earlier ones of the same architecture (default: the "

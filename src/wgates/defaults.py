@@ -18,7 +18,7 @@ class PruneDefaults:
     ramp: float = 0.5  # fraction of the search over which the aim falls to the target
     floor: float = 0.25  # no group below this fraction of its width (docs/design.md: 0.1 vs 0.25)
     # a residual block's inner group may keep no channel, dropping the block (wgates.depth);
-    # None: where the deployment batch is 1 (`depth_for`)
+    # None: at batch 1, or where widths move in channel blocks (`depth_for`)
     depth: bool | None = None
     importance: str = "taylor"  # what a unit is worth to the knapsack (wgates.search.IMPORTANCES)
     distill: bool = True  # distil from the dense model in the search and the fine-tune
@@ -43,10 +43,13 @@ def deployment_threads(threads: int, others: Sequence[int] = PRUNE.check_threads
     return list(dict.fromkeys([threads, *others]))
 
 
-def depth_for(depth: bool | None, batch: int) -> bool:
+def depth_for(depth: bool | None, batch: int, block: int | None = None) -> bool:
     """Whether the search may drop residual blocks: `depth` as given, or by default (None)
-    at batch 1 only. At batch 1 latency is overhead-bound and a block costs more than its
-    channels: with depth W-Gates gained 4.0 points on torch-cpu and 2.3 on ONNX Runtime at
-    0.5 (ResNet-20, three seeds each); at batch 32, where latency follows compute, it lost 2.4
-    (one seed; docs/design.md, "Batch 1 with depth")."""
-    return batch == 1 if depth is None else depth
+    at batch 1, and at any batch where the delivered widths move in channel blocks (`block`,
+    the backend's `width_grid`). At batch 1 latency is overhead-bound and a block costs more
+    than its channels: with depth W-Gates gained 4.0 points on torch-cpu and 2.3 on ONNX
+    Runtime at 0.5 (ResNet-20, three seeds each). At batch 32 on torch-cpu's (1, 16) grid it
+    gained 2.3 over three seeds (docs/design.md, "Depth on the batch-32 grid"): there a
+    narrower width buys latency only a block at a time, a dropped residual block at once.
+    Without a grid at batch 32 it lost 2.4 (one seed, older code and host)."""
+    return (batch == 1 or block is not None) if depth is None else depth

@@ -215,7 +215,8 @@ def prune(
     (`wgates.search`);
     `depth`: a gate method may also drop residual blocks, a block's inner group going to no
     channel (`wgates.depth`; where latency is overhead-bound a block costs more than its
-    channels); default (None): at batch 1 only (`wgates.defaults.depth_for`);
+    channels); default (None): at batch 1, or where widths move in channel blocks
+    (`wgates.defaults.depth_for`);
     `distill`: the dense model teaches the search and the fine-tune;
     `loss_fn`: the task's loss for the search and the fine-tune, `loss_fn(output, target)`,
     called as `loss_fn(output, target, teacher_output)` when distilling (default: cross-entropy
@@ -272,7 +273,7 @@ def prune(
         place(model, device)
     here = next(model.parameters()).device
     inputs = tuple(x.to(here) for x in as_input_tuple(example_inputs))
-    depth = depth_for(depth, inputs[0].shape[0])
+    depth = depth_for(depth, inputs[0].shape[0], block)
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
               method=method, predictor=predictor, force_predictor=force_predictor,
@@ -464,7 +465,7 @@ def preflight(
         check_readings(readings)
     inputs = as_input_tuple(example_inputs)
     check_forward(model, inputs)
-    depth = depth_for(depth, inputs[0].shape[0])
+    depth = depth_for(depth, inputs[0].shape[0], block)
     with torch.random.fork_rng(devices=[]):
         modes = [(m, m.training) for m in model.modules()]
         try:
