@@ -49,7 +49,8 @@ def depth_for(depth: bool | None, batch: int, block: int | None = None) -> bool:
     the backend's `width_grid`). At batch 1 latency is overhead-bound and a block costs more
     than its channels: with depth W-Gates gained 4.0 points on torch-cpu and 2.3 on ONNX
     Runtime at 0.5 (ResNet-20, three seeds each). At batch 32 on torch-cpu's (1, 16) grid it
-    gained 2.3 over three seeds (docs/design.md, "Depth on the batch-32 grid"): there a
-    narrower width buys latency only a block at a time, a dropped residual block at once.
+    gained 2.5 (three seeds; 2.4 ahead of Torch-Pruning Taylor; docs/design.md, "Depth on the
+    batch-32 grid"): there a narrower width buys latency a block at a time, a dropped
+    residual block at once.
     Without a grid at batch 32 it lost 2.4 (one seed, older code and host)."""
     return (batch == 1 or block is not None) if depth is None else depth
