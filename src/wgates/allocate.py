@@ -316,9 +316,9 @@ def _exchange(cost: Cost, kept: list[int], scale: torch.Tensor,
     for _ in range(2 * n):
         ups = {i: up for i in range(n) if (up := moves.up(i, kept[i])) is not None}
         downs = {j: down for j in range(n) if (down := moves.down(j, kept[j])) is not None}
-        options = []
+        options, base = [], value(kept)
         pairs = [pair for i, up in ups.items() for j, down in downs.items()
-                 if j != i and value(pair := moved(moved(kept, i, up), j, down)) > value(kept)]
+                 if j != i and value(pair := moved(moved(kept, i, up), j, down)) > base]
         if pairs:
             rows = torch.tensor(pairs, dtype=torch.float32) * scale
             fits = [p for p, pred in zip(pairs, _each(cost, rows).tolist()) if pred <= aim]
@@ -334,7 +334,7 @@ def _exchange(cost: Cost, kept: list[int], scale: torch.Tensor,
             options.append(_reopen(cost, moved(kept, j, down), scale, ranked_value, moves, aim,
                                    frozen=j))
         best = max(options, key=value, default=None)
-        if best is None or value(best) <= value(kept):
+        if best is None or value(best) <= base:
             return kept
         kept = best
     return kept
