@@ -451,3 +451,27 @@ def test_earlier_names_of_the_method_still_work():
     with pytest.warns(DeprecationWarning, match="method="), \
             pytest.raises(WgatesError, match="nope"):
         prune(torch.nn.Conv2d(1, 2, 3), torch.randn(1, 1, 8, 8), None, None, kind="nope")
+
+
+@pytest.mark.parametrize("flags, shape, expected", [
+    ([], "1,3,32,32", True),  # batch 1: depth by default, as prune decides it
+    ([], "8,3,32,32", False),  # batch 8 on torch-cpu's (1, 1) grid: no depth
+    (["--channel-block", "16"], "8,3,32,32", True),  # a channel grid: depth
+    (["--no-depth"], "1,3,32,32", False),
+])
+def test_profile_samples_dropped_blocks_where_prune_would_drop_them(flags, shape, expected,
+                                                                   tmp_path, monkeypatch):
+    """A profile made for `prune --predictor` must have seen the drops that search may make."""
+    import wgates.latency
+
+    seen = {}
+
+    def profile(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(wgates.latency, "profile", profile)
+    with pytest.raises(SystemExit):
+        main(["profile", "--model", "resnet20", "--input-shape", shape, "--samples", "2",
+              "--out", str(tmp_path / "lat.sqlite"), *flags])
+    assert seen["depth"] is expected

@@ -55,7 +55,8 @@ def _prune(dense, data, run_dir, **kwargs):
     args = dict(target_latency=0.6, epochs=1, finetune_epochs=1, run_dir=run_dir,
                 proxy="flops", tolerance=0.1, progress=False)
     args.update(kwargs)
-    return pipeline.prune(dense, torch.randn(1, 1, 32, 32), data[0], data[1], **args)
+    example = args.pop("example", torch.randn(1, 1, 32, 32))
+    return pipeline.prune(dense, example, data[0], data[1], **args)
 
 
 @pytest.fixture(scope="module")
@@ -516,6 +517,16 @@ def test_prune_runs_in_the_cuda_layout(dense, data, tmp_path, monkeypatch, macs_
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last)
                          and c.weight.shape[0] > 1 for c in convs)
     assert result.macs < result.dense_macs and (tmp_path / "run" / "model.onnx").is_file()
+
+
+def test_depth_is_off_by_default_above_batch_1_without_a_channel_grid(dense, data, tmp_path,
+                                                                      monkeypatch):
+    """torch-cpu's grid is (1, 1): at batch 2 the search keeps every block unless asked."""
+    _fast(monkeypatch)
+    run_dir = tmp_path / "run"
+    _prune(dense, data, run_dir, example=torch.randn(2, 1, 32, 32), export=False,
+           check_threads=(), blocks=())
+    assert "depth" not in json.loads((run_dir / "state.json").read_text())["settings"]
 
 
 def test_prune_with_depth_drops_blocks_the_widths_alone_cannot_reach(data, tmp_path,

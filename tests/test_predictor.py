@@ -188,6 +188,36 @@ def test_predictor_from_another_machine_is_refused_unless_forced(tmp_path):
         preflight(model, x, predictor=elsewhere, force_predictor=True)
 
 
+def test_a_predictor_that_never_dropped_a_block_is_warned_about_where_the_search_may(
+        tmp_path):
+    """At batch 1 the search may drop ResNet blocks (depth by default); an LPNet whose profile
+    never did prices a drop by its MACs alone, so the user is told to profile with --depth."""
+    import warnings
+
+    from wgates.gated import gate
+    from wgates.latency import get_backend
+    from wgates.models.cifar_resnet import CifarResNet
+    from wgates.pipeline import preflight
+
+    model, x = CifarResNet(8, in_channels=1).eval(), torch.zeros(1, 1, 32, 32)
+    fingerprint = {**get_backend("torch-cpu", 1).fingerprint(), "batch": 1,
+                   "input_shape": [1, 1, 32, 32]}
+    paths = {}
+    for depth in (False, True):
+        groups = gate(model, x, depth=depth).groups
+        paths[depth] = tmp_path / f"depth{depth}.pt"
+        LatencyPredictor([g.name for g in groups], [g.size for g in groups], dense_ms=2.0,
+                         fingerprint={**fingerprint, "groups": [
+                             [g.name, g.size, g.min_channels] for g in groups]},
+                         ).save(paths[depth])
+    with pytest.warns(UserWarning, match="profiled without dropping residual blocks.*--depth"):
+        preflight(model, x, predictor=paths[False])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        preflight(model, x, predictor=paths[True])  # its profile dropped blocks
+        preflight(model, x, predictor=paths[False], depth=False)  # this search drops none
+
+
 @pytest.mark.parametrize("weights", [False, True])  # dense training first / no training
 def test_cli_refuses_a_predictor_from_elsewhere_before_any_work(weights, tmp_path, monkeypatch,
                                                                capsys):

@@ -11,7 +11,7 @@ import argparse
 import errno
 import sys
 
-from wgates.defaults import PRUNE, deployment_threads
+from wgates.defaults import PRUNE, deployment_threads, depth_for
 from wgates.errors import WgatesError
 
 
@@ -139,20 +139,26 @@ def add_profile(sub) -> None:
     p.add_argument("--channel-block", type=_positive_int, default=None,
                    help="sample widths above this many channels in whole multiples of it, as "
                    "pruning will deliver them (default: the backend's grid)")
+    p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=PRUNE.depth,
+                   help="let a share of the samples drop residual blocks, as `prune --depth` "
+                   "may (default: as prune decides it, on at batch 1 or with a channel block)")
     p.add_argument("--out", default="latency.sqlite", help="SQLite file (created or extended)")
 
     def run(args) -> int:
-        from wgates.latency import LatencyStore, Protocol, profile
+        from wgates.latency import LatencyStore, Protocol, get_backend, profile
         from wgates.models import create_model, default_input_shape
 
         shape = args.input_shape or (1, *default_input_shape(args.model))
         overrides = {"rounds": args.rounds, "max_wait_s": args.max_wait}
+        grid = get_backend(args.backend, args.threads).width_grid(args.channel_multiple,
+                                                                  args.channel_block)
         done = profile(
             create_model(args.model), shape, args.out, samples=args.samples,
             backend=args.backend, threads=args.threads, seed=args.seed,
             model_spec=args.model, repeat_every=args.repeat_every,
             channel_multiple=args.channel_multiple, channel_block=args.channel_block,
             protocol=Protocol(**{k: v for k, v in overrides.items() if v is not None}),
+            depth=depth_for(args.depth, shape[0], *grid),
         )
         store = LatencyStore(args.out)
         spoiled = done.n_samples - store.counts(done.id)[1]

@@ -43,14 +43,15 @@ def deployment_threads(threads: int, others: Sequence[int] = PRUNE.check_threads
     return list(dict.fromkeys([threads, *others]))
 
 
-def depth_for(depth: bool | None, batch: int, block: int | None = None) -> bool:
+def depth_for(depth: bool | None, batch: int, multiple: int = 1, block: int = 1) -> bool:
     """Whether the search may drop residual blocks: `depth` as given, or by default (None)
-    at batch 1, and at any batch where the delivered widths move in channel blocks (`block`,
-    the backend's `width_grid`). At batch 1 latency is overhead-bound and a block costs more
-    than its channels: with depth W-Gates gained 4.0 points on torch-cpu and 2.3 on ONNX
-    Runtime at 0.5 (ResNet-20, three seeds each). At batch 32 on torch-cpu's (1, 16) grid it
-    gained 2.5 (three seeds; 2.4 ahead of Torch-Pruning Taylor; docs/design.md, "Depth on the
-    batch-32 grid"): there a narrower width buys latency a block at a time, a dropped
-    residual block at once.
-    Without a grid at batch 32 it lost 2.4 (one seed, older code and host)."""
-    return (batch == 1 or block is not None) if depth is None else depth
+    at batch 1, and at any batch where the delivered widths move in channel blocks wider than
+    their multiple (`multiple, block` as the backend's `width_grid` gives them: (1, 1) is no
+    grid, (1, 16) `--channel-block 16`, (8, 16) ONNX Runtime on AVX-512). At batch 1
+    latency is overhead-bound and a block costs more than its channels: with depth W-Gates
+    gained 4.0 points on torch-cpu and 2.3 on ONNX Runtime at 0.5 (ResNet-20, three seeds
+    each). At batch 32 on torch-cpu's (1, 16) grid it gained 2.5 (three seeds; 2.4 ahead of
+    Torch-Pruning Taylor; docs/design.md, "Depth on the batch-32 grid"): there a narrower
+    width buys latency a block at a time, a dropped residual block at once. Without a grid
+    at batch 32 it lost 2.4 (one seed, older code and host)."""
+    return (batch == 1 or block > multiple) if depth is None else depth

@@ -273,7 +273,7 @@ def prune(
         place(model, device)
     here = next(model.parameters()).device
     inputs = tuple(x.to(here) for x in as_input_tuple(example_inputs))
-    depth = depth_for(depth, inputs[0].shape[0], block)
+    depth = depth_for(depth, inputs[0].shape[0], multiple, block)
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
               method=method, predictor=predictor, force_predictor=force_predictor,
@@ -465,13 +465,15 @@ def preflight(
         check_readings(readings)
     inputs = as_input_tuple(example_inputs)
     check_forward(model, inputs)
-    depth = depth_for(depth, inputs[0].shape[0], block)
+    depth = depth_for(depth, inputs[0].shape[0], multiple, block)
     with torch.random.fork_rng(devices=[]):
         modes = [(m, m.training) for m in model.modules()]
         try:
-            # droppable blocks matter only to the narrowest model measured below
+            # droppable blocks matter only to the narrowest model measured below and to
+            # whether a given predictor has seen them dropped
             gated = gate(model.eval(), inputs, kind=info.kind, channel_multiple=multiple,
-                         channel_block=block, depth=depth and measure and info.gates is not None)
+                         channel_block=block, depth=depth and info.gates is not None
+                         and (measure or predictor is not None))
         except WgatesError as err:
             if "no prunable channel group" not in str(err):
                 raise
@@ -486,7 +488,7 @@ def preflight(
             expected = meter_backend.fingerprint_at(inputs[0].shape)
             names = [g.name for g in gated.groups]
             distributed.once("check the latency predictor", lambda: _check_predictor(
-                predictor, expected, names, force_predictor))
+                predictor, expected, names, force_predictor, bool(gated.droppable)))
         if measure:
             distributed.once("measure the dense and the narrowest model", lambda: (
                 _measure_reachable(gated, inputs, threads, target_latency, backend,
@@ -494,10 +496,21 @@ def preflight(
 
 
 
-def _check_predictor(path, expected: dict, names: list[str], force: bool) -> None:
+def _check_predictor(path, expected: dict, names: list[str], force: bool,
+                     drops: bool) -> None:
+    """Refuse a predictor from elsewhere or for other groups; warn when the search may drop
+    blocks (`drops`) and the predictor's profile never did: its MACs prior's layers term was
+    fitted at one value, so it prices a dropped block by its MACs alone, and at batch 1 a
+    block costs more than that (docs/design.md, "Depth")."""
     net = LatencyPredictor.load(path)
     check_fingerprint(net, expected, path, force=force)
     check_groups(net, names)
+    profiled = net.fingerprint.get("groups")
+    if drops and profiled and all(low > 0 for *_, low in profiled):
+        warnings.warn(f"wgates: {path} was profiled without dropping residual blocks, and this "
+                      "search may drop them: it prices a dropped block by its MACs alone. "
+                      "Profile with `wgates profile --depth` and fit again, or prune with "
+                      "--no-depth (depth=False)", stacklevel=2)
 
 
 def _measure_reachable(gated, inputs, threads, target_latency, backend, floor,
