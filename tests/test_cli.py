@@ -453,16 +453,20 @@ def test_earlier_names_of_the_method_still_work():
         prune(torch.nn.Conv2d(1, 2, 3), torch.randn(1, 1, 8, 8), None, None, kind="nope")
 
 
-@pytest.mark.parametrize("flags, shape, expected", [
-    ([], "1,3,32,32", True),  # batch 1: depth by default, as prune decides it
-    ([], "8,3,32,32", False),  # batch 8 on torch-cpu's (1, 1) grid: no depth
-    (["--channel-block", "16"], "8,3,32,32", True),  # a channel grid: depth
-    (["--no-depth"], "1,3,32,32", False),
+@pytest.mark.parametrize("flags, shape, expected, block", [
+    ([], "1,3,32,32", True, None),  # batch 1: depth by default, as prune decides it
+    ([], "8,3,32,32", False, None),  # batch 8 on torch-cpu's (1, 1) grid: no depth
+    (["--channel-block", "16"], "8,3,32,32", True, 16),  # a channel grid: depth
+    (["--channel-block", "auto"], "8,3,32,32", True, 16),  # the block probed: 16 here
+    (["--no-depth"], "1,3,32,32", False, None),
 ])
 def test_profile_samples_dropped_blocks_where_prune_would_drop_them(flags, shape, expected,
-                                                                   tmp_path, monkeypatch):
-    """A profile made for `prune --predictor` must have seen the drops that search may make."""
+                                                                   block, tmp_path,
+                                                                   monkeypatch):
+    """A profile made for `prune --predictor` must have seen the drops that search may make,
+    on the grid prune will deliver."""
     import wgates.latency
+    import wgates.latency.grid
 
     seen = {}
 
@@ -471,7 +475,9 @@ def test_profile_samples_dropped_blocks_where_prune_would_drop_them(flags, shape
         raise SystemExit(0)
 
     monkeypatch.setattr(wgates.latency, "profile", profile)
+    monkeypatch.setattr(wgates.latency.grid, "probe_block", lambda *a, **k: (
+        wgates.latency.BlockProbe(16, {16: (0.64, 0.86, 0.85)})))
     with pytest.raises(SystemExit):
         main(["profile", "--model", "resnet20", "--input-shape", shape, "--samples", "2",
               "--out", str(tmp_path / "lat.sqlite"), *flags])
-    assert seen["depth"] is expected
+    assert seen["depth"] is expected and seen["channel_block"] == block

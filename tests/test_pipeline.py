@@ -529,6 +529,32 @@ def test_depth_is_off_by_default_above_batch_1_without_a_channel_grid(dense, dat
     assert "depth" not in json.loads((run_dir / "state.json").read_text())["settings"]
 
 
+def test_an_auto_channel_block_is_probed_once_and_kept_for_the_resume(dense, data, tmp_path,
+                                                                       monkeypatch):
+    """`channel_block="auto"`: the probe's block is the run's grid, and a resume takes the
+    recorded one instead of probing again (a second reading could differ and refuse it)."""
+    from wgates.latency.grid import BlockProbe
+
+    _fast(monkeypatch)
+    probed = []
+
+    def probe(model, inputs, backend, threads, candidates):
+        probed.append(candidates)
+        return BlockProbe(16, {16: (0.4, 0.56, 0.56)})
+
+    monkeypatch.setattr(pipeline, "probe_block", probe)
+    run_dir = tmp_path / "run"
+    result = _prune(dense, data, run_dir, channel_block="auto", export=False,
+                    check_threads=(), blocks=())
+    state = json.loads((run_dir / "state.json").read_text())
+    assert probed == [(16, 8)] and state["grid_probe"]["block"] == 16
+    assert state["settings"]["channel_block"] == 16
+    assert all(w <= 16 or w % 16 == 0 or w == result.sizes[n] for n, w in result.widths.items())
+    again = _prune(dense, data, run_dir, channel_block="auto", export=False, resume=True,
+                   check_threads=(), blocks=())
+    assert len(probed) == 1 and again.widths == result.widths
+
+
 def test_prune_with_depth_drops_blocks_the_widths_alone_cannot_reach(data, tmp_path,
                                                                      monkeypatch):
     """With a floor of 0.6 no width reaches 0.3 of the MACs; dropping blocks does, and the

@@ -37,6 +37,11 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _block(text: str) -> int | str:
+    """A channel block: a whole number >= 1, or "auto" (measured: `probe_block`)."""
+    return text if text == "auto" else _positive_int(text)
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.split(","))
@@ -136,9 +141,10 @@ def add_profile(sub) -> None:
                    help="sample widths in multiples of this, as pruning will deliver them "
                    "(default: the backend's grid: on onnxruntime-cpu multiples of 8 up to its "
                    "kernels' channel block, 16 with AVX-512, and whole blocks above; else 1)")
-    p.add_argument("--channel-block", type=_positive_int, default=None,
+    p.add_argument("--channel-block", type=_block, default=None,
                    help="sample widths above this many channels in whole multiples of it, as "
-                   "pruning will deliver them (default: the backend's grid)")
+                   "pruning will deliver them (default: the backend's grid; auto: the block "
+                   "this model's latency steps in here, measured first)")
     p.add_argument("--depth", action=argparse.BooleanOptionalAction, default=PRUNE.depth,
                    help="let a share of the samples drop residual blocks, as `prune --depth` "
                    "may (default: as prune decides it, on at batch 1 or with a channel block)")
@@ -150,13 +156,22 @@ def add_profile(sub) -> None:
 
         shape = args.input_shape or (1, *default_input_shape(args.model))
         overrides = {"rounds": args.rounds, "max_wait_s": args.max_wait}
-        grid = get_backend(args.backend, args.threads).width_grid(args.channel_multiple,
-                                                                  args.channel_block)
+        model = create_model(args.model)
+        block = args.channel_block
+        if block == "auto":
+            import torch
+
+            from wgates.latency.grid import probe_block
+
+            found = probe_block(model, torch.randn(shape), args.backend, args.threads)
+            block = found.block
+            print(found.summary())
+        grid = get_backend(args.backend, args.threads).width_grid(args.channel_multiple, block)
         done = profile(
-            create_model(args.model), shape, args.out, samples=args.samples,
+            model, shape, args.out, samples=args.samples,
             backend=args.backend, threads=args.threads, seed=args.seed,
             model_spec=args.model, repeat_every=args.repeat_every,
-            channel_multiple=args.channel_multiple, channel_block=args.channel_block,
+            channel_multiple=args.channel_multiple, channel_block=block,
             protocol=Protocol(**{k: v for k, v in overrides.items() if v is not None}),
             depth=depth_for(args.depth, shape[0], *grid),
         )
@@ -557,10 +572,11 @@ def add_prune(sub) -> None:
                    "grid: on onnxruntime-cpu, whose convolutions run channels in blocks, "
                    "multiples of 8 up to one block, 16 with AVX-512, and whole blocks above; "
                    "else 1)")
-    p.add_argument("--channel-block", type=_positive_int, default=None,
+    p.add_argument("--channel-block", type=_block, default=None,
                    help="deliver widths above this many channels in whole multiples of it "
                    "(default: the backend's grid); e.g. 16 for torch-cpu at batch 32 on an "
-                   "AVX-512 host, whose convs cost the same at 17 to 32 channels")
+                   "AVX-512 host, whose convs cost the same at 17 to 32 channels; auto: the "
+                   "block this model's latency steps in here, measured before the search")
     p.add_argument("--blocks", type=_positive_int, nargs="*", default=list(PRUNE.blocks),
                    help="after the closed loop, widen each group to the end of its block of "
                    "this many channels (each in turn, e.g. 16 8) where the measured latency "

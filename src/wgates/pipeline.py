@@ -37,6 +37,7 @@ from wgates.files import load_checkpoint, save_checkpoint, write_json
 from wgates.gated import gate
 from wgates.groups import as_input_tuple
 from wgates.latency import Protocol, check_readings, get_backend, profile, settled
+from wgates.latency.grid import AUTO, CANDIDATES, check_block, probe_block
 from wgates.macs import MacsModel
 from wgates.models import check_forward
 from wgates.parts import PROXIES, LatencyMeter, LatencyTerm, measure_threads
@@ -140,11 +141,16 @@ class _Run:
         self.state = distributed.once("open the run directory",
                                       lambda: self._open(resume, settings))
 
-    def _open(self, resume: bool, settings: dict) -> dict:
-        path = self.path
+    @staticmethod
+    def check_free(path: Path, resume: bool) -> None:
+        """Refuse a run directory that holds something unless the run is resumed."""
         if path.exists() and any(path.iterdir()) and not resume:
             raise WgatesError(f"run directory {path} is not empty: pass resume=True (--resume) "
                               "to continue it, or choose another directory")
+
+    def _open(self, resume: bool, settings: dict) -> dict:
+        path = self.path
+        self.check_free(path, resume)
         state = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
         before = state.get("settings", settings)
         differ = [f"{k} was {before.get(k)!r}, now {v!r}" for k, v in settings.items()
@@ -199,7 +205,7 @@ def prune(
     check_threads: Sequence[int] = PRUNE.check_threads,
     kind: str | None = None,
     channel_multiple: int | None = None,
-    channel_block: int | None = None,
+    channel_block: int | str | None = None,
     blocks: Sequence[int] = PRUNE.blocks,
     isolated: bool = PRUNE.isolated,
     readings: str | Path | None = None,
@@ -235,7 +241,8 @@ def prune(
     (default: the backend's grid), where measurements (`benchmarks/width_steps.py`) show a
     runtime computing channels in blocks, e.g. torch-cpu at batch 32 on an AVX-512 host, whose
     convs cost the same at 17 to 32 channels (docs/design.md, "torch-cpu's blocks at batch
-    32");
+    32"); "auto": the block this model's latency steps in here, measured before anything
+    else (`wgates.latency.grid.probe_block`; kept in the run directory for a resume);
     `blocks` (e.g. (16, 8)): once the closed loop has delivered a gate method's widths, widen
     each group to the end of its block of that many channels where the measured latency stays
     in the band (`wgates.search.widen_to_blocks`: CPU kernels compute channels in blocks, and
@@ -267,12 +274,20 @@ def prune(
         raise WgatesError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if info.gates:
         proxy, allocation = info.gates.settings(proxy, allocation)
-    multiple, block = get_backend(backend, threads).width_grid(channel_multiple, channel_block)
+    check_block(channel_block)
     torch.manual_seed(seed)
     if device is not None:
         place(model, device)
     here = next(model.parameters()).device
     inputs = tuple(x.to(here) for x in as_input_tuple(example_inputs))
+    probed = None
+    if channel_block == AUTO:  # what would refuse the run after the probe, refused before it
+        check_forward(model, inputs)
+        _Run.check_free(Path(run_dir), resume)
+        probed = _probed_block(model, inputs, backend, threads, Path(run_dir), resume,
+                               channel_multiple)
+        channel_block = probed["block"]
+    multiple, block = get_backend(backend, threads).width_grid(channel_multiple, channel_block)
     depth = depth_for(depth, inputs[0].shape[0], multiple, block)
     dense = model.eval()
     preflight(dense, inputs, target_latency=target_latency, backend=backend, threads=threads,
@@ -297,6 +312,8 @@ def prune(
         **({"channel_block": block} if block > multiple else {}),
         **({"blocks": list(blocks)} if blocks else {}),
     })
+    if probed is not None:
+        run.save(grid_probe=probed)
 
     measure = LatencyMeter(dense, inputs, backend, threads, Protocol(),  # used on rank 0 only
                            isolated=isolated)
@@ -439,7 +456,7 @@ def preflight(
     tolerance: float = PRUNE.tolerance,
     measure: bool = False,
     channel_multiple: int | None = None,
-    channel_block: int | None = None,
+    channel_block: int | str | None = None,
     blocks: Sequence[int] = PRUNE.blocks,
     readings: str | Path | None = None,
     depth: bool | None = PRUNE.depth,
@@ -458,8 +475,11 @@ def preflight(
     The global random state is left as it was (the gates made here are thrown away)."""
     info = method_info(method)
     parse_target(target_latency)  # its form and range, before any work or run directory
+    check_block(channel_block)
     meter_backend = get_backend(backend, threads)
-    multiple, block = meter_backend.width_grid(channel_multiple, channel_block)
+    # "auto" is measured by `prune` itself: checked here on the grid without a block
+    multiple, block = meter_backend.width_grid(
+        channel_multiple, None if channel_block == AUTO else channel_block)
     check_blocks(blocks, multiple)
     if readings is not None:
         check_readings(readings)
@@ -494,6 +514,24 @@ def preflight(
                 _measure_reachable(gated, inputs, threads, target_latency, backend,
                                    lowest_floor(method, allocation, floor), tolerance)))
 
+
+
+def _probed_block(model: nn.Module, inputs: tuple, backend: str, threads: int, path: Path,
+                  resume: bool, multiple: int | None) -> dict:
+    """`channel_block="auto"`: the block `probe_block` finds for this model here, or the one
+    a resumed run found (a second probe could read otherwise and refuse the resume)."""
+    state = path / "state.json"
+    if resume and state.exists():
+        recorded = json.loads(state.read_text()).get("grid_probe")
+        if recorded is not None:
+            return recorded
+    found = distributed.once("probe the channel block", lambda: probe_block(
+        model, inputs, backend, threads,
+        candidates=tuple(c for c in CANDIDATES if multiple is None or c % multiple == 0)))
+    if distributed.is_main():
+        print(found.summary())
+    return {"block": found.block,
+            "readings": {str(b): list(r) for b, r in found.readings.items()}}
 
 
 def _check_predictor(path, expected: dict, names: list[str], force: bool,

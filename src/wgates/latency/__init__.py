@@ -11,6 +11,7 @@ from wgates.latency.backends import (
     pin_allocator,
     settled,
 )
+from wgates.latency.grid import BlockProbe, probe_block
 from wgates.latency.sampling import describe, probe_widths, profile, sample_widths
 from wgates.latency.store import (
     LatencyStore,
@@ -25,6 +26,7 @@ from wgates.latency.store import (
 __all__ = [
     "BACKENDS",
     "Backend",
+    "BlockProbe",
     "LatencyStore",
     "Measurement",
     "Meter",
@@ -37,6 +39,7 @@ __all__ = [
     "fingerprint_key",
     "get_backend",
     "pin_allocator",
+    "probe_block",
     "probe_widths",
     "profile",
     "profiled_quiet_ms",
