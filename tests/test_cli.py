@@ -481,3 +481,22 @@ def test_profile_samples_dropped_blocks_where_prune_would_drop_them(flags, shape
         main(["profile", "--model", "resnet20", "--input-shape", shape, "--samples", "2",
               "--out", str(tmp_path / "lat.sqlite"), *flags])
     assert seen["depth"] is expected and seen["channel_block"] == block
+
+
+def test_profile_auto_block_finding_none_keeps_the_backends_own_grid(tmp_path, monkeypatch):
+    import wgates.latency
+    import wgates.latency.grid
+
+    seen = {}
+
+    def profile(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(wgates.latency, "profile", profile)
+    monkeypatch.setattr(wgates.latency.grid, "probe_block", lambda *a, **k: (
+        wgates.latency.BlockProbe(1, {16: (0.66, 0.68, 0.86), 8: (0.40, 0.43, 0.67)})))
+    with pytest.raises(SystemExit):
+        main(["profile", "--model", "resnet20", "--backend", "onnxruntime-cpu",
+              "--channel-block", "auto", "--out", str(tmp_path / "lat.sqlite")])
+    assert seen["channel_block"] is None  # ONNX Runtime's own (8, 16) grid, not (8, 8)

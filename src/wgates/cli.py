@@ -164,7 +164,7 @@ def add_profile(sub) -> None:
             from wgates.latency.grid import probe_block
 
             found = probe_block(model, torch.randn(shape), args.backend, args.threads)
-            block = found.block
+            block = found.block if found.block > 1 else None  # none found: the backend's own
             print(found.summary())
         grid = get_backend(args.backend, args.threads).width_grid(args.channel_multiple, block)
         done = profile(

@@ -242,7 +242,8 @@ def prune(
     runtime computing channels in blocks, e.g. torch-cpu at batch 32 on an AVX-512 host, whose
     convs cost the same at 17 to 32 channels (docs/design.md, "torch-cpu's blocks at batch
     32"); "auto": the block this model's latency steps in here, measured before anything
-    else (`wgates.latency.grid.probe_block`; kept in the run directory for a resume);
+    else (`wgates.latency.grid.probe_block`; kept in the run directory for a resume), or the
+    backend's own grid where none is found;
     `blocks` (e.g. (16, 8)): once the closed loop has delivered a gate method's widths, widen
     each group to the end of its block of that many channels where the measured latency stays
     in the band (`wgates.search.widen_to_blocks`: CPU kernels compute channels in blocks, and
@@ -286,7 +287,7 @@ def prune(
         _Run.check_free(Path(run_dir), resume)
         probed = _probed_block(model, inputs, backend, threads, Path(run_dir), resume,
                                channel_multiple)
-        channel_block = probed["block"]
+        channel_block = probed["block"] if probed["block"] > 1 else None  # else its own grid
     multiple, block = get_backend(backend, threads).width_grid(channel_multiple, channel_block)
     depth = depth_for(depth, inputs[0].shape[0], multiple, block)
     dense = model.eval()
