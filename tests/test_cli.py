@@ -453,6 +453,26 @@ def test_earlier_names_of_the_method_still_work():
         prune(torch.nn.Conv2d(1, 2, 3), torch.randn(1, 1, 8, 8), None, None, kind="nope")
 
 
+def _profile_kwargs(monkeypatch, found_block: int, args: list[str]) -> dict:
+    """What `wgates profile ARGS` passes to `wgates.latency.profile`, where the channel-block
+    probe finds `found_block` (nothing is measured)."""
+    import wgates.latency
+    import wgates.latency.grid
+
+    seen = {}
+
+    def profile(*args, **kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(wgates.latency, "profile", profile)
+    monkeypatch.setattr(wgates.latency.grid, "probe_block", lambda *a, **k: (
+        wgates.latency.BlockProbe(found_block, {16: (0.64, 0.86, 0.85)})))
+    with pytest.raises(SystemExit):
+        main(["profile", *args])
+    return seen
+
+
 @pytest.mark.parametrize("flags, shape, expected, block", [
     ([], "1,3,32,32", True, None),  # batch 1: depth by default, as prune decides it
     ([], "8,3,32,32", False, None),  # batch 8 on torch-cpu's (1, 1) grid: no depth
@@ -465,38 +485,14 @@ def test_profile_samples_dropped_blocks_where_prune_would_drop_them(flags, shape
                                                                    monkeypatch):
     """A profile made for `prune --predictor` must have seen the drops that search may make,
     on the grid prune will deliver."""
-    import wgates.latency
-    import wgates.latency.grid
-
-    seen = {}
-
-    def profile(*args, **kwargs):
-        seen.update(kwargs)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(wgates.latency, "profile", profile)
-    monkeypatch.setattr(wgates.latency.grid, "probe_block", lambda *a, **k: (
-        wgates.latency.BlockProbe(16, {16: (0.64, 0.86, 0.85)})))
-    with pytest.raises(SystemExit):
-        main(["profile", "--model", "resnet20", "--input-shape", shape, "--samples", "2",
-              "--out", str(tmp_path / "lat.sqlite"), *flags])
+    seen = _profile_kwargs(monkeypatch, 16, [
+        "--model", "resnet20", "--input-shape", shape, "--samples", "2",
+        "--out", str(tmp_path / "lat.sqlite"), *flags])
     assert seen["depth"] is expected and seen["channel_block"] == block
 
 
 def test_profile_auto_block_finding_none_keeps_the_backends_own_grid(tmp_path, monkeypatch):
-    import wgates.latency
-    import wgates.latency.grid
-
-    seen = {}
-
-    def profile(*args, **kwargs):
-        seen.update(kwargs)
-        raise SystemExit(0)
-
-    monkeypatch.setattr(wgates.latency, "profile", profile)
-    monkeypatch.setattr(wgates.latency.grid, "probe_block", lambda *a, **k: (
-        wgates.latency.BlockProbe(1, {16: (0.66, 0.68, 0.86), 8: (0.40, 0.43, 0.67)})))
-    with pytest.raises(SystemExit):
-        main(["profile", "--model", "resnet20", "--backend", "onnxruntime-cpu",
-              "--channel-block", "auto", "--out", str(tmp_path / "lat.sqlite")])
+    seen = _profile_kwargs(monkeypatch, 1, [
+        "--model", "resnet20", "--backend", "onnxruntime-cpu", "--channel-block", "auto",
+        "--out", str(tmp_path / "lat.sqlite")])
     assert seen["channel_block"] is None  # ONNX Runtime's own (8, 16) grid, not (8, 8)

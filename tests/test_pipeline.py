@@ -538,8 +538,8 @@ def test_an_auto_channel_block_is_probed_once_and_kept_for_the_resume(dense, dat
     _fast(monkeypatch)
     probed = []
 
-    def probe(model, inputs, backend, threads, candidates):
-        probed.append(candidates)
+    def probe(model, inputs, backend, threads, multiple):
+        probed.append(multiple)
         return BlockProbe(16, {16: (0.4, 0.56, 0.56)})
 
     monkeypatch.setattr(pipeline, "probe_block", probe)
@@ -547,7 +547,7 @@ def test_an_auto_channel_block_is_probed_once_and_kept_for_the_resume(dense, dat
     result = _prune(dense, data, run_dir, channel_block="auto", export=False,
                     check_threads=(), blocks=())
     state = json.loads((run_dir / "state.json").read_text())
-    assert probed == [(16, 8)] and state["grid_probe"]["block"] == 16
+    assert probed == [None] and state["grid_probe"]["block"] == 16
     assert state["settings"]["channel_block"] == 16
     assert all(w <= 16 or w % 16 == 0 or w == result.sizes[n] for n, w in result.widths.items())
     again = _prune(dense, data, run_dir, channel_block="auto", export=False, resume=True,

@@ -163,8 +163,9 @@ def add_profile(sub) -> None:
 
             from wgates.latency.grid import probe_block
 
-            found = probe_block(model, torch.randn(shape), args.backend, args.threads)
-            block = found.block if found.block > 1 else None  # none found: the backend's own
+            found = probe_block(model, torch.randn(shape), args.backend, args.threads,
+                                multiple=args.channel_multiple)
+            block = found.channel_block
             print(found.summary())
         grid = get_backend(args.backend, args.threads).width_grid(args.channel_multiple, block)
         done = profile(

@@ -37,7 +37,7 @@ from wgates.files import load_checkpoint, save_checkpoint, write_json
 from wgates.gated import gate
 from wgates.groups import as_input_tuple
 from wgates.latency import Protocol, check_readings, get_backend, profile, settled
-from wgates.latency.grid import AUTO, CANDIDATES, check_block, probe_block
+from wgates.latency.grid import AUTO, BlockProbe, check_block, probe_block
 from wgates.macs import MacsModel
 from wgates.models import check_forward
 from wgates.parts import PROXIES, LatencyMeter, LatencyTerm, measure_threads
@@ -287,7 +287,7 @@ def prune(
         _Run.check_free(Path(run_dir), resume)
         probed = _probed_block(model, inputs, backend, threads, Path(run_dir), resume,
                                channel_multiple)
-        channel_block = probed["block"] if probed["block"] > 1 else None  # else its own grid
+        channel_block = probed.channel_block
     multiple, block = get_backend(backend, threads).width_grid(channel_multiple, channel_block)
     depth = depth_for(depth, inputs[0].shape[0], multiple, block)
     dense = model.eval()
@@ -314,7 +314,7 @@ def prune(
         **({"blocks": list(blocks)} if blocks else {}),
     })
     if probed is not None:
-        run.save(grid_probe=probed)
+        run.save(grid_probe=probed.state())
 
     measure = LatencyMeter(dense, inputs, backend, threads, Protocol(),  # used on rank 0 only
                            isolated=isolated)
@@ -518,21 +518,19 @@ def preflight(
 
 
 def _probed_block(model: nn.Module, inputs: tuple, backend: str, threads: int, path: Path,
-                  resume: bool, multiple: int | None) -> dict:
+                  resume: bool, multiple: int | None) -> BlockProbe:
     """`channel_block="auto"`: the block `probe_block` finds for this model here, or the one
     a resumed run found (a second probe could read otherwise and refuse the resume)."""
     state = path / "state.json"
     if resume and state.exists():
         recorded = json.loads(state.read_text()).get("grid_probe")
         if recorded is not None:
-            return recorded
+            return BlockProbe.from_state(recorded)
     found = distributed.once("probe the channel block", lambda: probe_block(
-        model, inputs, backend, threads,
-        candidates=tuple(c for c in CANDIDATES if multiple is None or c % multiple == 0)))
+        model, inputs, backend, threads, multiple=multiple))
     if distributed.is_main():
         print(found.summary())
-    return {"block": found.block,
-            "readings": {str(b): list(r) for b, r in found.readings.items()}}
+    return found
 
 
 def _check_predictor(path, expected: dict, names: list[str], force: bool,

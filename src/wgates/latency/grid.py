@@ -35,6 +35,21 @@ class BlockProbe:
     block: int
     readings: dict[int, tuple[float, float, float]] = field(default_factory=dict)
 
+    @property
+    def channel_block(self) -> int | None:
+        """What to deliver widths with: the block found, else None (the backend's own grid,
+        so ONNX Runtime keeps its 16-channel block where no other step shows)."""
+        return self.block if self.block > 1 else None
+
+    def state(self) -> dict:
+        """As JSON keeps it (a run directory's `grid_probe`)."""
+        return {"block": self.block,
+                "readings": {str(b): list(r) for b, r in self.readings.items()}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> BlockProbe:
+        return cls(state["block"], {int(b): tuple(r) for b, r in state["readings"].items()})
+
     def summary(self) -> str:
         read = "; ".join(f"{b}, {b + 1}, {2 * b} channels: "
                          + " / ".join(f"{r:.3f}" for r in ratios)
@@ -59,11 +74,13 @@ def is_step(low: float, over: float, high: float) -> bool:
 
 def probe_block(model: nn.Module, example_inputs: torch.Tensor | tuple,
                 backend: str = "torch-cpu", threads: int = 1,
-                candidates: Sequence[int] = CANDIDATES,
+                candidates: Sequence[int] = CANDIDATES, multiple: int | None = None,
                 protocol: Protocol = Protocol(rounds=30)) -> BlockProbe:
-    """`find_block` for `model` on `backend`, each variant read against the dense model."""
+    """`find_block` for `model` on `backend`, each variant read against the dense model;
+    with a channel `multiple`, only the candidates that are multiples of it."""
     from wgates.gated import gate
 
+    candidates = [c for c in candidates if multiple is None or c % multiple == 0]
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     runner = get_backend(backend, threads)
     gated = gate(model.eval(), inputs)
